@@ -1,0 +1,70 @@
+"""Server interceptor that turns exceptions from the cores into precise gRPC statuses.
+
+Callers get a status and a one-line message, never a traceback; unexpected errors are logged
+with their traceback here and reported as INTERNAL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+
+import grpc
+
+from .errors import status_for
+
+log = logging.getLogger(__name__)
+
+
+async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception):
+    code = status_for(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.exception("%s failed", method)
+        message = f"internal error in {method}: {type(exc).__name__}: {exc}"
+    else:
+        log.info("%s -> %s: %s", method, code.name, exc)
+        message = str(exc) or type(exc).__name__
+    await context.abort(code, message)
+
+
+class ExceptionToStatusInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary_unary(request, context):
+                try:
+                    return await inner(request, context)
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - every error becomes a status
+                    await _abort(context, method, exc)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_unary, handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def unary_stream(request, context):
+                try:
+                    result = inner_stream(request, context)
+                    if inspect.isasyncgen(result):
+                        async for item in result:
+                            yield item
+                    else:
+                        await result
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    await _abort(context, method, exc)
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream, handler.request_deserializer, handler.response_serializer
+            )
+        return handler

@@ -1,0 +1,76 @@
+"""Shared gRPC server plumbing: interceptor, health, reflection, message limits, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .interceptor import ExceptionToStatusInterceptor
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+class GrpcService:
+    """One grpc.aio server with health and reflection; ``start()`` returns the bound port."""
+
+    def __init__(
+        self,
+        register: Callable[[grpc.aio.Server], None],
+        service_names: Iterable[str],
+        address: str = "127.0.0.1:0",
+    ):
+        self.address = address
+        self.server = grpc.aio.server(interceptors=[ExceptionToStatusInterceptor()], options=CHANNEL_OPTIONS)
+        register(self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.service_names = list(service_names)
+        reflection.enable_server_reflection(
+            [*self.service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self.server,
+        )
+        self.port: int | None = None
+
+    async def start(self) -> int:
+        self.port = self.server.add_insecure_port(self.address)
+        if not self.port:
+            raise OSError(f"could not bind {self.address}")
+        await self.server.start()
+        for name in ["", *self.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self, grace: float | None = 5.0) -> None:
+        """Report NOT_SERVING, stop accepting, let in-flight calls finish for ``grace`` seconds."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+    async def serve_until_signal(self, grace: float = 10.0) -> None:
+        """Run until SIGTERM/SIGINT, then stop gracefully."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        waiter = asyncio.create_task(self.server.wait_for_termination())
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait([waiter, stopper], return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            log.info("signal received: draining for up to %.0f s", grace)
+            await self.stop(grace)
+        waiter.cancel()
+        stopper.cancel()

@@ -1,0 +1,86 @@
+"""Thin grpc.aio servicer over TokenizerRegistry (all work is in core.py)."""
+
+from __future__ import annotations
+
+from coolfusion.protos import tokenizer_pb2 as pb
+from coolfusion.protos import tokenizer_pb2_grpc as pb_grpc
+
+from ..common.server import GrpcService
+from .core import TokenizerError, TokenizerRegistry
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TokenizerService"].full_name
+
+
+def _text(data: bytes, field: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TokenizerError(f"{field} is not valid UTF-8: byte {exc.start} ({data[exc.start:exc.start + 1]!r})") from None
+
+
+def _nonempty(items, what: str):
+    if not items:
+        raise TokenizerError(f"{what} must not be empty")
+    return items
+
+
+class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
+    def __init__(self, registry: TokenizerRegistry):
+        self.registry = registry
+
+    # Plain (sync) handlers: the core calls take microseconds, so they run on the event loop.
+    def _encode(self, r: pb.EncodeRequest) -> pb.EncodeResponse:
+        enc = self.registry.get(r.tokenizer_id).encode(_text(r.text, "text"), r.continuation)
+        return pb.EncodeResponse(
+            ids=enc.ids, tokens=enc.tokens, starts=[s for s, _ in enc.spans], ends=[e for _, e in enc.spans]
+        )
+
+    def _decode(self, r: pb.DecodeRequest) -> pb.DecodeResponse:
+        text, pending = self.registry.get(r.tokenizer_id).decode(list(r.ids), list(r.prefix_ids), r.keep_special_tokens)
+        return pb.DecodeResponse(text=text, pending_bytes=pending)
+
+    def _words(self, r: pb.WordsRequest) -> pb.WordsResponse:
+        return pb.WordsResponse(starts=self.registry.get(r.tokenizer_id).word_starts(_text(r.text, "text")))
+
+    def _boundary(self, r: pb.CommonBoundaryRequest) -> pb.CommonBoundaryResponse:
+        offset = self.registry.common_boundary(
+            _text(r.context_tail, "context_tail"),
+            _text(r.generated_text, "generated_text"),
+            list(r.tokenizer_ids),
+            list(r.allowed_offsets) or None,
+        )
+        return pb.CommonBoundaryResponse(found=offset is not None, offset=offset or 0)
+
+    async def ListTokenizers(self, request, context):
+        return pb.ListTokenizersResponse(tokenizers=[pb.TokenizerInfo(**t.info()) for t in self.registry])
+
+    async def Encode(self, request, context):
+        return self._encode(request)
+
+    async def EncodeBatch(self, request, context):
+        return pb.EncodeBatchResponse(responses=[self._encode(r) for r in _nonempty(request.requests, "requests")])
+
+    async def Decode(self, request, context):
+        return self._decode(request)
+
+    async def DecodeBatch(self, request, context):
+        return pb.DecodeBatchResponse(responses=[self._decode(r) for r in _nonempty(request.requests, "requests")])
+
+    async def Words(self, request, context):
+        return self._words(request)
+
+    async def WordsBatch(self, request, context):
+        return pb.WordsBatchResponse(responses=[self._words(r) for r in _nonempty(request.requests, "requests")])
+
+    async def CommonBoundary(self, request, context):
+        return self._boundary(request)
+
+    async def CommonBoundaryBatch(self, request, context):
+        return pb.CommonBoundaryBatchResponse(
+            responses=[self._boundary(r) for r in _nonempty(request.requests, "requests")]
+        )
+
+
+def build_service(registry: TokenizerRegistry, address: str = "127.0.0.1:0") -> GrpcService:
+    servicer = TokenizerServicer(registry)
+    return GrpcService(lambda server: pb_grpc.add_TokenizerServiceServicer_to_server(servicer, server), [SERVICE_NAME], address)
