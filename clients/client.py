@@ -1,0 +1,102 @@
+"""Python client of the public Fusion service: asyncio first, with a small sync wrapper.
+
+    async with FusionClient("127.0.0.1:50051") as client:
+        async for segment in client.stream("Question: ...", mode="cool"):
+            print(segment.text, end="")
+
+    print(SyncFusionClient("127.0.0.1:50051").generate("Hello").text)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator, Sequence
+
+import grpc
+
+from coolfusion.protos import fusion_pb2 as pb
+from coolfusion.protos import fusion_pb2_grpc as pb_grpc
+
+from ..services.common.server import CHANNEL_OPTIONS
+
+
+def build_request(
+    prompt: str | None = None,
+    messages: Sequence[dict] | None = None,
+    *,
+    models: Sequence[str] = (),
+    mode: str = "cool",
+    max_new_tokens: int = 0,
+    stop: Sequence[str] = (),
+    max_segment_tokens: int = 0,
+    request_id: str = "",
+) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        prompt=prompt or "",
+        messages=[pb.Message(role=m["role"], content=m["content"]) for m in (messages or ())],
+        models=list(models),
+        mode=mode,
+        max_new_tokens=max_new_tokens,
+        stop=list(stop),
+        max_segment_tokens=max_segment_tokens,
+        request_id=request_id,
+    )
+
+
+class FusionClient:
+    def __init__(self, address: str, timeout: float | None = None):
+        self.address = address
+        self.timeout = timeout
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = pb_grpc.FusionStub(self.channel)
+
+    async def __aenter__(self) -> "FusionClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def wait_ready(self, timeout: float = 60.0) -> None:
+        await asyncio.wait_for(self.channel.channel_ready(), timeout)
+
+    async def generate(self, prompt: str | None = None, messages=None, **options) -> pb.GenerateResponse:
+        return await self.stub.Generate(build_request(prompt, messages, **options), timeout=self.timeout)
+
+    async def stream_raw(self, prompt: str | None = None, messages=None, **options) -> AsyncIterator[pb.GenerateStreamResponse]:
+        """Every stream message: segments, then the final one."""
+        call = self.stub.GenerateStream(build_request(prompt, messages, **options), timeout=self.timeout)
+        async for item in call:
+            yield item
+
+    async def stream(self, prompt: str | None = None, messages=None, **options) -> AsyncIterator[pb.Segment]:
+        async for item in self.stream_raw(prompt, messages, **options):
+            if item.HasField("segment"):
+                yield item.segment
+
+    async def list_models(self) -> pb.ListModelsResponse:
+        return await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)
+
+
+class SyncFusionClient:
+    """Blocking wrapper for scripts; not for use inside a running event loop."""
+
+    def __init__(self, address: str, timeout: float | None = None):
+        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = pb_grpc.FusionStub(self.channel)
+        self.timeout = timeout
+
+    def generate(self, prompt: str | None = None, messages=None, **options) -> pb.GenerateResponse:
+        return self.stub.Generate(build_request(prompt, messages, **options), timeout=self.timeout)
+
+    def stream(self, prompt: str | None = None, messages=None, **options):
+        for item in self.stub.GenerateStream(build_request(prompt, messages, **options), timeout=self.timeout):
+            yield item
+
+    def list_models(self) -> pb.ListModelsResponse:
+        return self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)
+
+    def close(self) -> None:
+        self.channel.close()

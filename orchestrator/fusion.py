@@ -1,0 +1,312 @@
+"""The Cool-Fusion loop (paper section 2), over any set of ``WorkerHandle``s.
+
+One iteration produces one fused text segment:
+
+1. Propose (2.2): every model u generates from its committed state until its decoded text
+   reaches a word boundary common to all tokenizers; that text is its candidate s_u. It stops
+   early at EOS (the candidate then means "stop here"), or at its token cap (cut at a clean
+   UTF-8 end).
+2. Score (2.3): every model v scores every candidate with its own tokenizer on top of its KV
+   cache, PPL_v(s_u) = exp(mean NLL); an EOS candidate is scored with v's own EOS appended.
+   One batched call per worker.
+3. Choose: s* = argmin_u (1/k) sum_v PPL_v(s_u) (eq. 3); ties go to the first model.
+4. Commit (M4): every model adopts the state that holds exactly s* - its own generated tokens
+   when its candidate is s*, otherwise the state it built while scoring s*. Nothing is
+   re-encoded from the start.
+
+Stop when s* carries EOS, a stop sequence appears, or a model's output reaches
+``max_new_tokens`` of its own tokens.
+
+Modes (paper Table 3): ``single:<model>``, ``cool``, ``cool-noalign`` (each candidate ends at
+its own model's word boundary only), ``rerank`` (each model writes a full answer; the lowest
+average PPL wins) and ``cool-rerank`` (rerank among the cool answer and every model's own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Sequence
+
+from ..services.common.errors import InvalidArgument
+from .workers import Proposal, Score, WorkerHandle
+
+MODES = ("cool", "cool-noalign", "rerank", "cool-rerank", "single:<model>")
+
+
+@dataclass
+class FusionRequest:
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    models: list[str] = field(default_factory=list)
+    mode: str = "cool"
+    max_new_tokens: int = 128
+    stop: list[str] = field(default_factory=list)
+    max_segment_tokens: int = 16
+
+
+@dataclass
+class CandidateReport:
+    model: str
+    text: str
+    eos: bool
+    finish: str
+    ppl: dict[str, tuple[float, int]]  # scorer -> (ppl, tokens scored)
+
+    @property
+    def mean_ppl(self) -> float:
+        return sum(p for p, _ in self.ppl.values()) / len(self.ppl)
+
+
+@dataclass
+class Segment:
+    index: int
+    text: str
+    model: str
+    eos: bool
+    token_ids: list[int]
+    candidates: list[CandidateReport]
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    output_tokens: int = 0
+    scored_tokens: int = 0
+
+
+@dataclass
+class Timings:
+    total_s: float = 0.0
+    first_segment_s: float = 0.0
+    open_s: float = 0.0
+    generate_s: float = 0.0
+    score_s: float = 0.0
+    commit_s: float = 0.0
+
+
+@dataclass
+class Final:
+    text: str
+    finish_reason: str
+    usage: dict[str, Usage]
+    timings: Timings
+    segments: int
+    mode: str
+
+
+def pick_winner(mean_ppls: Sequence[float]) -> int:
+    """Index of the lowest average perplexity; the first model wins ties (config order)."""
+    best = 0
+    for i, value in enumerate(mean_ppls):
+        if value < mean_ppls[best]:
+            best = i
+    return best
+
+
+def find_stop(text: str, stops: Sequence[str], search_from: int) -> int | None:
+    """Offset of the earliest stop sequence that ends at or after ``search_from``."""
+    hits = []
+    for stop in stops:
+        at = text.find(stop, max(0, search_from - len(stop) + 1))
+        if at >= 0:
+            hits.append(at)
+    return min(hits) if hits else None
+
+
+class FusionEngine:
+    def __init__(self, workers: Sequence[WorkerHandle]):
+        self.workers = {w.name: w for w in workers}
+
+    # ---- request checks ------------------------------------------------------------------
+    def resolve(self, request: FusionRequest) -> tuple[str, list[str]]:
+        """Validate mode and models; returns (mode, model names in config order)."""
+        mode = request.mode or "cool"
+        names = list(request.models) or list(self.workers)
+        unknown = [n for n in names if n not in self.workers]
+        if unknown:
+            raise InvalidArgument(f"unknown model(s) {', '.join(unknown)}; available: {', '.join(self.workers)}")
+        if len(set(names)) != len(names):
+            raise InvalidArgument(f"models listed twice: {names}")
+        names = [n for n in self.workers if n in names]  # config order decides ties
+        if mode.startswith("single:"):
+            model = mode.split(":", 1)[1]
+            if model not in self.workers:
+                raise InvalidArgument(f"unknown model {model!r} in mode {mode!r}; available: {', '.join(self.workers)}")
+            return mode, [model]
+        if mode not in ("cool", "cool-noalign", "rerank", "cool-rerank"):
+            raise InvalidArgument(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
+        return mode, names
+
+    # ---- public entry --------------------------------------------------------------------
+    async def generate(self, request: FusionRequest) -> AsyncIterator[Segment | Final]:
+        mode, names = self.resolve(request)
+        started = time.perf_counter()
+        usage = {n: Usage() for n in names}
+        timings = Timings()
+        if mode in ("rerank", "cool-rerank"):
+            gen = self._rerank(request, names, usage, timings, with_cool=mode == "cool-rerank")
+        else:
+            gen = self._fuse_stream(request, names, usage, timings, align=mode != "cool-noalign")
+        text, finish, count = "", "length", 0
+        async for item in gen:
+            if isinstance(item, Segment):
+                if count == 0:
+                    timings.first_segment_s = time.perf_counter() - started
+                count += 1
+                yield item
+            else:
+                text, finish = item
+        timings.total_s = time.perf_counter() - started
+        yield Final(text, finish, usage, timings, count, mode)
+
+    # ---- the loop ------------------------------------------------------------------------
+    async def _open(self, names, request, usage, timings) -> dict[str, str]:
+        t0 = time.perf_counter()
+        opened = await asyncio.gather(*(self.workers[n].open(request.prompt, request.messages) for n in names))
+        timings.open_s += time.perf_counter() - t0
+        for n, o in zip(names, opened):
+            usage[n].prompt_tokens += o.context_tokens
+        return {n: o.session_id for n, o in zip(names, opened)}
+
+    async def _close(self, sessions: dict[str, str]) -> None:
+        await asyncio.gather(*(self.workers[n].close(s) for n, s in sessions.items()), return_exceptions=True)
+
+    async def _fuse_stream(self, request, names, usage, timings, align: bool):
+        """Yields Segments, then (text, finish_reason)."""
+        sessions = await self._open(names, request, usage, timings)
+        try:
+            async for item in self._fuse(request, names, sessions, usage, timings, align):
+                yield item
+        finally:
+            await self._close(sessions)
+
+    async def _fuse(self, request, names, sessions, usage, timings, align: bool):
+        output = ""
+        committed = {n: 0 for n in names}
+        index = 0
+        while True:
+            budget = {n: request.max_new_tokens - committed[n] for n in names}
+            if min(budget.values()) <= 0:
+                yield output, "length"
+                return
+
+            # 1. Propose: each model generates up to a boundary common to all tokenizers
+            #    (cool-noalign: to its own word boundary only).
+            t0 = time.perf_counter()
+            proposals: list[Proposal] = list(
+                await asyncio.gather(
+                    *(
+                        self.workers[n].next_text(
+                            sessions[n], names if align else [n], min(request.max_segment_tokens, budget[n])
+                        )
+                        for n in names
+                    )
+                )
+            )
+            t1 = time.perf_counter()
+            timings.generate_s += t1 - t0
+            for n, p in zip(names, proposals):
+                usage[n].generated_tokens += p.generated_tokens
+
+            # 2. Score: every model scores every candidate in one batched call.
+            candidates = [(p.text, p.eos) for p in proposals]
+            scores: list[list[Score]] = list(
+                await asyncio.gather(*(self.workers[v].score(sessions[v], candidates) for v in names))
+            )
+            t2 = time.perf_counter()
+            timings.score_s += t2 - t1
+            for v, row in zip(names, scores):
+                usage[v].scored_tokens += sum(len(s.token_ids) for s in row)
+
+            # 3. Choose s* = argmin of the mean PPL over scorers (eq. 3).
+            reports = [
+                CandidateReport(
+                    model=u,
+                    text=p.text,
+                    eos=p.eos,
+                    finish=p.finish,
+                    ppl={v: (scores[j][i].ppl, len(scores[j][i].token_ids)) for j, v in enumerate(names)},
+                )
+                for i, (u, p) in enumerate(zip(names, proposals))
+            ]
+            means = [r.mean_ppl for r in reports]
+            if all(math.isinf(m) for m in means):
+                yield output, "length"  # no model produced a complete character within its budget
+                return
+            w = pick_winner(means)
+            winner = proposals[w]
+
+            # 4. Commit: each model keeps its own tokens when its candidate is s*, else the
+            #    state it built while scoring s*.
+            def state_for(j: int) -> str:
+                own = proposals[j]
+                if (own.text, own.eos) == (winner.text, winner.eos):
+                    return own.state_id
+                return scores[j][w].state_id
+
+            results = await asyncio.gather(
+                *(self.workers[n].update_state(sessions[n], state_for(j)) for j, n in enumerate(names))
+            )
+            timings.commit_s += time.perf_counter() - t2
+            for n, r in zip(names, results):
+                committed[n] = r.committed_tokens
+                usage[n].output_tokens = r.committed_tokens
+
+            segment_text = winner.text
+            stop_at = find_stop(output + segment_text, request.stop, len(output)) if request.stop else None
+            if stop_at is not None:
+                segment_text = (output + segment_text)[len(output) : stop_at]
+            output += segment_text
+            yield Segment(index, segment_text, names[w], winner.eos, winner.token_ids, reports)
+            index += 1
+            if stop_at is not None:
+                yield output, "stop"
+                return
+            if winner.eos:
+                yield output, "eos"
+                return
+
+    # ---- rerank baselines ----------------------------------------------------------------
+    async def _answer(self, request, names, usage, timings, align: bool) -> tuple[str, str]:
+        """A whole answer by the fusion loop over ``names`` (one name: that model alone)."""
+        text, finish = "", "length"
+        async for item in self._fuse_stream(request, names, usage, timings, align):
+            if not isinstance(item, Segment):
+                text, finish = item
+        return text, finish
+
+    async def _rerank(self, request, names, usage, timings, with_cool: bool):
+        """Paper's Rerank: full answers, each scored by every model from the prompt."""
+        labels = list(names)
+        jobs = [self._answer(request, [n], usage, timings, align=True) for n in names]
+        if with_cool:
+            labels.insert(0, "cool")
+            jobs.insert(0, self._answer(request, names, usage, timings, align=True))
+        answers = await asyncio.gather(*jobs)
+        candidates = [(text, finish == "eos") for text, finish in answers]
+
+        sessions = await self._open(names, request, usage, timings)
+        try:
+            t0 = time.perf_counter()
+            scores = await asyncio.gather(*(self.workers[v].score(sessions[v], candidates) for v in names))
+            timings.score_s += time.perf_counter() - t0
+        finally:
+            await self._close(sessions)
+        reports = [
+            CandidateReport(
+                model=label,
+                text=text,
+                eos=finish == "eos",
+                finish=finish,
+                ppl={v: (scores[j][i].ppl, len(scores[j][i].token_ids)) for j, v in enumerate(names)},
+            )
+            for i, (label, (text, finish)) in enumerate(zip(labels, answers))
+        ]
+        w = pick_winner([r.mean_ppl for r in reports])
+        text, finish = answers[w]
+        yield Segment(0, text, labels[w], finish == "eos", [], reports)
+        yield text, finish

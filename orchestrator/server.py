@@ -1,0 +1,179 @@
+"""Public Fusion service: validates requests, runs the FusionEngine, streams segments."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass
+
+from coolfusion.protos import fusion_pb2 as pb
+from coolfusion.protos import fusion_pb2_grpc as pb_grpc
+
+from ..services.common.errors import InvalidArgument
+from ..services.common.server import GrpcService
+from .fusion import MODES, CandidateReport, Final, FusionEngine, FusionRequest, Segment
+from .workers import RemoteWorker
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Fusion"].full_name
+
+
+@dataclass
+class Limits:
+    default_max_new_tokens: int = 128
+    max_new_tokens: int = 4096
+    default_max_segment_tokens: int = 16
+    max_segment_tokens: int = 256
+    max_prompt_chars: int = 200_000
+    max_stop_sequences: int = 16
+
+
+def request_from_proto(r: pb.GenerateRequest, limits: Limits) -> FusionRequest:
+    """Check a GenerateRequest; every problem is an InvalidArgument with a precise message."""
+    if r.prompt and r.messages:
+        raise InvalidArgument("give either prompt or messages, not both")
+    messages = None
+    if r.messages:
+        messages = []
+        for i, m in enumerate(r.messages):
+            if m.role not in ("system", "user", "assistant"):
+                raise InvalidArgument(f"messages[{i}].role must be system, user or assistant, got {m.role!r}")
+            if not m.content.strip():
+                raise InvalidArgument(f"messages[{i}].content is empty")
+            messages.append({"role": m.role, "content": m.content})
+        size = sum(len(m["content"]) for m in messages)
+    else:
+        if not r.prompt.strip():
+            raise InvalidArgument("prompt is empty (give a prompt or chat messages)")
+        size = len(r.prompt)
+    if size > limits.max_prompt_chars:
+        raise InvalidArgument(f"prompt is {size} characters; the limit is {limits.max_prompt_chars}")
+    max_new = r.max_new_tokens or limits.default_max_new_tokens
+    if not 0 < max_new <= limits.max_new_tokens:
+        raise InvalidArgument(f"max_new_tokens must be in 1..{limits.max_new_tokens}, got {r.max_new_tokens}")
+    seg = r.max_segment_tokens or limits.default_max_segment_tokens
+    if not 0 < seg <= limits.max_segment_tokens:
+        raise InvalidArgument(f"max_segment_tokens must be in 1..{limits.max_segment_tokens}, got {r.max_segment_tokens}")
+    if len(r.stop) > limits.max_stop_sequences or any(not s for s in r.stop):
+        raise InvalidArgument(f"stop takes at most {limits.max_stop_sequences} non-empty sequences")
+    return FusionRequest(
+        prompt=None if messages else r.prompt,
+        messages=messages,
+        models=list(r.models),
+        mode=r.mode or "cool",
+        max_new_tokens=max_new,
+        stop=list(r.stop),
+        max_segment_tokens=seg,
+    )
+
+
+def _ppl(value: float) -> float:
+    return value if math.isfinite(value) else float("inf")
+
+
+def candidate_to_proto(c: CandidateReport) -> pb.Candidate:
+    return pb.Candidate(
+        model=c.model,
+        text=c.text,
+        eos=c.eos,
+        finish=c.finish,
+        ppl=[pb.ScorerPpl(scorer=s, ppl=_ppl(p), tokens=n) for s, (p, n) in c.ppl.items()],
+        mean_ppl=_ppl(c.mean_ppl),
+    )
+
+
+def segment_to_proto(s: Segment) -> pb.Segment:
+    return pb.Segment(
+        index=s.index,
+        text=s.text,
+        model=s.model,
+        eos=s.eos,
+        token_ids=s.token_ids,
+        candidates=[candidate_to_proto(c) for c in s.candidates],
+    )
+
+
+def final_to_proto(f: Final) -> pb.FinalInfo:
+    return pb.FinalInfo(
+        text=f.text,
+        finish_reason=f.finish_reason,
+        usage=[
+            pb.ModelUsage(
+                model=m,
+                prompt_tokens=u.prompt_tokens,
+                generated_tokens=u.generated_tokens,
+                output_tokens=u.output_tokens,
+                scored_tokens=u.scored_tokens,
+            )
+            for m, u in f.usage.items()
+        ],
+        timings=pb.Timings(**vars(f.timings)),
+        segments=f.segments,
+        mode=f.mode,
+    )
+
+
+class FusionServicer(pb_grpc.FusionServicer):
+    def __init__(self, engine: FusionEngine, limits: Limits | None = None, max_concurrent: int = 16):
+        self.engine = engine
+        self.limits = limits or Limits()
+        self.slots = asyncio.Semaphore(max_concurrent)
+
+    async def _run(self, request: pb.GenerateRequest):
+        fusion_request = request_from_proto(request, self.limits)
+        self.engine.resolve(fusion_request)  # unknown model/mode fail before any work
+        async with self.slots:
+            async for item in self.engine.generate(fusion_request):
+                yield item
+
+    async def GenerateStream(self, request, context):
+        async for item in self._run(request):
+            if isinstance(item, Segment):
+                yield pb.GenerateStreamResponse(segment=segment_to_proto(item))
+            else:
+                yield pb.GenerateStreamResponse(final=final_to_proto(item))
+
+    async def Generate(self, request, context):
+        segments, final = [], None
+        async for item in self._run(request):
+            if isinstance(item, Segment):
+                segments.append(segment_to_proto(item))
+            else:
+                final = final_to_proto(item)
+        return pb.GenerateResponse(
+            text=final.text,
+            finish_reason=final.finish_reason,
+            segments=segments,
+            usage=final.usage,
+            timings=final.timings,
+            mode=final.mode,
+        )
+
+    async def ListModels(self, request, context):
+        infos = await asyncio.gather(*(w.info() for w in self.engine.workers.values()))
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelInfo(
+                    name=name,
+                    model_id=i.model_id,
+                    tokenizer_id=i.tokenizer_id,
+                    device=i.device,
+                    dtype=i.dtype,
+                    address=i.address,
+                    has_chat_template=i.has_chat_template,
+                )
+                for name, i in zip(self.engine.workers, infos)
+            ],
+            modes=[*MODES[:-1], *(f"single:{n}" for n in self.engine.workers)],
+        )
+
+
+def build_service(
+    workers: dict[str, str], address: str = "127.0.0.1:0", limits: Limits | None = None, max_concurrent: int = 16
+) -> tuple[GrpcService, FusionEngine]:
+    """Fusion service over remote workers given as {model name: address}, in config order."""
+    engine = FusionEngine([RemoteWorker(name, addr) for name, addr in workers.items()])
+    servicer = FusionServicer(engine, limits, max_concurrent)
+    service = GrpcService(lambda server: pb_grpc.add_FusionServicer_to_server(servicer, server), [SERVICE_NAME], address)
+    return service, engine
