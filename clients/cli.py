@@ -1,0 +1,325 @@
+"""The ``coolfusion`` command.
+
+    coolfusion generate "PROMPT" [--mode cool] [--models smollm2,gemma3] [--json] [--connect HOST:PORT]
+    coolfusion serve [--models ...] [--port 50051]       all services, stays up
+    coolfusion tokenizer --models ... [--port N]          one service each: what containers run
+    coolfusion worker --model NAME[=SOURCE] --tokenizer-service ADDR [--port N]
+    coolfusion orchestrator --worker NAME=ADDR ... [--port N]
+    coolfusion healthcheck ADDR [--service NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+
+from ..services.sources import DEFAULT_MODELS
+
+
+def default_models() -> str:
+    return ",".join(DEFAULT_MODELS)
+
+
+def _models_arg(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# ---- service entry points --------------------------------------------------------------------
+async def _serve(service, name: str, grace: float) -> None:
+    from .launcher import announce_ready
+
+    port = await service.start()
+    announce_ready(name, port)
+    logging.getLogger("coolfusion").info("%s serving on port %d", name, port)
+    await service.serve_until_signal(grace)
+
+
+def cmd_tokenizer(args) -> int:
+    from ..services.tokenizer.loading import load_registry
+    from ..services.tokenizer.server import build_service
+
+    registry = load_registry(args.models)
+    asyncio.run(_serve(build_service(registry, _bind(args.host, args.port)), "tokenizer", args.grace))
+    return 0
+
+
+def cmd_worker(args) -> int:
+    import torch
+
+    from ..services.worker.server import build_service
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    service = build_service(args.model, args.tokenizer_service, _bind(args.host, args.port), device=args.device)
+    asyncio.run(_serve(service, "worker", args.grace))
+    return 0
+
+
+def cmd_orchestrator(args) -> int:
+    from ..orchestrator.server import build_service
+
+    workers = {}
+    for item in args.worker:
+        name, sep, address = item.partition("=")
+        if not sep or not name or not address:
+            raise SystemExit(f"--worker takes NAME=HOST:PORT, got {item!r}")
+        workers[name] = address
+    service, _ = build_service(workers, _bind(args.host, args.port), max_concurrent=args.max_concurrent)
+    asyncio.run(_serve(service, "orchestrator", args.grace))
+    return 0
+
+
+def cmd_healthcheck(args) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            print(f"unhealthy: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+# ---- user commands ---------------------------------------------------------------------------
+def _start_cluster(models: list[str], device: str | None, port: int = 0, host: str = "127.0.0.1"):
+    from rich.console import Console
+
+    from .launcher import LocalCluster
+
+    console = Console(stderr=True)
+    states: dict[str, str] = {}
+    with console.status("starting services…") as status:
+
+        def on_event(name: str, state: str) -> None:
+            states[name] = state
+            status.update("  ".join(f"{n}: {s}" for n, s in states.items()))
+            if state == "ready":
+                console.log(f"{name} ready")
+
+        cluster = LocalCluster(models, device=device, on_event=on_event, orchestrator_port=port, host=host)
+        cluster.start()
+    return cluster
+
+
+def _segment_json(segment) -> dict:
+    return {
+        "text": segment.text,
+        "model": segment.model,
+        "eos": segment.eos,
+        "candidates": [
+            {
+                "model": c.model,
+                "text": c.text,
+                "eos": c.eos,
+                "finish": c.finish,
+                "mean_ppl": c.mean_ppl if math.isfinite(c.mean_ppl) else None,
+                "ppl": {p.scorer: (p.ppl if math.isfinite(p.ppl) else None) for p in c.ppl},
+            }
+            for c in segment.candidates
+        ],
+    }
+
+
+async def _generate(address: str, args) -> int:
+    import grpc
+
+    from .client import FusionClient
+
+    options = dict(
+        # Embedded services run exactly --models; a remote orchestrator gets the subset when given.
+        models=_models_arg(args.models) if args.models and args.connect else [],
+        mode=args.mode,
+        max_new_tokens=args.max_new_tokens,
+        stop=args.stop or [],
+        max_segment_tokens=args.max_segment_tokens,
+    )
+    messages = json.loads(args.messages) if args.messages else None
+    prompt = None if messages else args.prompt
+    segments, final = [], None
+    async with FusionClient(address) as client:
+        try:
+            async for item in client.stream_raw(prompt, messages, **options):
+                if item.HasField("segment"):
+                    segments.append(item.segment)
+                    if not args.json:
+                        sys.stdout.write(item.segment.text)
+                        sys.stdout.flush()
+                else:
+                    final = item.final
+        except grpc.RpcError as exc:
+            if not args.json:
+                sys.stdout.write("\n")
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "text": final.text,
+                    "finish_reason": final.finish_reason,
+                    "mode": final.mode,
+                    "segments": [_segment_json(s) for s in segments],
+                    "usage": {
+                        u.model: {
+                            "prompt_tokens": u.prompt_tokens,
+                            "generated_tokens": u.generated_tokens,
+                            "output_tokens": u.output_tokens,
+                            "scored_tokens": u.scored_tokens,
+                        }
+                        for u in final.usage
+                    },
+                    "timings": {
+                        k: getattr(final.timings, k)
+                        for k in ("total_s", "first_segment_s", "open_s", "generate_s", "score_s", "commit_s")
+                    },
+                },
+                ensure_ascii=False,
+                indent=2,
+            )
+        )
+    else:
+        print(
+            f"\n[{final.finish_reason}; {final.segments} segments; {final.timings.total_s:.1f} s]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from .launcher import StartError
+
+    if not args.prompt and not args.messages:
+        print("error: give a PROMPT or --messages", file=sys.stderr)
+        return 2
+    if args.connect:
+        return asyncio.run(_generate(args.connect, args))
+    try:
+        cluster = _start_cluster(_models_arg(args.models or default_models()), args.device)
+    except StartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return asyncio.run(_generate(cluster.address, args))
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        cluster.stop()
+
+
+def cmd_serve(args) -> int:
+    from .launcher import StartError
+
+    try:
+        cluster = _start_cluster(_models_arg(args.models), args.device, args.port, args.host)
+    except StartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"coolfusion serving on {cluster.address} (logs in {cluster.run_dir}); Ctrl-C stops", file=sys.stderr)
+    stop = {"now": False}
+
+    def handler(signum, frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    try:
+        while not stop["now"] and all(p.proc.poll() is None for p in cluster.processes):
+            time.sleep(0.5)
+    finally:
+        cluster.stop()
+    return 0
+
+
+# ---- parser ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coolfusion", description="Fuse LLMs with different tokenizers, without training.")
+    parser.add_argument("--log-level", default=os.environ.get("COOLFUSION_LOG_LEVEL", "WARNING"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    defaults = default_models()
+
+    g = sub.add_parser("generate", help="fused generation (starts local services unless --connect)")
+    g.add_argument("prompt", nargs="?", default="")
+    g.add_argument("--messages", help='chat messages as JSON: [{"role": "user", "content": "..."}]')
+    g.add_argument("--mode", default="cool", help="cool | cool-noalign | rerank | cool-rerank | single:<model>")
+    g.add_argument("--models", help=f"comma-separated: bundled names or NAME=SOURCE (default {defaults})")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-segment-tokens", type=int, default=0)
+    g.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("--connect", help="HOST:PORT of a running orchestrator")
+    g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("serve", help="start all services and stay up")
+    s.add_argument("--models", default=defaults)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=50051)
+    s.add_argument("--device")
+    s.set_defaults(func=cmd_serve)
+
+    t = sub.add_parser("tokenizer", help="run the tokenizer service")
+    t.add_argument("--models", default=defaults)
+    t.add_argument("--host", default=os.environ.get("COOLFUSION_HOST", "127.0.0.1"))
+    t.add_argument("--port", type=int, default=int(os.environ.get("COOLFUSION_PORT", 50050)))
+    t.add_argument("--grace", type=float, default=5.0)
+    t.set_defaults(func=cmd_tokenizer)
+
+    w = sub.add_parser("worker", help="run one model worker")
+    w.add_argument("--model", required=True, help="bundled name or NAME=SOURCE")
+    w.add_argument("--tokenizer-service", required=True, help="HOST:PORT of the tokenizer service")
+    w.add_argument("--host", default=os.environ.get("COOLFUSION_HOST", "127.0.0.1"))
+    w.add_argument("--port", type=int, default=int(os.environ.get("COOLFUSION_PORT", 50052)))
+    w.add_argument("--device")
+    w.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    w.add_argument("--grace", type=float, default=10.0)
+    w.set_defaults(func=cmd_worker)
+
+    o = sub.add_parser("orchestrator", help="run the public Fusion service")
+    o.add_argument("--worker", action="append", required=True, help="NAME=HOST:PORT, in tie-break order")
+    o.add_argument("--host", default=os.environ.get("COOLFUSION_HOST", "127.0.0.1"))
+    o.add_argument("--port", type=int, default=int(os.environ.get("COOLFUSION_PORT", 50051)))
+    o.add_argument("--max-concurrent", type=int, default=16)
+    o.add_argument("--grace", type=float, default=30.0)
+    o.set_defaults(func=cmd_orchestrator)
+
+    h = sub.add_parser("healthcheck", help="exit 0 when the service at ADDR is SERVING")
+    h.add_argument("address")
+    h.add_argument("--service", default="")
+    h.add_argument("--timeout", type=float, default=5.0)
+    h.set_defaults(func=cmd_healthcheck)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level if args.command in ("generate", "serve", "healthcheck") else "INFO")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
