@@ -79,6 +79,18 @@ class FusionClient:
     async def list_models(self) -> pb.ListModelsResponse:
         return await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)
 
+    async def score(
+        self, prompt: str | None, texts: Sequence[str], messages=None, models: Sequence[str] = (), eos: Sequence[bool] = ()
+    ) -> pb.ScoreResponse:
+        request = pb.ScoreRequest(
+            prompt=prompt or "",
+            messages=[pb.Message(role=m["role"], content=m["content"]) for m in (messages or ())],
+            texts=list(texts),
+            models=list(models),
+            eos=list(eos),
+        )
+        return await self.stub.Score(request, timeout=self.timeout)
+
 
 class SyncFusionClient:
     """Blocking wrapper for scripts; not for use inside a running event loop."""

@@ -54,6 +54,7 @@ class CandidateReport:
     eos: bool
     finish: str
     ppl: dict[str, tuple[float, int]]  # scorer -> (ppl, tokens scored)
+    lookahead: str = ""
 
     @property
     def mean_ppl(self) -> float:
@@ -230,6 +231,7 @@ class FusionEngine:
                     eos=p.eos,
                     finish=p.finish,
                     ppl={v: (scores[j][i].ppl, len(scores[j][i].token_ids)) for j, v in enumerate(names)},
+                    lookahead=p.lookahead,
                 )
                 for i, (u, p) in enumerate(zip(names, proposals))
             ]
@@ -279,6 +281,21 @@ class FusionEngine:
                 text, finish = item
         return text, finish
 
+    async def score_texts(
+        self, request: FusionRequest, names: Sequence[str], texts: Sequence[tuple[str, bool]], usage=None, timings=None
+    ) -> list[dict[str, tuple[float, int]]]:
+        """PPL of each (text, eos) as a continuation of the request's prompt, under each model."""
+        usage = usage if usage is not None else {n: Usage() for n in names}
+        timings = timings or Timings()
+        sessions = await self._open(names, request, usage, timings)
+        try:
+            t0 = time.perf_counter()
+            scores = await asyncio.gather(*(self.workers[v].score(sessions[v], texts) for v in names))
+            timings.score_s += time.perf_counter() - t0
+        finally:
+            await self._close(sessions)
+        return [{v: (scores[j][i].ppl, len(scores[j][i].token_ids)) for j, v in enumerate(names)} for i in range(len(texts))]
+
     async def _rerank(self, request, names, usage, timings, with_cool: bool):
         """Paper's Rerank: full answers, each scored by every model from the prompt."""
         labels = list(names)
@@ -287,24 +304,10 @@ class FusionEngine:
             labels.insert(0, "cool")
             jobs.insert(0, self._answer(request, names, usage, timings, align=True))
         answers = await asyncio.gather(*jobs)
-        candidates = [(text, finish == "eos") for text, finish in answers]
-
-        sessions = await self._open(names, request, usage, timings)
-        try:
-            t0 = time.perf_counter()
-            scores = await asyncio.gather(*(self.workers[v].score(sessions[v], candidates) for v in names))
-            timings.score_s += time.perf_counter() - t0
-        finally:
-            await self._close(sessions)
+        ppls = await self.score_texts(request, names, [(t, f == "eos") for t, f in answers], usage, timings)
         reports = [
-            CandidateReport(
-                model=label,
-                text=text,
-                eos=finish == "eos",
-                finish=finish,
-                ppl={v: (scores[j][i].ppl, len(scores[j][i].token_ids)) for j, v in enumerate(names)},
-            )
-            for i, (label, (text, finish)) in enumerate(zip(labels, answers))
+            CandidateReport(model=label, text=text, eos=finish == "eos", finish=finish, ppl=ppl)
+            for label, (text, finish), ppl in zip(labels, answers, ppls)
         ]
         w = pick_winner([r.mean_ppl for r in reports])
         text, finish = answers[w]

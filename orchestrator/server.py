@@ -78,6 +78,7 @@ def candidate_to_proto(c: CandidateReport) -> pb.Candidate:
         text=c.text,
         eos=c.eos,
         finish=c.finish,
+        lookahead=c.lookahead,
         ppl=[pb.ScorerPpl(scorer=s, ppl=_ppl(p), tokens=n) for s, (p, n) in c.ppl.items()],
         mean_ppl=_ppl(c.mean_ppl),
     )
@@ -148,6 +149,27 @@ class FusionServicer(pb_grpc.FusionServicer):
             usage=final.usage,
             timings=final.timings,
             mode=final.mode,
+        )
+
+    async def Score(self, request, context):
+        if not request.texts:
+            raise InvalidArgument("texts is empty")
+        if request.eos and len(request.eos) != len(request.texts):
+            raise InvalidArgument(f"eos has {len(request.eos)} flags for {len(request.texts)} texts")
+        proxy = pb.GenerateRequest(prompt=request.prompt, messages=request.messages, models=request.models)
+        fusion_request = request_from_proto(proxy, self.limits)
+        _, names = self.engine.resolve(fusion_request)
+        eos = list(request.eos) or [False] * len(request.texts)
+        async with self.slots:
+            ppls = await self.engine.score_texts(fusion_request, names, list(zip(request.texts, eos)))
+        return pb.ScoreResponse(
+            scores=[
+                pb.TextScores(
+                    ppl=[pb.ScorerPpl(scorer=m, ppl=_ppl(p), tokens=n) for m, (p, n) in row.items()],
+                    mean_ppl=_ppl(sum(p for p, _ in row.values()) / len(row)),
+                )
+                for row in ppls
+            ]
         )
 
     async def ListModels(self, request, context):

@@ -37,6 +37,7 @@ class Proposal:
     eos: bool
     finish: str
     generated_tokens: int
+    lookahead: str = ""
 
 
 @dataclass
@@ -114,7 +115,9 @@ class RemoteWorker:
                 session_id=session_id, boundary_tokenizer_ids=list(boundary_tokenizer_ids), max_tokens=max_tokens
             ),
         )
-        return Proposal(r.state_id, r.text, list(r.token_ids), list(r.logprobs), r.eos, r.finish, r.generated_tokens)
+        return Proposal(
+            r.state_id, r.text, list(r.token_ids), list(r.logprobs), r.eos, r.finish, r.generated_tokens, r.lookahead
+        )
 
     async def score(self, session_id: str, candidates: Sequence[tuple[str, bool]]) -> list[Score]:
         r = await self._call(

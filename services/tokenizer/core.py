@@ -17,6 +17,13 @@ Word-start rules (``boundary_rule``):
   character after it). Gemma's vocabulary has no token that mixes newlines with other
   characters, so these offsets are always token boundaries; tabs and other white space stay
   inside words.
+
+A boundary common to several tokenizers (``TokenizerRegistry.common_boundary``) is returned only
+once a character that is not white space follows it: regex pre-tokenizers split a trailing run of
+white space differently when more text arrives, and the boundary must not move.
+
+Decoding drops a Llama-2 style dummy-prefix space at the very start of ``prefix_ids + ids``, as
+the HF decoder does (``Metaspace`` decoder with a prepend scheme, or ``Strip(" ", start=1)``).
 """
 
 from __future__ import annotations
@@ -102,6 +109,7 @@ class TokenizerCore:
         self.special_ids = frozenset(t["id"] for t in spec.get("added_tokens", []) if t.get("special"))
         self._continuation = self._continuation_backend(spec)
         self._token_bytes = self._build_token_bytes(spec)
+        self._strips_leading_space = self._decoder_strips_leading_space(spec)
         self._pre_tokenizer = self.backend.pre_tokenizer
         self.boundary_rule = self._detect_rule(spec)
 
@@ -166,6 +174,23 @@ class TokenizerCore:
             return table
         return None
 
+    @staticmethod
+    def _decoder_strips_leading_space(spec: dict) -> bool:
+        """Whether the decoder removes the dummy-prefix space at the start of the text (Llama-2 style:
+        a ``Metaspace`` decoder with prepend_scheme first/always, or ``Strip(" ", start=1)``)."""
+        decoder = spec.get("decoder") or {}
+        steps = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+        for d in steps:
+            if not d:
+                continue
+            if d.get("type") == "Metaspace":
+                scheme = d.get("prepend_scheme", "always" if d.get("add_prefix_space", True) else "never")
+                if scheme != "never":
+                    return True
+            if d.get("type") == "Strip" and d.get("content") == " " and d.get("start", 0) > 0:
+                return True
+        return False
+
     def _detect_rule(self, spec: dict) -> str:
         """``pretokenizer`` when the normalized text is split into several words, else ``metaspace``."""
         probe = "ab cd ef"
@@ -209,13 +234,22 @@ class TokenizerCore:
         return b"".join(self.token_bytes(i, keep_special) for i in ids)
 
     def decode(self, ids: Sequence[int], prefix_ids: Sequence[int] = (), keep_special: bool = False) -> tuple[str, int]:
-        """Text of ``ids`` in the context of ``prefix_ids``; returns (text, pending_bytes)."""
+        """Text of ``ids`` in the context of ``prefix_ids``; returns (text, pending_bytes).
+
+        As with the HF decoder, a dummy-prefix space at the very start of ``prefix_ids + ids``
+        (Llama-2 style ``Metaspace``/``Strip`` decoders) is not part of the text. Tokens that
+        continue a text therefore keep their leading space only when decoded after their context.
+        """
         self.check_ids(ids)
         self.check_ids(prefix_ids)
         if self.byte_exact:
             prefix = self.decode_bytes(prefix_ids, keep_special)
+            full = prefix + self.decode_bytes(ids, keep_special)
+            if self._strips_leading_space and full.startswith(b" "):
+                # The dummy-prefix space of the first token is not text (as in the HF decoder).
+                prefix, full = prefix[1:], full[1:]
             before, _ = split_complete_utf8(prefix)
-            after, pending = split_complete_utf8(prefix + self.decode_bytes(ids, keep_special))
+            after, pending = split_complete_utf8(full)
             return after[len(before):], pending
         # Generic decoders: decode in context and strip the prefix's text.
         skip = not keep_special
@@ -337,12 +371,16 @@ class TokenizerRegistry:
         tokenizer_ids: Sequence[str],
         allowed_offsets: Sequence[int] | None = None,
     ) -> int | None:
-        """First offset b in ``generated_text`` (0 < b < len) that starts a word for every tokenizer.
+        r"""First offset b in ``generated_text`` (0 < b < len) that starts a word for every tokenizer.
 
         Word starts are computed on ``context_tail + generated_text`` so that the words right
-        after the context are seen in context. ``b < len`` means the next word has begun, so b
-        cannot move as more text arrives. Each tokenizer's starts are computed once (linear in
-        the text), so the search never loops on odd input such as a literal U+FFFD.
+        after the context are seen in context. The next word must have begun with a character
+        that is not white space (some ``generated_text[i]``, i >= b, is not white space), so b
+        cannot move as more text arrives: regex pre-tokenizers decide how a run of white space
+        is split only once the run has ended (Llama-3's ``\s*[\r\n]+`` makes ``"\n "`` two
+        words but ``"\n \n"`` one; GPT-2's ``\s+(?!\S)`` moves a run's last space to the next
+        word). Each tokenizer's starts are computed once (linear in the text), so the search
+        never loops on odd input such as a literal U+FFFD.
         """
         if not tokenizer_ids:
             raise TokenizerError("tokenizer_ids must name at least one tokenizer")
@@ -351,11 +389,16 @@ class TokenizerRegistry:
             return None
         base = len(context_tail)
         full = context_tail + generated_text
+        last = len(full) - 1  # the last character that is not white space bounds b
+        while last > base and full[last].isspace():
+            last -= 1
+        if last <= base:
+            return None
         common: set[int] | None = None
         for tok in tokenizers:
             starts = tok.word_starts(full)
             lo = bisect_left(starts, base + 1)
-            mine = {s - base for s in starts[lo:] if s < len(full)}
+            mine = {s - base for s in starts[lo:] if s <= last}
             common = mine if common is None else common & mine
             if not common:
                 return None

@@ -1,0 +1,565 @@
+"""Model worker core (paper Table 1: M1-M4 and T1): one causal LM, many sessions with KV caches.
+
+Plain synchronous Python over transformers; ``server.py`` wraps it in gRPC. Every method is
+thread-safe: a lock per session serialises the calls on one session, different sessions run
+concurrently.
+
+Session state
+-------------
+A session holds the *committed* token ids (context + committed output), a ``DynamicCache`` and the
+logits that predict the next token after the committed ids ("next logits"). The cache is created
+with ``activate_past_recording()`` so that sliding-window layers (Gemma-3) keep the states needed
+to roll back by cropping; after every commit it is trimmed again with ``crop(0)``.
+
+Calls that look ahead create *temp states* (ids returned to the caller) that ``update_state``
+commits without another forward:
+
+* ``next_text`` generates into the session cache itself (the tokens past the committed ones are
+  "lookahead"); committing its state crops the cache back to committed + candidate tokens.
+* ``feed_tokens`` / ``score_candidates`` run on a copy of the committed cache; committing one of
+  their rows adopts that copy (row selected, right padding cropped).
+
+Committing any state invalidates every other temp state of the session; a new ``next_text``
+invalidates the previous ``next_text`` state (its lookahead is cropped away). Using an
+invalidated state raises :class:`StateError`.
+
+Greedy decoding calls the model exactly like ``transformers`` ``generate`` does (same
+``input_ids`` slices, all-ones 2-D ``attention_mask``, ``use_cache=True``, ``logits_to_keep=1``,
+a lazily-fed last token), so the committed output of repeated ``next_text``/``update_state`` is
+bitwise what ``model.generate(do_sample=False)`` produces.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import itertools
+import logging
+import math
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+from ..sources import ModelSpec, load_hf_model, load_hf_tokenizer
+from ..tokenizer.core import IncrementalDecoder, TokenizerCore, TokenizerRegistry
+from .errors import InvalidArgument, SessionNotFound, StateError
+
+log = logging.getLogger(__name__)
+
+BoundaryFn = Callable[[str, str, list, list], "int | None"]
+
+CONTEXT_TAIL_CHARS = 64  # context given to the boundary check
+DEFAULT_SEGMENT_CAP = 256  # tokens per next_text call when the caller gives no max_tokens
+
+
+# ---- results -----------------------------------------------------------------------------
+class OpenResult(NamedTuple):
+    session_id: str
+    context_tokens: int
+    context_text: str
+
+
+class NextTokenResult(NamedTuple):
+    token_id: int
+    logprob: float
+    eos: bool
+
+
+class FeedResult(NamedTuple):
+    state_id: str
+    logprobs: list[float]
+    ppl: float
+
+
+class CandidateScore(NamedTuple):
+    state_id: str
+    token_ids: list[int]
+    logprobs: list[float]
+    ppl: float
+
+
+class CommitResult(NamedTuple):
+    committed_tokens: int  # output tokens committed so far (after the context)
+    committed_text: str  # text this commit appended
+
+
+@dataclass
+class NextTextResult:
+    state_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    eos: bool
+    finish: str  # "boundary" | "eos" | "budget" | "segment_cap"
+    generated_tokens: int  # forward steps spent (tokens picked), lookahead included
+
+
+def perplexity(logprobs: Sequence[float]) -> float:
+    """exp(-mean logprob); inf for no tokens."""
+    if not logprobs:
+        return math.inf
+    return math.exp(-sum(logprobs) / len(logprobs))
+
+
+# ---- internal state ----------------------------------------------------------------------
+@dataclass
+class _GenState:
+    """A NextText candidate; its forwarded tokens sit in the session cache as lookahead."""
+
+    epoch: int
+    gen: int
+    tokens: list[int]
+    in_cache: int  # candidate tokens present in the cache (all but possibly the last)
+    next_logits: torch.Tensor | None  # after the last candidate token, None when it was not forwarded
+
+
+@dataclass
+class _Batch:
+    """The cache of one batched forward (FeedTokens: one row; ScoreCandidates: one row per candidate)."""
+
+    cache: object
+    width: int  # padded row length
+    rows: int
+
+
+@dataclass
+class _RowState:
+    epoch: int
+    batch: _Batch | None  # None for an empty row
+    row: int
+    tokens: list[int]
+    next_logits: torch.Tensor | None
+
+
+@dataclass
+class _Session:
+    id: str
+    ids: list[int]  # committed ids: context + output
+    n_context: int
+    text: str  # context text + committed output text
+    cache: object
+    next_logits: torch.Tensor | None
+    fed: int  # committed ids present in the cache (len(ids) or len(ids) - 1)
+    lookahead: int = 0  # uncommitted NextText tokens in the cache after the committed ones
+    epoch: int = 0  # commits so far
+    gen: int = 0  # NextText calls so far
+    states: dict = field(default_factory=dict)
+    counter: itertools.count = field(default_factory=itertools.count)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
+
+
+class WorkerCore:
+    """One loaded model and its sessions.
+
+    ``boundary(context_tail, text, tokenizer_ids, allowed_offsets) -> int | None`` finds the word
+    boundary common to several tokenizers (the tokenizer service in production); by default a
+    local registry holding only this model's tokenizer.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        spec: ModelSpec,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        boundary: BoundaryFn | None = None,
+        segment_cap: int = DEFAULT_SEGMENT_CAP,
+        model=None,
+        hf_tokenizer=None,
+    ):
+        self.name = name
+        self.spec = spec
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.dtype = dtype
+        hf_tokenizer = hf_tokenizer if hf_tokenizer is not None else load_hf_tokenizer(spec)
+        self.tokenizer = TokenizerCore(name, hf_tokenizer, spec.describe())
+        self.model = model if model is not None else load_hf_model(spec, str(self.device), dtype)
+        self.boundary = boundary if boundary is not None else TokenizerRegistry([self.tokenizer]).common_boundary
+        self.segment_cap = segment_cap
+
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_token_ids: list[int] = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+        self._eos_set = frozenset(self.eos_token_ids)
+        # The EOS appended to an eos=True candidate: the tokenizer's EOS when generation stops on it.
+        tok_eos = self.tokenizer.eos_token_id
+        self.eos_token_id = tok_eos if tok_eos in self._eos_set or not self.eos_token_ids else self.eos_token_ids[0]
+        embed_rows = self.model.get_input_embeddings().weight.shape[0]
+        self.vocab_size = int(min(embed_rows, self.tokenizer.vocab_size))
+        self.max_positions = getattr(self.model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        self._sessions: dict[str, _Session] = {}
+        self._lock = threading.Lock()
+
+    # ---- info ----------------------------------------------------------------------------
+    def info(self) -> dict:
+        with self._lock:
+            live = len(self._sessions)
+        return {
+            "name": self.name,
+            "model_id": self.spec.gguf_file if self.spec.is_gguf else self.spec.source,
+            "tokenizer_id": self.tokenizer.id,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "eos_token_ids": list(self.eos_token_ids),
+            "has_chat_template": self.tokenizer.has_chat_template,
+            "vocab_size": self.vocab_size,
+            "live_sessions": live,
+        }
+
+    # ---- M1 ------------------------------------------------------------------------------
+    def render_messages(self, messages: list[dict]) -> tuple[str, bool]:
+        """Context text for chat messages and whether it already holds its special tokens.
+
+        With a chat template: ``apply_chat_template(messages, tokenize=False,
+        add_generation_prompt=True)`` (encoded without adding special tokens again, as
+        ``apply_chat_template(tokenize=True)`` does). Without one, a plain rendering: one line
+        ``"{Role}: {content}\\n"`` per message (role capitalised: ``System``, ``User``,
+        ``Assistant``) followed by ``"Assistant:"``; it is encoded like a prompt (BOS added when
+        the tokenizer adds one).
+        """
+        if not messages:
+            raise InvalidArgument("messages is empty")
+        clean = []
+        for i, m in enumerate(messages):
+            role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
+            if not isinstance(role, str) or not role or not isinstance(content, str):
+                raise InvalidArgument(f"message {i} needs a non-empty string 'role' and a string 'content'")
+            clean.append({"role": role, "content": content})
+        if self.tokenizer.has_chat_template:
+            try:
+                text = self.tokenizer.hf.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # templates raise on e.g. unsupported roles
+                raise InvalidArgument(f"chat template of {self.name!r} rejected the messages: {exc}") from None
+            return text, True
+        lines = "".join(f"{m['role'][:1].upper()}{m['role'][1:]}: {m['content']}\n" for m in clean)
+        return lines + "Assistant:", False
+
+    def open(self, prompt: str | None = None, messages: list[dict] | None = None) -> OpenResult:
+        """Encode the context (prompt or chat messages), prefill it in one forward, start a session."""
+        if (prompt is None) == (messages is None):
+            raise InvalidArgument("give exactly one of prompt and messages")
+        if messages is not None:
+            text, templated = self.render_messages(messages)
+        else:
+            if not isinstance(prompt, str):
+                raise InvalidArgument("prompt must be a string")
+            if not prompt:
+                raise InvalidArgument("prompt is empty")
+            text, templated = prompt, False
+        # The tokenizer's own call, exactly what the generate() oracle sees.
+        ids = list(self.tokenizer.hf(text, add_special_tokens=not templated)["input_ids"])
+        if not ids:
+            raise InvalidArgument("context encodes to no tokens")
+        if self.max_positions and len(ids) >= self.max_positions:
+            raise InvalidArgument(f"context has {len(ids)} tokens; {self.name} supports fewer than {self.max_positions}")
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        cache.activate_past_recording()
+        with torch.inference_mode():
+            logits = self._forward([ids], cache, keep_last=True)
+        session = _Session(
+            id=uuid.uuid4().hex,
+            ids=ids,
+            n_context=len(ids),
+            text=text,
+            cache=cache,
+            next_logits=logits[0, -1].to(copy=True, dtype=torch.float32),
+            fed=len(ids),
+        )
+        with self._lock:
+            self._sessions[session.id] = session
+        return OpenResult(session.id, len(ids), text)
+
+    # ---- M2 ------------------------------------------------------------------------------
+    def next_token(self, session_id: str) -> NextTokenResult:
+        """Greedy next token after the committed state (no state change)."""
+        with self._session(session_id) as s, torch.inference_mode():
+            logits = self._ready(s)
+            token = int(torch.argmax(logits))
+            return NextTokenResult(token, float(torch.log_softmax(logits, -1)[token]), token in self._eos_set)
+
+    # ---- M3 ------------------------------------------------------------------------------
+    def feed_tokens(self, session_id: str, token_ids: Sequence[int]) -> FeedResult:
+        """Log-probs and PPL of ``token_ids`` after the committed state; a temp state to commit."""
+        ids = self._check_ids(token_ids)
+        with self._session(session_id) as s, torch.inference_mode():
+            (state_id, logprobs), = self._score_rows(s, [ids])
+            return FeedResult(state_id, logprobs, perplexity(logprobs))
+
+    # ---- Score ---------------------------------------------------------------------------
+    def score_candidates(self, session_id: str, candidates: Sequence[tuple[str, bool]]) -> list[CandidateScore]:
+        """Score candidate texts (each encoded as a continuation, + own EOS when eos) in one batched forward."""
+        rows = []
+        for i, cand in enumerate(candidates):
+            try:
+                text, eos = cand
+            except (TypeError, ValueError):
+                raise InvalidArgument(f"candidate {i} must be a (text, eos) pair") from None
+            if not isinstance(text, str):
+                raise InvalidArgument(f"candidate {i}: text must be a string")
+            ids = self.tokenizer.encode_ids(text, continuation=True) if text else []
+            if eos:
+                if not self.eos_token_ids:
+                    raise InvalidArgument(f"{self.name} has no EOS token to score an eos candidate with")
+                ids.append(self.eos_token_id)
+            rows.append(ids)
+        with self._session(session_id) as s, torch.inference_mode():
+            scored = self._score_rows(s, rows)
+        return [CandidateScore(sid, ids, lps, perplexity(lps)) for (sid, lps), ids in zip(scored, rows)]
+
+    # ---- T1 ------------------------------------------------------------------------------
+    def next_text(self, session_id: str, boundary_tokenizer_ids: Sequence[str] = (), max_tokens: int = 0) -> NextTextResult:
+        """Greedy-generate from the committed state up to the first word boundary common to the tokenizers.
+
+        Stops at the first boundary b (candidate = text[:b] and the tokens whose text ends at b;
+        tokens past b are lookahead, not part of the candidate), at an EOS token (candidate = all
+        complete text, EOS included in the ids, ``eos=True``) or after ``max_tokens`` tokens
+        (``finish="budget"``; ``0`` means the worker's ``segment_cap``, ``finish="segment_cap"``).
+        A capped candidate is cut at the last token that ends on a complete character.
+        """
+        if not isinstance(max_tokens, int) or max_tokens < 0:
+            raise InvalidArgument(f"max_tokens must be >= 0, got {max_tokens!r}")
+        limit = self.segment_cap if max_tokens == 0 else min(max_tokens, self.segment_cap)
+        cap_finish = "budget" if 0 < max_tokens <= self.segment_cap else "segment_cap"
+        tokenizer_ids = list(boundary_tokenizer_ids) or [self.tokenizer.id]
+        with self._session(session_id) as s, torch.inference_mode():
+            self._drop_lookahead(s)
+            s.gen += 1
+            logits = self._ready(s)
+            tail = s.text[-CONTEXT_TAIL_CHARS:]
+            decoder = IncrementalDecoder(self.tokenizer)
+            tokens: list[int] = []
+            logprobs: list[float] = []
+            step_logits: list[torch.Tensor] = []  # step_logits[j]: after forwarding tokens[j]
+            while True:
+                token = int(torch.argmax(logits))
+                tokens.append(token)
+                logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+                grew = bool(decoder.push(token))
+                if token in self._eos_set:
+                    n, text, finish = len(tokens), decoder.text, "eos"
+                    break
+                if grew and len(decoder.text) >= 2:
+                    ends = [e for e in decoder.token_ends if e >= 0]
+                    b = self.boundary(tail, decoder.text, tokenizer_ids, ends)
+                    if b is not None:
+                        if b not in decoder.token_ends:
+                            raise RuntimeError(f"boundary {b} is not a token end (allowed: {ends})")
+                        n, text, finish = decoder.token_ends.index(b) + 1, decoder.text[:b], "boundary"
+                        break
+                if len(tokens) >= limit:
+                    n = max((i + 1 for i, e in enumerate(decoder.token_ends) if e >= 0), default=0)
+                    text = decoder.text[: decoder.token_ends[n - 1]] if n else ""
+                    finish = cap_finish
+                    break
+                # Like generate(): a picked token is forwarded only when generation goes on.
+                out = self._forward([[token]], s.cache, keep_last=True)
+                s.lookahead += 1
+                logits = out[0, -1].to(copy=True, dtype=torch.float32)
+                step_logits.append(logits)
+            in_cache = min(n, len(step_logits))
+            if n == 0:
+                next_logits = s.next_logits
+            else:
+                next_logits = step_logits[n - 1] if n <= len(step_logits) else None
+            state_id = self._new_state(s, _GenState(s.epoch, s.gen, tokens[:n], in_cache, next_logits))
+            return NextTextResult(
+                state_id=state_id,
+                text=text,
+                token_ids=tokens[:n],
+                logprobs=logprobs[:n],
+                eos=finish == "eos",
+                finish=finish,
+                generated_tokens=len(tokens),
+            )
+
+    # ---- M4 ------------------------------------------------------------------------------
+    def update_state(self, session_id: str, state_id: str) -> CommitResult:
+        """Make a temp state the committed one (by cropping or adopting a cache; no forward)."""
+        with self._session(session_id) as s, torch.inference_mode():
+            state = self._state(s, state_id)
+            prefix = s.ids[s.n_context :]
+            if isinstance(state, _GenState):
+                extra = s.lookahead - state.in_cache
+                if extra:
+                    s.cache.crop(-extra)
+                s.fed += state.in_cache
+                next_logits = state.next_logits
+            elif state.batch is None:  # empty row: nothing to add
+                self._drop_lookahead(s)
+                next_logits = s.next_logits
+            else:
+                batch = state.batch
+                cache = batch.cache
+                if batch.rows > 1:
+                    cache.batch_select_indices(torch.tensor([state.row], device=self.device))
+                pad = batch.width - len(state.tokens)
+                if pad:
+                    cache.crop(-pad)
+                s.cache = cache
+                s.fed = len(s.ids) + len(state.tokens)
+                next_logits = state.next_logits
+            s.cache.crop(0)  # sliding layers back to their window: no rollback past a commit
+            s.lookahead = 0
+            s.ids.extend(state.tokens)
+            s.next_logits = next_logits
+            s.epoch += 1
+            s.states.clear()
+            text, _pending = self.tokenizer.decode(state.tokens, prefix_ids=prefix)
+            s.text += text
+            return CommitResult(len(s.ids) - s.n_context, text)
+
+    # ---- close ---------------------------------------------------------------------------
+    def close(self, session_id: str) -> bool:
+        """Free a session; False when there was none (idempotent)."""
+        with self._lock:
+            s = self._sessions.pop(session_id, None)
+        if s is None:
+            return False
+        with s.lock:
+            s.closed = True
+            s.cache = None
+            s.next_logits = None
+            s.states.clear()
+        return True
+
+    def session_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._sessions)
+
+    # ---- internals -----------------------------------------------------------------------
+    def _session(self, session_id: str):
+        with self._lock:
+            s = self._sessions.get(session_id)
+        if s is None:
+            raise SessionNotFound(f"no session {session_id!r} on worker {self.name!r} (closed or never opened)")
+        return _Locked(s, self.name)
+
+    def _check_ids(self, token_ids: Sequence[int]) -> list[int]:
+        ids = []
+        for t in token_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                raise InvalidArgument(f"token id {t!r} out of range for {self.name} (vocab size {self.vocab_size})")
+            ids.append(int(t))
+        return ids
+
+    def _forward(self, rows: list[list[int]], cache, keep_last: bool) -> torch.Tensor:
+        """One forward of equally long rows on ``cache``, called the way ``generate`` calls it."""
+        input_ids = torch.tensor(rows, dtype=torch.long, device=self.device)
+        past = cache.get_seq_length()
+        kwargs = dict(
+            input_ids=input_ids,
+            past_key_values=cache,
+            attention_mask=torch.ones((input_ids.shape[0], past + input_ids.shape[1]), dtype=torch.long, device=self.device),
+            use_cache=True,
+            return_dict=True,
+        )
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1 if keep_last else 0
+        return self.model(**kwargs).logits
+
+    def _ready(self, s: _Session) -> torch.Tensor:
+        """Next logits of the committed state, forwarding a committed-but-unfed last token first."""
+        if s.fed < len(s.ids):
+            assert s.lookahead == 0, "unfed committed tokens with lookahead in the cache"
+            out = self._forward([s.ids[s.fed :]], s.cache, keep_last=True)
+            s.next_logits = out[0, -1].to(copy=True, dtype=torch.float32)
+            s.fed = len(s.ids)
+        return s.next_logits
+
+    def _drop_lookahead(self, s: _Session) -> None:
+        """Crop the previous NextText's lookahead from the session cache (its state dies)."""
+        if s.lookahead:
+            s.cache.crop(-s.lookahead)
+            s.cache.crop(0)
+            s.lookahead = 0
+        for key in [k for k, v in s.states.items() if isinstance(v, _GenState)]:
+            del s.states[key]
+
+    def _committed_copy(self, s: _Session):
+        """A copy of the session cache holding exactly the committed tokens."""
+        cache = copy.deepcopy(s.cache)
+        if s.lookahead:
+            cache.crop(-s.lookahead)
+        return cache
+
+    def _score_rows(self, s: _Session, rows: list[list[int]]) -> list[tuple[str, list[float]]]:
+        """Forward all non-empty rows (right-padded) in one batch on the committed state.
+
+        Returns (state_id, logprobs) per row; empty rows get no logprobs.
+        """
+        first = torch.log_softmax(self._ready(s), -1)
+        live = [i for i, r in enumerate(rows) if r]
+        results: list[tuple[str, list[float]]] = [("", [])] * len(rows)
+        if live:
+            width = max(len(rows[i]) for i in live)
+            pad_id = self.eos_token_id if self.eos_token_id is not None else 0
+            batch_rows = [rows[i] + [pad_id] * (width - len(rows[i])) for i in live]
+            cache = self._committed_copy(s)
+            if len(live) > 1:
+                cache.batch_repeat_interleave(len(live))
+            logits = self._forward(batch_rows, cache, keep_last=False)
+            batch = _Batch(cache, width, len(live))
+            for b, i in enumerate(live):
+                ids = rows[i]
+                row_logits = logits[b, : len(ids)].float()
+                lps = [float(first[ids[0]])]
+                if len(ids) > 1:
+                    tail = torch.log_softmax(row_logits[:-1], -1)
+                    lps += tail.gather(1, torch.tensor(ids[1:], device=tail.device)[:, None])[:, 0].tolist()
+                state = _RowState(s.epoch, batch, b, list(ids), row_logits[-1].clone())
+                results[i] = (self._new_state(s, state), lps)
+            del logits
+        for i, r in enumerate(rows):
+            if not r:
+                results[i] = (self._new_state(s, _RowState(s.epoch, None, -1, [], None)), [])
+        return results
+
+    def _new_state(self, s: _Session, state) -> str:
+        state_id = f"{s.epoch}.{next(s.counter)}"
+        s.states[state_id] = state
+        return state_id
+
+    def _state(self, s: _Session, state_id: str):
+        state = s.states.get(state_id)
+        if state is not None:
+            return state
+        epoch, dot, _ = str(state_id).partition(".")
+        if dot and epoch.isdigit() and int(epoch) < s.epoch:
+            raise StateError(
+                f"state {state_id!r} of session {s.id!r} is stale: the session committed another state since"
+            )
+        if dot and epoch.isdigit() and int(epoch) == s.epoch:
+            raise StateError(
+                f"state {state_id!r} of session {s.id!r} is no longer valid (superseded by a later NextText) or unknown"
+            )
+        raise StateError(f"unknown state {state_id!r} for session {s.id!r}")
+
+
+class _Locked:
+    """``with self._session(id) as s``: the session, locked; NOT_FOUND when closed meanwhile."""
+
+    def __init__(self, session: _Session, worker: str):
+        self.session = session
+        self.worker = worker
+
+    def __enter__(self) -> _Session:
+        self.session.lock.acquire()
+        if self.session.closed:
+            self.session.lock.release()
+            raise SessionNotFound(f"session {self.session.id!r} on worker {self.worker!r} was closed")
+        return self.session
+
+    def __exit__(self, *exc) -> None:
+        self.session.lock.release()

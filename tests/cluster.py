@@ -1,0 +1,93 @@
+"""An in-process service tree for tests: real gRPC servers on loopback ports, real models.
+
+Tokenizer service, one worker server per model (plus ``smollm2b``, a second copy of SmolLM2
+for the "fusing two copies equals greedy" oracle) and the orchestrator, all in the test's event
+loop; model compute runs on the workers' own threads as in production.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from coolfusion.orchestrator.server import build_service as build_orchestrator
+from coolfusion.services.common.server import GrpcService
+from coolfusion.services.sources import parse_specs
+from coolfusion.services.tokenizer.client import TokenizerClient
+from coolfusion.services.tokenizer.core import TokenizerCore
+from coolfusion.services.tokenizer.loading import load_registry
+from coolfusion.services.tokenizer.server import build_service as build_tokenizer_service
+from coolfusion.services.worker.model import WorkerCore
+from coolfusion.services.worker.server import SERVICE_NAME as WORKER_SERVICE, WorkerServicer
+from coolfusion.protos import worker_pb2_grpc
+
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+
+
+def gsm8k_rows(split: str, n: int, start: int = 0) -> list[dict]:
+    rows = []
+    with open(GSM8K / f"{split}.jsonl") as fh:
+        for i, line in enumerate(fh):
+            if i >= start:
+                rows.append(json.loads(line))
+            if len(rows) == n:
+                break
+    return rows
+
+
+def gsm8k_prompt(index: int = 0, shots: int = 3) -> str:
+    """3-shot lm-eval style prompt: longer than Gemma-3's 512-token sliding window."""
+    parts = [f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in gsm8k_rows("train", shots)]
+    question = gsm8k_rows("test", 1, start=index)[0]["question"]
+    return "".join(parts) + f"Question: {question}\nAnswer:"
+
+
+@dataclass
+class Cluster:
+    registry: object
+    cores: dict
+    tokenizer_address: str
+    worker_addresses: dict
+    address: str
+    services: list
+
+
+async def start_cluster() -> Cluster:
+    specs = parse_specs("smollm2,gemma3")
+    registry = load_registry(specs)
+    # The second SmolLM2 copy gets its own name and tokenizer id.
+    copy_spec = dataclasses.replace(specs[0], name="smollm2b")
+    registry.add(TokenizerCore("smollm2b", registry.get("smollm2").hf, copy_spec.describe()))
+    services: list[GrpcService] = []
+    tok_service = build_tokenizer_service(registry)
+    tok_port = await tok_service.start()
+    services.append(tok_service)
+    tokenizer_address = f"127.0.0.1:{tok_port}"
+    boundary = TokenizerClient(tokenizer_address)
+
+    cores, addresses = {}, {}
+    for spec in [*specs, copy_spec]:
+        shared = {}
+        if spec is copy_spec:  # same weights, separate sessions and tokenizer id
+            shared = dict(model=cores["smollm2"].model, hf_tokenizer=cores["smollm2"].tokenizer.hf)
+        core = WorkerCore(spec.name, spec, device="cpu", boundary=boundary.common_boundary, **shared)
+        servicer = WorkerServicer(core)
+        service = GrpcService(
+            lambda server, s=servicer: worker_pb2_grpc.add_ModelWorkerServicer_to_server(s, server), [WORKER_SERVICE]
+        )
+        port = await service.start()
+        services.append(service)
+        cores[spec.name] = core
+        addresses[spec.name] = f"127.0.0.1:{port}"
+
+    orchestrator, _ = build_orchestrator(addresses)
+    port = await orchestrator.start()
+    services.append(orchestrator)
+    return Cluster(registry, cores, tokenizer_address, addresses, f"127.0.0.1:{port}", services)
+
+
+async def stop_cluster(cluster: Cluster) -> None:
+    for service in reversed(cluster.services):
+        await service.stop(0)

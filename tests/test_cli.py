@@ -1,0 +1,64 @@
+"""The `coolfusion` command as a user runs it: real processes, real models, no servers by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from coolfusion.orchestrator.fusion import find_stop, pick_winner
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "coolfusion.clients.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def test_generate_json_with_embedded_services():
+    result = run_cli("generate", "Question: What is 12 plus 30?\nAnswer:", "--json", "--max-new-tokens", "16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    reply = json.loads(result.stdout)
+    assert reply["finish_reason"] in ("eos", "stop", "length")
+    assert reply["text"] and reply["text"] == "".join(s["text"] for s in reply["segments"])
+    assert set(reply["usage"]) == {"smollm2", "gemma3"}
+    for segment in reply["segments"]:
+        assert segment["model"] in ("smollm2", "gemma3")
+        assert {c["model"] for c in segment["candidates"]} == {"smollm2", "gemma3"}
+        for c in segment["candidates"]:
+            assert set(c["ppl"]) == {"smollm2", "gemma3"}
+    assert reply["timings"]["total_s"] > 0
+
+
+def test_cli_reports_bad_input_without_traceback():
+    result = run_cli("generate", "hello", "--models", "nosuchmodel")
+    assert result.returncode != 0
+    assert "unknown model 'nosuchmodel'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_healthcheck_of_nothing_fails():
+    result = run_cli("healthcheck", "127.0.0.1:9", "--timeout", "1")
+    assert result.returncode == 1
+    assert "unhealthy" in result.stderr
+
+
+def test_pick_winner_takes_lowest_mean_and_first_on_ties():
+    assert pick_winner([3.0, 2.0, 2.0]) == 1
+    assert pick_winner([2.0, 2.0]) == 0
+    assert pick_winner([float("inf"), 5.0]) == 1
+
+
+@pytest.mark.parametrize(
+    "text, stops, start, expected",
+    [("abc Question: x", ["Question:"], 0, 4), ("abc", ["Q"], 0, None), ("xxQuest", ["Quest", "xQ"], 2, 1)],
+)
+def test_find_stop(text, stops, start, expected):
+    assert find_stop(text, stops, start) == expected
