@@ -302,7 +302,8 @@ def cmd_eval(args) -> int:
                 bar.update(task, completed=item.index + 1, stats=f"{modes[0]} flexible acc {acc:.0%}  {tokens_per_s:.1f} tok/s")
 
             return await evaluate.run_eval(
-                address, items, evaluate.few_shot_prefix(exemplars), modes, out, args.max_new_tokens, settings, progress
+                address, items, evaluate.few_shot_prefix(exemplars), modes, out, args.max_new_tokens, settings, progress,
+                models=[m.split("=", 1)[0] for m in _models_arg(args.models)],
             )
 
     cluster = None

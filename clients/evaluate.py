@@ -234,6 +234,7 @@ async def run_eval(
     max_new_tokens: int,
     settings: dict,
     progress=None,
+    models: Sequence[str] = (),
 ) -> dict:
     from .client import FusionClient
 
@@ -241,7 +242,7 @@ async def run_eval(
     results_path = out / "results.jsonl"
     done = load_done(results_path)
     generated_modes = [m for m in modes if m not in DERIVED]
-    models = (await _models(address))
+    models = list(models) or await _models(address)
     if any(m in DERIVED for m in modes):
         for base in [f"single:{m}" for m in models] + (["cool"] if "cool-rerank" in modes else []):
             if base not in generated_modes:
@@ -264,17 +265,22 @@ async def run_eval(
                         candidates = [fresh[p] for p in pool]
                         # Rerank ranks whole answers with each scorer's EOS appended when the answer ended at EOS.
                         scored = await client.score(
-                            prompt, [c["output"] for c in candidates], eos=[c["finish"] == "eos" for c in candidates]
+                            prompt,
+                            [c["output"] for c in candidates],
+                            models=models,
+                            eos=[c["finish"] == "eos" for c in candidates],
                         )
                         best = min(range(len(candidates)), key=lambda i: scored.scores[i].mean_ppl)
                         chosen = candidates[best]
                         row = record(item, mode, chosen["output"], chosen["finish"], chosen["ppl"], picked=pool[best])
                     else:
                         t0 = time.perf_counter()
-                        reply = await client.generate(prompt, mode=mode, max_new_tokens=max_new_tokens, stop=STOP)
+                        reply = await client.generate(
+                            prompt, mode=mode, models=models, max_new_tokens=max_new_tokens, stop=STOP
+                        )
                         elapsed = time.perf_counter() - t0
                         output = reply.text
-                        scored = await client.score(prompt, [output]) if output else None
+                        scored = await client.score(prompt, [output], models=models) if output else None
                         ppl = {p.scorer: p.ppl for p in scored.scores[0].ppl} if scored else {m: float("inf") for m in models}
                         used = max((u.output_tokens for u in reply.usage), default=0)
                         tokens += used

@@ -15,9 +15,10 @@ Tokenizers under test:
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from coolfusion.services.tokenizer.core import (
@@ -459,8 +460,10 @@ TOKENIZER_SETS = [
     ALL_IDS,
 ]
 
+# More examples for a deeper search: COOLFUSION_HYPOTHESIS_EXAMPLES=2000 pytest tests/test_tokenizer_core.py
+MAX_EXAMPLES = int(os.environ.get("COOLFUSION_HYPOTHESIS_EXAMPLES", "150"))
 PROPERTY_SETTINGS = settings(
-    max_examples=int(__import__("os").environ.get("TOK_EXAMPLES", 40)), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+    max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 )
 
 
@@ -554,7 +557,10 @@ def test_segment_properties(registry, ids, context, text):
             seq += tok.encode(seg, continuation=True).ids
         assert tok.decode(seq) == (full, 0), tid
         if seq != tok.encode(full).ids:
-            assert explain_difference(tok, full, [len(context), *ends], len(context)), tid
+            reasons = explain_difference(tok, full, [len(context), *ends], len(context))
+            assert reasons, f"{tid}: token sequences differ for {full!r} but no piece differs"
+            for reason in reasons:
+                event(f"{tid}: {reason.rsplit(': ', 1)[1]}")  # shown by --hypothesis-show-statistics
 
 
 @PROPERTY_SETTINGS
