@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import pytest_asyncio
 
 BUNDLED_TOKENIZERS = ("smollm2", "gemma3")
 
@@ -13,3 +14,14 @@ def tokenizer_registry():
     from coolfusion.services.tokenizer.loading import load_registry
 
     return load_registry(",".join(BUNDLED_TOKENIZERS))
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def cluster():
+    """Tokenizer service, a worker per bundled model (+ a second SmolLM2 copy) and the
+    orchestrator: real gRPC servers on loopback ports in this event loop (see cluster.py)."""
+    from cluster import start_cluster, stop_cluster
+
+    c = await start_cluster()
+    yield c
+    await stop_cluster(c)

@@ -10,18 +10,11 @@ import pytest
 import pytest_asyncio
 import torch
 
-from cluster import gsm8k_prompt, start_cluster, stop_cluster
+from cluster import gsm8k_prompt
 from coolfusion.clients.client import FusionClient
 from coolfusion.orchestrator.workers import RemoteWorker
 
 LONG_PROMPT = gsm8k_prompt(0, shots=5)  # > 512 Gemma tokens: crosses the sliding window
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def cluster():
-    c = await start_cluster()
-    yield c
-    await stop_cluster(c)
 
 
 @pytest_asyncio.fixture(loop_scope="session")

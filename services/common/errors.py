@@ -36,6 +36,8 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
     """The status a caller should see for an exception raised by a core."""
     if isinstance(exc, CoolFusionError):
         return exc.code
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return exc.code()  # a downstream service's status passes through
     if isinstance(exc, (ValueError, TypeError, UnicodeError)):
         return grpc.StatusCode.INVALID_ARGUMENT
     if isinstance(exc, LookupError):

@@ -24,7 +24,10 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception)
         message = f"internal error in {method}: {type(exc).__name__}: {exc}"
     else:
         log.info("%s -> %s: %s", method, code.name, exc)
-        message = str(exc) or type(exc).__name__
+        if isinstance(exc, grpc.RpcError) and hasattr(exc, "details"):
+            message = exc.details() or code.name
+        else:
+            message = str(exc) or type(exc).__name__
     await context.abort(code, message)
 
 

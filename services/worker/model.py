@@ -95,6 +95,7 @@ class NextTextResult:
     eos: bool
     finish: str  # "boundary" | "eos" | "budget" | "segment_cap"
     generated_tokens: int  # forward steps spent (tokens picked), lookahead included
+    lookahead: str = ""  # complete text generated past the candidate (shows why a boundary cannot move)
 
 
 def perplexity(logprobs: Sequence[float]) -> float:
@@ -208,7 +209,7 @@ class WorkerCore:
             "name": self.name,
             "model_id": self.spec.gguf_file if self.spec.is_gguf else self.spec.source,
             "tokenizer_id": self.tokenizer.id,
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": str(self.model.dtype).removeprefix("torch."),
             "device": str(self.device),
             "eos_token_ids": list(self.eos_token_ids),
             "has_chat_template": self.tokenizer.has_chat_template,
@@ -350,8 +351,9 @@ class WorkerCore:
                 if token in self._eos_set:
                     n, text, finish = len(tokens), decoder.text, "eos"
                     break
-                if grew and len(decoder.text) >= 2:
-                    ends = [e for e in decoder.token_ends if e >= 0]
+                # A boundary can only change when text grew; it must be a token end (0 < b < len).
+                ends = [e for e in decoder.token_ends if 0 < e < len(decoder.text)] if grew else []
+                if ends:
                     b = self.boundary(tail, decoder.text, tokenizer_ids, ends)
                     if b is not None:
                         if b not in decoder.token_ends:
@@ -382,6 +384,7 @@ class WorkerCore:
                 eos=finish == "eos",
                 finish=finish,
                 generated_tokens=len(tokens),
+                lookahead=decoder.text[len(text) :],
             )
 
     # ---- M4 ------------------------------------------------------------------------------

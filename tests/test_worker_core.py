@@ -1,0 +1,349 @@
+"""WorkerCore (services/worker/model.py) against transformers oracles, with the bundled models.
+
+* greedy NextText/UpdateState segments concatenate to exactly ``model.generate(do_sample=False)``
+  (token ids, per-token log-probs bitwise, text), with own-tokenizer and two-tokenizer boundaries,
+  on a prompt longer than Gemma-3's 512-token sliding window;
+* ScoreCandidates == FeedTokens == a from-scratch full forward (PPL), lookahead in the cache;
+* committing a scored / fed state and continuing == generate() from context + those tokens;
+* errors: unknown session, stale / superseded states, bad ids, bad arguments, close twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from coolfusion.services.common.errors import status_for
+from coolfusion.services.sources import parse_specs
+from coolfusion.services.tokenizer.loading import load_registry
+from coolfusion.services.worker.errors import InvalidArgument, SessionNotFound, StateError
+from coolfusion.services.worker.model import WorkerCore, perplexity
+
+GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+MODELS = ("smollm2", "gemma3")
+N = 40
+SHORT_PROMPT = "The three primary colors are"
+
+
+def _rows(split: str, n: int) -> list[dict]:
+    with open(GSM8K / f"{split}.jsonl") as fh:
+        return [json.loads(next(fh)) for _ in range(n)]
+
+
+def gsm8k_prompt(shots: int = 4) -> str:
+    """lm-eval style few-shot prompt; 4 shots are ~630 tokens for both models (> Gemma's window)."""
+    parts = [f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in _rows("train", shots)]
+    return "".join(parts) + f"Question: {_rows('test', 1)[0]['question']}\nAnswer:"
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return load_registry(parse_specs(",".join(MODELS)))
+
+
+@pytest.fixture(scope="module")
+def workers(registry):
+    specs = parse_specs(",".join(MODELS))
+    return {
+        s.name: WorkerCore(s.name, s, device="cpu", boundary=registry.common_boundary, hf_tokenizer=registry.get(s.name).hf)
+        for s in specs
+    }
+
+
+@pytest.fixture(scope="module")
+def long_prompt(workers):
+    prompt = gsm8k_prompt()
+    assert len(workers["gemma3"].tokenizer.hf(prompt)["input_ids"]) > 512
+    return prompt
+
+
+def oracle_generate(worker: WorkerCore, input_ids: list[int], n: int):
+    """generate(do_sample=False): (new token ids, float32 logits that chose each one)."""
+    ids = torch.tensor([input_ids])
+    out = worker.model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        do_sample=False,
+        max_new_tokens=n,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    new = out.sequences[0, len(input_ids) :].tolist()
+    return new, [logits[0] for logits in out.logits]
+
+
+def full_forward_logprobs(worker: WorkerCore, context: list[int], ids: list[int]) -> list[float]:
+    """Log-probs of ``ids`` after ``context`` from one from-scratch forward (no cache)."""
+    with torch.inference_mode():
+        logits = worker.model(input_ids=torch.tensor([context + ids])).logits[0].float()
+    lps = torch.log_softmax(logits[len(context) - 1 : -1], -1)
+    return [float(lps[i, t]) for i, t in enumerate(ids)]
+
+
+def greedy_segments(worker: WorkerCore, session_id: str, tokenizer_ids: list[str], n: int, committed: int = 0):
+    """NextText + UpdateState until EOS or n tokens: (ids, logprobs, texts, commit texts, results).
+
+    ``committed``: output tokens the session had committed before.
+    """
+    ids, lps, texts, commits, results = [], [], [], [], []
+    while len(ids) < n:
+        r = worker.next_text(session_id, tokenizer_ids, n - len(ids))
+        results.append(r)
+        c = worker.update_state(session_id, r.state_id)
+        ids += r.token_ids
+        lps += r.logprobs
+        texts.append(r.text)
+        commits.append(c.committed_text)
+        assert c.committed_tokens == committed + len(ids)
+        if r.eos or r.finish != "boundary":
+            break
+    return ids, lps, texts, commits, results
+
+
+# ---- 1. greedy segments == generate -------------------------------------------------------
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("case", ["short-own", "long-both"])
+def test_next_text_matches_generate(workers, registry, long_prompt, model, case):
+    w = workers[model]
+    prompt = SHORT_PROMPT if case == "short-own" else long_prompt
+    tokenizer_ids = [] if case == "short-own" else registry.ids
+    sid, n_ctx, ctx_text = w.open(prompt)
+    context = w.tokenizer.hf(prompt)["input_ids"]
+    assert n_ctx == len(context) and ctx_text == prompt
+    try:
+        ids, lps, texts, commits, results = greedy_segments(w, sid, tokenizer_ids, N)
+    finally:
+        w.close(sid)
+    expected, logits = oracle_generate(w, context, N)
+
+    # Token ids: identical; a budget stop may drop a trailing token that ends mid-character.
+    if results[-1].eos:
+        assert ids == expected and expected[-1] in w.eos_token_ids
+    else:
+        assert ids == expected[: len(ids)] and len(ids) >= N - 3
+    # Log-probs: bitwise those of generate's logits (same forward calls, same numbers).
+    assert lps == [float(torch.log_softmax(logits[i], -1)[t]) for i, t in enumerate(ids)]
+    # Text: segments concatenate to the decode of the tokens, and commits report the same text.
+    text = "".join(texts)
+    assert text == w.tokenizer.decode(ids)[0]
+    assert text == w.tokenizer.hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert commits == texts
+    assert all(r.text for r in results[:-1])
+    # Boundary segments really looked ahead (so the commit cropped the cache) ...
+    assert any(r.generated_tokens > len(r.token_ids) for r in results if r.finish == "boundary")
+    assert all(r.lookahead for r in results if r.finish == "boundary")
+    # ... and every boundary is a word start for each tokenizer asked.
+    for tid in tokenizer_ids or [model]:
+        tok = registry.get(tid)
+        starts = set(tok.word_starts(prompt[-64:] + text))
+        offset = len(prompt[-64:])
+        for r in results[:-1]:
+            assert offset + len(r.text) in starts
+            offset += len(r.text)
+    for i, r in enumerate(results[:-1]):  # lookahead = the greedy text after the boundary, cropped
+        rest = "".join(texts[i + 1 :])
+        assert rest.startswith(r.lookahead) or r.lookahead.startswith(rest)
+
+
+def test_gemma_window_is_trimmed_after_commits(workers, long_prompt):
+    """Past recording keeps rollback possible, and commits trim the sliding layers back."""
+    w = workers["gemma3"]
+    sid, n_ctx, _ = w.open(long_prompt)
+    try:
+        r = w.next_text(sid, [], 8)
+        w.update_state(sid, r.state_id)
+        layers = w._sessions[sid].cache.layers
+        sliding = [layer for layer in layers if layer.is_sliding]
+        assert sliding and all(layer.keys.shape[-2] == layer.sliding_window - 1 for layer in sliding)
+        assert all(layer.keys.shape[-2] == n_ctx + len(r.token_ids) for layer in layers if not layer.is_sliding)
+    finally:
+        w.close(sid)
+
+
+# ---- 2. score == feed == full forward ----------------------------------------------------
+CANDIDATES = [
+    (" Natalia sold 48/2 = <<48/2=24>>24 clips in May.", False),
+    (" She makes $18", False),
+    (" 72", True),
+]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_score_matches_feed_and_full_forward(workers, registry, long_prompt, model):
+    w = workers[model]
+    sid, _, _ = w.open(long_prompt)
+    context = w.tokenizer.hf(long_prompt)["input_ids"]
+    try:
+        w.next_text(sid, registry.ids, 12)  # leaves lookahead in the session cache: scoring must ignore it
+        scores = w.score_candidates(sid, CANDIDATES + [("", False)])
+        lengths = [len(s.token_ids) for s in scores[:3]]
+        assert len(set(lengths)) == 3
+        for (text, eos), s in zip(CANDIDATES, scores):
+            ids = w.tokenizer.encode_ids(text, continuation=True) + ([w.eos_token_id] if eos else [])
+            assert s.token_ids == ids
+            assert s.ppl == pytest.approx(perplexity(s.logprobs))
+            fed = w.feed_tokens(sid, ids)
+            assert fed.ppl == pytest.approx(s.ppl, rel=1e-4)
+            assert fed.logprobs == pytest.approx(s.logprobs, rel=1e-4, abs=1e-4)
+            full = full_forward_logprobs(w, context, ids)
+            assert perplexity(full) == pytest.approx(s.ppl, rel=1e-3)
+        empty = scores[3]
+        assert empty.token_ids == [] and empty.logprobs == [] and math.isinf(empty.ppl)
+    finally:
+        w.close(sid)
+
+
+# ---- 3. commit a scored / fed state, continue == generate ------------------------------------
+@pytest.mark.parametrize("model", MODELS)
+def test_commit_scored_then_continue(workers, registry, long_prompt, model):
+    w = workers[model]
+    prompt = long_prompt if model == "gemma3" else SHORT_PROMPT
+    sid, _, _ = w.open(prompt)
+    context = w.tokenizer.hf(prompt)["input_ids"]
+    try:
+        own = w.next_text(sid, registry.ids, 10)  # lookahead in the cache, a state that commit must discard
+        scores = w.score_candidates(sid, [(" red, blue and", False), (" Janet", False), (" x", True)])
+        chosen = scores[0] if model == "smollm2" else scores[1]
+        c = w.update_state(sid, chosen.state_id)
+        assert c.committed_tokens == len(chosen.token_ids)
+        with pytest.raises(StateError):
+            w.update_state(sid, own.state_id)
+        # The committed next-logits are the scoring row's: next_token agrees with a full forward.
+        nt = w.next_token(sid)
+        with torch.inference_mode():
+            ref = w.model(input_ids=torch.tensor([context + chosen.token_ids])).logits[0, -1].float()
+        assert nt.token_id == int(ref.argmax())
+        assert nt.logprob == pytest.approx(float(torch.log_softmax(ref, -1)[nt.token_id]), abs=1e-3)
+        ids, _, _, _, _ = greedy_segments(w, sid, registry.ids, 8, committed=c.committed_tokens)
+        expected, _ = oracle_generate(w, context + chosen.token_ids, 8)
+        assert ids[:6] == expected[:6]
+
+        # A fed state commits the same way.
+        more = w.tokenizer.encode_ids(" and then", continuation=True)
+        fed = w.feed_tokens(sid, more)
+        c2 = w.update_state(sid, fed.state_id)
+        history = context + chosen.token_ids + ids + more
+        assert c2.committed_tokens == len(history) - len(context)
+        ids2, _, _, _, _ = greedy_segments(w, sid, [], 6, committed=c2.committed_tokens)
+        expected2, _ = oracle_generate(w, history, 6)
+        assert ids2[:4] == expected2[:4]
+    finally:
+        w.close(sid)
+
+
+def test_next_token_and_feed_without_change(workers):
+    w = workers["smollm2"]
+    sid, _, _ = w.open(SHORT_PROMPT)
+    try:
+        a = w.next_token(sid)
+        b = w.next_token(sid)
+        assert a == b
+        expected, logits = oracle_generate(w, w.tokenizer.hf(SHORT_PROMPT)["input_ids"], 1)
+        assert a.token_id == expected[0] and a.logprob == float(torch.log_softmax(logits[0], -1)[a.token_id])
+        fed = w.feed_tokens(sid, [a.token_id])
+        assert fed.logprobs == [pytest.approx(a.logprob, abs=1e-6)]
+        assert w.next_token(sid) == a  # feeding did not move the committed state
+    finally:
+        w.close(sid)
+
+
+def test_open_messages(workers):
+    smol, gemma = workers["smollm2"], workers["gemma3"]
+    messages = [{"role": "user", "content": "Say hi."}]
+    sid, n, text = smol.open(messages=messages)
+    assert text == smol.tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert n == len(smol.tokenizer.hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"])
+    smol.close(sid)
+    assert not gemma.tokenizer.has_chat_template
+    sid, n, text = gemma.open(messages=[{"role": "system", "content": "Be brief."}] + messages)
+    assert text == "System: Be brief.\nUser: Say hi.\nAssistant:"
+    assert n == len(gemma.tokenizer.hf(text)["input_ids"])
+    gemma.close(sid)
+
+
+def test_next_text_budget_and_eos_commit(workers):
+    w = workers["gemma3"]
+    sid, _, _ = w.open(SHORT_PROMPT)
+    try:
+        r = w.next_text(sid, [], 1)
+        assert r.finish == "budget" and r.generated_tokens == 1 and len(r.token_ids) <= 1
+        w.update_state(sid, r.state_id)
+        # Score an EOS-only candidate and commit it: the session ends with EOS in its ids.
+        (s,) = w.score_candidates(sid, [("", True)])
+        assert s.token_ids == [w.eos_token_id] and math.isfinite(s.ppl)
+        c = w.update_state(sid, s.state_id)
+        assert c.committed_text == "" and c.committed_tokens == len(r.token_ids) + 1
+    finally:
+        w.close(sid)
+
+
+# ---- 4. errors ---------------------------------------------------------------------------
+def test_errors(workers):
+    w = workers["smollm2"]
+    with pytest.raises(SessionNotFound) as exc:
+        w.next_token("no-such-session")
+    assert "no-such-session" in str(exc.value) and status_for(exc.value).name == "NOT_FOUND"
+    with pytest.raises(InvalidArgument):
+        w.open("")
+    with pytest.raises(InvalidArgument):
+        w.open(messages=[])
+
+    sid, _, _ = w.open(SHORT_PROMPT)
+    first = w.next_text(sid, [], 5)
+    second = w.next_text(sid, [], 5)  # supersedes the first NextText state
+    with pytest.raises(StateError) as exc:
+        w.update_state(sid, first.state_id)
+    assert status_for(exc.value).name == "FAILED_PRECONDITION"
+    scored = w.score_candidates(sid, [(" yes", False), (" no", False)])
+    w.update_state(sid, scored[0].state_id)
+    for stale in (second.state_id, scored[1].state_id, scored[0].state_id):
+        with pytest.raises(StateError, match="stale"):
+            w.update_state(sid, stale)
+    with pytest.raises(StateError, match="unknown"):
+        w.update_state(sid, "bogus")
+
+    for bad in ([w.vocab_size], [-1], [1, 2**40]):
+        with pytest.raises(InvalidArgument) as exc:
+            w.feed_tokens(sid, bad)
+        assert "out of range" in str(exc.value) and status_for(exc.value).name == "INVALID_ARGUMENT"
+    with pytest.raises(InvalidArgument):
+        w.next_text(sid, [], -1)
+
+    assert w.info()["live_sessions"] >= 1
+    assert w.close(sid) is True
+    assert w.close(sid) is False
+    with pytest.raises(SessionNotFound):
+        w.next_text(sid, [], 3)
+    with pytest.raises(SessionNotFound):
+        w.update_state(sid, scored[0].state_id)
+
+
+def test_info(workers):
+    info = workers["gemma3"].info()
+    assert info["name"] == info["tokenizer_id"] == "gemma3"
+    assert info["eos_token_ids"] == [1] and info["vocab_size"] == 262144 and info["device"] == "cpu"
+    assert info["dtype"] == "float32" and info["has_chat_template"] is False
+
+
+def test_sessions_in_parallel_threads(workers):
+    """Sessions are independent: concurrent greedy runs equal sequential ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    w = workers["smollm2"]
+    prompts = [SHORT_PROMPT, "def fibonacci(n):", "Once upon a time"]
+
+    def run(prompt):
+        sid, _, _ = w.open(prompt)
+        try:
+            return greedy_segments(w, sid, [], 10)[0]
+        finally:
+            w.close(sid)
+
+    sequential = [run(p) for p in prompts]
+    with ThreadPoolExecutor(3) as pool:
+        parallel = list(pool.map(run, prompts))
+    assert parallel == sequential
