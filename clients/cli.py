@@ -44,9 +44,11 @@ def _bind(host: str, port: int) -> str:
 
 
 # ---- service entry points --------------------------------------------------------------------
-async def _serve(service, name: str, grace: float) -> None:
+async def _serve(make_service, name: str, grace: float) -> None:
+    """Build the service inside the running loop (grpc.aio servers bind to the loop they are made in)."""
     from .launcher import announce_ready
 
+    service = make_service()
     port = await service.start()
     announce_ready(name, port)
     logging.getLogger("coolfusion").info("%s serving on port %d", name, port)
@@ -58,7 +60,7 @@ def cmd_tokenizer(args) -> int:
     from ..services.tokenizer.server import build_service
 
     registry = load_registry(args.models)
-    asyncio.run(_serve(build_service(registry, _bind(args.host, args.port)), "tokenizer", args.grace))
+    asyncio.run(_serve(lambda: build_service(registry, _bind(args.host, args.port)), "tokenizer", args.grace))
     return 0
 
 
@@ -69,8 +71,10 @@ def cmd_worker(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    service = build_service(args.model, args.tokenizer_service, _bind(args.host, args.port), device=args.device)
-    asyncio.run(_serve(service, "worker", args.grace))
+    address = _bind(args.host, args.port)
+    asyncio.run(
+        _serve(lambda: build_service(args.model, args.tokenizer_service, address, device=args.device), "worker", args.grace)
+    )
     return 0
 
 
@@ -83,8 +87,10 @@ def cmd_orchestrator(args) -> int:
         if not sep or not name or not address:
             raise SystemExit(f"--worker takes NAME=HOST:PORT, got {item!r}")
         workers[name] = address
-    service, _ = build_service(workers, _bind(args.host, args.port), max_concurrent=args.max_concurrent)
-    asyncio.run(_serve(service, "orchestrator", args.grace))
+    address = _bind(args.host, args.port)
+    asyncio.run(
+        _serve(lambda: build_service(workers, address, max_concurrent=args.max_concurrent)[0], "orchestrator", args.grace)
+    )
     return 0
 
 
