@@ -6,6 +6,11 @@
     coolfusion worker --model NAME[=SOURCE] --tokenizer-service ADDR [--port N]
     coolfusion orchestrator --worker NAME=ADDR ... [--port N]
     coolfusion healthcheck ADDR [--service NAME]
+    coolfusion drain ADDR [--min-wait S] [--timeout S]   worker preStop hook (Kubernetes)
+
+Service flags fall back to env vars (containers): COOLFUSION_HOST/PORT, tokenizer
+COOLFUSION_MODELS, worker COOLFUSION_MODEL/TOKENIZER/DEVICE/THREADS, orchestrator
+COOLFUSION_WORKERS="a=host:port,b=dns:///svc:50052".
 """
 
 from __future__ import annotations
@@ -81,17 +86,53 @@ def cmd_worker(args) -> int:
 def cmd_orchestrator(args) -> int:
     from ..orchestrator.server import build_service
 
+    from ..orchestrator.workers import parse_worker_target
+
     workers = {}
-    for item in args.worker:
+    items = args.worker or _models_arg(os.environ.get("COOLFUSION_WORKERS", ""))
+    if not items:
+        raise SystemExit("give --worker NAME=HOST:PORT (repeatable) or COOLFUSION_WORKERS=NAME=HOST:PORT,...")
+    for item in items:
         name, sep, address = item.partition("=")
         if not sep or not name or not address:
-            raise SystemExit(f"--worker takes NAME=HOST:PORT, got {item!r}")
+            raise SystemExit(f"--worker takes NAME=HOST:PORT, NAME=ADDR1|ADDR2 or NAME=dns:///HOST:PORT, got {item!r}")
+        try:
+            parse_worker_target(address)
+        except ValueError as exc:
+            raise SystemExit(f"--worker {item!r}: {exc}") from None
         workers[name] = address
     address = _bind(args.host, args.port)
     asyncio.run(
         _serve(lambda: build_service(workers, address, max_concurrent=args.max_concurrent)[0], "orchestrator", args.grace)
     )
     return 0
+
+
+def cmd_drain(args) -> int:
+    """Kubernetes preStop hook of a worker: wait at least --min-wait seconds (orchestrators
+    re-resolve the headless Service and stop opening sessions here), then until the worker has
+    no live session or --timeout passes; the SIGTERM that follows stops the server."""
+    import grpc
+
+    from coolfusion.protos import worker_pb2, worker_pb2_grpc
+
+    started = time.monotonic()
+    with grpc.insecure_channel(args.address) as channel:
+        stub = worker_pb2_grpc.ModelWorkerStub(channel)
+        while True:
+            elapsed = time.monotonic() - started
+            try:
+                live = stub.Info(worker_pb2.InfoRequest(), timeout=5.0).live_sessions
+            except grpc.RpcError as exc:
+                print(f"drain: worker unreachable ({exc.code().name}); done", file=sys.stderr)
+                return 0
+            if elapsed >= args.min_wait and live == 0:
+                print(f"drain: no live sessions after {elapsed:.0f} s", file=sys.stderr)
+                return 0
+            if elapsed >= args.timeout:
+                print(f"drain: {live} sessions still live after {elapsed:.0f} s; giving up", file=sys.stderr)
+                return 0
+            time.sleep(1.0)
 
 
 def cmd_healthcheck(args) -> int:
@@ -359,24 +400,32 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("tokenizer", help="run the tokenizer service")
-    t.add_argument("--models", default=defaults)
+    t.add_argument("--models", default=os.environ.get("COOLFUSION_MODELS") or defaults)
     t.add_argument("--host", default=os.environ.get("COOLFUSION_HOST", "127.0.0.1"))
     t.add_argument("--port", type=int, default=int(os.environ.get("COOLFUSION_PORT", 50050)))
     t.add_argument("--grace", type=float, default=5.0)
     t.set_defaults(func=cmd_tokenizer)
 
     w = sub.add_parser("worker", help="run one model worker")
-    w.add_argument("--model", required=True, help="bundled name or NAME=SOURCE")
-    w.add_argument("--tokenizer-service", required=True, help="HOST:PORT of the tokenizer service")
+    env_model, env_tok = os.environ.get("COOLFUSION_MODEL"), os.environ.get("COOLFUSION_TOKENIZER")
+    w.add_argument("--model", required=not env_model, default=env_model, help="bundled name or NAME=SOURCE ($COOLFUSION_MODEL)")
+    w.add_argument(
+        "--tokenizer-service", required=not env_tok, default=env_tok, help="HOST:PORT of the tokenizer service ($COOLFUSION_TOKENIZER)"
+    )
     w.add_argument("--host", default=os.environ.get("COOLFUSION_HOST", "127.0.0.1"))
     w.add_argument("--port", type=int, default=int(os.environ.get("COOLFUSION_PORT", 50052)))
-    w.add_argument("--device")
-    w.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    w.add_argument("--device", default=os.environ.get("COOLFUSION_DEVICE") or None)
+    w.add_argument("--threads", type=int, default=int(os.environ.get("COOLFUSION_THREADS", 0)), help="torch threads (0: torch default)")
     w.add_argument("--grace", type=float, default=10.0)
     w.set_defaults(func=cmd_worker)
 
     o = sub.add_parser("orchestrator", help="run the public Fusion service")
-    o.add_argument("--worker", action="append", required=True, help="NAME=HOST:PORT, in tie-break order")
+    o.add_argument(
+        "--worker",
+        action="append",
+        help="NAME=HOST:PORT | NAME=ADDR1|ADDR2 (replicas) | NAME=dns:///HOST:PORT (headless Service), "
+        "in tie-break order (default: $COOLFUSION_WORKERS, comma-separated)",
+    )
     o.add_argument("--host", default=os.environ.get("COOLFUSION_HOST", "127.0.0.1"))
     o.add_argument("--port", type=int, default=int(os.environ.get("COOLFUSION_PORT", 50051)))
     o.add_argument("--max-concurrent", type=int, default=16)
@@ -396,6 +445,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--models", default=defaults)
     e.add_argument("--device")
     e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("drain", help="preStop hook: wait until the worker at ADDR has no live session")
+    d.add_argument("address")
+    d.add_argument("--min-wait", type=float, default=15.0, help="seconds to wait in any case (DNS re-resolution)")
+    d.add_argument("--timeout", type=float, default=300.0)
+    d.set_defaults(func=cmd_drain)
 
     h = sub.add_parser("healthcheck", help="exit 0 when the service at ADDR is SERVING")
     h.add_argument("address")

@@ -13,7 +13,7 @@ from coolfusion.protos import fusion_pb2_grpc as pb_grpc
 from ..services.common.errors import InvalidArgument
 from ..services.common.server import GrpcService
 from .fusion import MODES, CandidateReport, Final, FusionEngine, FusionRequest, Segment
-from .workers import RemoteWorker
+from .workers import make_worker
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Fusion"].full_name
@@ -194,8 +194,11 @@ class FusionServicer(pb_grpc.FusionServicer):
 def build_service(
     workers: dict[str, str], address: str = "127.0.0.1:0", limits: Limits | None = None, max_concurrent: int = 16
 ) -> tuple[GrpcService, FusionEngine]:
-    """Fusion service over remote workers given as {model name: address}, in config order."""
-    engine = FusionEngine([RemoteWorker(name, addr) for name, addr in workers.items()])
+    """Fusion service over remote workers given as {model name: address}, in config order.
+
+    An address is ``HOST:PORT``, ``ADDR1|ADDR2|...`` (replicas) or ``dns:///HOST:PORT`` (replicas
+    from a headless Service's DNS records); see ``workers.make_worker``."""
+    engine = FusionEngine([make_worker(name, addr) for name, addr in workers.items()])
     servicer = FusionServicer(engine, limits, max_concurrent)
     service = GrpcService(lambda server: pb_grpc.add_FusionServicer_to_server(servicer, server), [SERVICE_NAME], address)
     return service, engine
