@@ -102,9 +102,10 @@ def cmd_orchestrator(args) -> int:
             raise SystemExit(f"--worker {item!r}: {exc}") from None
         workers[name] = address
     address = _bind(args.host, args.port)
-    asyncio.run(
-        _serve(lambda: build_service(workers, address, max_concurrent=args.max_concurrent)[0], "orchestrator", args.grace)
-    )
+    def make():
+        return build_service(workers, address, max_concurrent=args.max_concurrent, max_queue=args.max_queue)[0]
+
+    asyncio.run(_serve(make, "orchestrator", args.grace))
     return 0
 
 
@@ -428,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--host", default=os.environ.get("COOLFUSION_HOST", "127.0.0.1"))
     o.add_argument("--port", type=int, default=int(os.environ.get("COOLFUSION_PORT", 50051)))
-    o.add_argument("--max-concurrent", type=int, default=16)
+    o.add_argument("--max-concurrent", type=int, default=16, help="generations running at once")
+    o.add_argument("--max-queue", type=int, default=64, help="generations waiting; beyond: RESOURCE_EXHAUSTED")
     o.add_argument("--grace", type=float, default=30.0)
     o.set_defaults(func=cmd_orchestrator)
 

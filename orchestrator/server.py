@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 from coolfusion.protos import fusion_pb2 as pb
 from coolfusion.protos import fusion_pb2_grpc as pb_grpc
 
-from ..services.common.errors import InvalidArgument
+from ..services.common.errors import InvalidArgument, ResourceExhausted
 from ..services.common.server import GrpcService
 from .fusion import MODES, CandidateReport, Final, FusionEngine, FusionRequest, Segment
 from .workers import make_worker
@@ -115,16 +116,49 @@ def final_to_proto(f: Final) -> pb.FinalInfo:
     )
 
 
+class Admission:
+    """At most ``max_concurrent`` generations run and ``max_queue`` wait; beyond that a request
+    is refused at once with RESOURCE_EXHAUSTED instead of waiting without bound."""
+
+    def __init__(self, max_concurrent: int = 16, max_queue: int = 64):
+        self.max_concurrent = max_concurrent
+        self.max_queue = max_queue
+        self.slots = asyncio.Semaphore(max_concurrent)
+        self.waiting = 0
+        self.running = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        if self.running >= self.max_concurrent and self.waiting >= self.max_queue:
+            raise ResourceExhausted(
+                f"server busy: {self.running} generations running and {self.waiting} queued (limits "
+                f"{self.max_concurrent}/{self.max_queue}); retry later"
+            )
+        self.waiting += 1
+        try:
+            await self.slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+            self.slots.release()
+
+
 class FusionServicer(pb_grpc.FusionServicer):
-    def __init__(self, engine: FusionEngine, limits: Limits | None = None, max_concurrent: int = 16):
+    def __init__(
+        self, engine: FusionEngine, limits: Limits | None = None, max_concurrent: int = 16, max_queue: int = 64
+    ):
         self.engine = engine
         self.limits = limits or Limits()
-        self.slots = asyncio.Semaphore(max_concurrent)
+        self.admission = Admission(max_concurrent, max_queue)
 
     async def _run(self, request: pb.GenerateRequest):
         fusion_request = request_from_proto(request, self.limits)
         self.engine.resolve(fusion_request)  # unknown model/mode fail before any work
-        async with self.slots:
+        async with self.admission.slot():
             async for item in self.engine.generate(fusion_request):
                 yield item
 
@@ -160,7 +194,7 @@ class FusionServicer(pb_grpc.FusionServicer):
         fusion_request = request_from_proto(proxy, self.limits)
         _, names = self.engine.resolve(fusion_request)
         eos = list(request.eos) or [False] * len(request.texts)
-        async with self.slots:
+        async with self.admission.slot():
             ppls = await self.engine.score_texts(fusion_request, names, list(zip(request.texts, eos)))
         return pb.ScoreResponse(
             scores=[

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from coolfusion.services.worker.model import WorkerCore
 from coolfusion.services.worker.server import SERVICE_NAME as WORKER_SERVICE, WorkerServicer
 from coolfusion.protos import worker_pb2_grpc
 
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+# The data lives beside the checkout (../shared/data/gsm8k), never in the repo.
+GSM8K = Path(os.environ.get("COOLFUSION_GSM8K_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"))
 
 
 def gsm8k_rows(split: str, n: int, start: int = 0) -> list[dict]:
