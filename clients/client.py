@@ -17,6 +17,7 @@ import grpc
 from coolfusion.protos import fusion_pb2 as pb
 from coolfusion.protos import fusion_pb2_grpc as pb_grpc
 
+from ..services.common.security import ClientTls, aio_channel, sync_channel, token_metadata
 from ..services.common.server import CHANNEL_OPTIONS
 
 
@@ -44,10 +45,13 @@ def build_request(
 
 
 class FusionClient:
-    def __init__(self, address: str, timeout: float | None = None):
+    """``tls``/``token`` default to COOLFUSION_TLS_CA (+ client cert/key) and COOLFUSION_AUTH_TOKEN."""
+
+    def __init__(self, address: str, timeout: float | None = None, tls: ClientTls | None = None, token: str | None = None):
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = aio_channel(address, CHANNEL_OPTIONS, tls)
+        self.metadata = token_metadata(token)
         self.stub = pb_grpc.FusionStub(self.channel)
 
     async def __aenter__(self) -> "FusionClient":
@@ -63,11 +67,15 @@ class FusionClient:
         await asyncio.wait_for(self.channel.channel_ready(), timeout)
 
     async def generate(self, prompt: str | None = None, messages=None, **options) -> pb.GenerateResponse:
-        return await self.stub.Generate(build_request(prompt, messages, **options), timeout=self.timeout)
+        return await self.stub.Generate(
+            build_request(prompt, messages, **options), timeout=self.timeout, metadata=self.metadata
+        )
 
     async def stream_raw(self, prompt: str | None = None, messages=None, **options) -> AsyncIterator[pb.GenerateStreamResponse]:
         """Every stream message: segments, then the final one."""
-        call = self.stub.GenerateStream(build_request(prompt, messages, **options), timeout=self.timeout)
+        call = self.stub.GenerateStream(
+            build_request(prompt, messages, **options), timeout=self.timeout, metadata=self.metadata
+        )
         async for item in call:
             yield item
 
@@ -77,7 +85,7 @@ class FusionClient:
                 yield item.segment
 
     async def list_models(self) -> pb.ListModelsResponse:
-        return await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)
+        return await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata)
 
     async def score(
         self, prompt: str | None, texts: Sequence[str], messages=None, models: Sequence[str] = (), eos: Sequence[bool] = ()
@@ -89,26 +97,30 @@ class FusionClient:
             models=list(models),
             eos=list(eos),
         )
-        return await self.stub.Score(request, timeout=self.timeout)
+        return await self.stub.Score(request, timeout=self.timeout, metadata=self.metadata)
 
 
 class SyncFusionClient:
     """Blocking wrapper for scripts; not for use inside a running event loop."""
 
-    def __init__(self, address: str, timeout: float | None = None):
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    def __init__(self, address: str, timeout: float | None = None, tls: ClientTls | None = None, token: str | None = None):
+        self.channel = sync_channel(address, CHANNEL_OPTIONS, tls)
+        self.metadata = token_metadata(token)
         self.stub = pb_grpc.FusionStub(self.channel)
         self.timeout = timeout
 
     def generate(self, prompt: str | None = None, messages=None, **options) -> pb.GenerateResponse:
-        return self.stub.Generate(build_request(prompt, messages, **options), timeout=self.timeout)
+        return self.stub.Generate(
+            build_request(prompt, messages, **options), timeout=self.timeout, metadata=self.metadata
+        )
 
     def stream(self, prompt: str | None = None, messages=None, **options):
-        for item in self.stub.GenerateStream(build_request(prompt, messages, **options), timeout=self.timeout):
+        request = build_request(prompt, messages, **options)
+        for item in self.stub.GenerateStream(request, timeout=self.timeout, metadata=self.metadata):
             yield item
 
     def list_models(self) -> pb.ListModelsResponse:
-        return self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout)
+        return self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()

@@ -226,13 +226,24 @@ class FusionServicer(pb_grpc.FusionServicer):
 
 
 def build_service(
-    workers: dict[str, str], address: str = "127.0.0.1:0", limits: Limits | None = None, max_concurrent: int = 16
+    workers: dict[str, str],
+    address: str = "127.0.0.1:0",
+    limits: Limits | None = None,
+    max_concurrent: int = 16,
+    max_queue: int = 64,
+    auth_tokens: list[str] | None = None,
 ) -> tuple[GrpcService, FusionEngine]:
     """Fusion service over remote workers given as {model name: address}, in config order.
 
     An address is ``HOST:PORT``, ``ADDR1|ADDR2|...`` (replicas) or ``dns:///HOST:PORT`` (replicas
-    from a headless Service's DNS records); see ``workers.make_worker``."""
+    from a headless Service's DNS records); see ``workers.make_worker``. With ``auth_tokens``
+    callers must send one as ``authorization: Bearer <token>``."""
     engine = FusionEngine([make_worker(name, addr) for name, addr in workers.items()])
-    servicer = FusionServicer(engine, limits, max_concurrent)
-    service = GrpcService(lambda server: pb_grpc.add_FusionServicer_to_server(servicer, server), [SERVICE_NAME], address)
+    servicer = FusionServicer(engine, limits, max_concurrent, max_queue)
+    service = GrpcService(
+        lambda server: pb_grpc.add_FusionServicer_to_server(servicer, server),
+        [SERVICE_NAME],
+        address,
+        auth_tokens=auth_tokens,
+    )
     return service, engine

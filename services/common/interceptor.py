@@ -9,16 +9,19 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import time
 
 import grpc
 
 from .errors import status_for
+from .metrics import LATENCY, REQUESTS
 
 log = logging.getLogger(__name__)
 
 
 async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception):
     code = status_for(exc)
+    REQUESTS.labels(method, code.name).inc()
     if code == grpc.StatusCode.INTERNAL:
         log.exception("%s failed", method)
         message = f"internal error in {method}: {type(exc).__name__}: {exc}"
@@ -41,12 +44,20 @@ class ExceptionToStatusInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary
 
             async def unary_unary(request, context):
+                started = time.perf_counter()
                 try:
-                    return await inner(request, context)
-                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    reply = await inner(request, context)
+                    REQUESTS.labels(method, "OK").inc()
+                    return reply
+                except asyncio.CancelledError:
+                    REQUESTS.labels(method, "CANCELLED").inc()
+                    raise
+                except grpc.aio.AbortError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - every error becomes a status
                     await _abort(context, method, exc)
+                finally:
+                    LATENCY.labels(method).observe(time.perf_counter() - started)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary_unary, handler.request_deserializer, handler.response_serializer
@@ -55,6 +66,7 @@ class ExceptionToStatusInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def unary_stream(request, context):
+                started = time.perf_counter()
                 try:
                     result = inner_stream(request, context)
                     if inspect.isasyncgen(result):
@@ -62,10 +74,16 @@ class ExceptionToStatusInterceptor(grpc.aio.ServerInterceptor):
                             yield item
                     else:
                         await result
-                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    REQUESTS.labels(method, "OK").inc()
+                except asyncio.CancelledError:
+                    REQUESTS.labels(method, "CANCELLED").inc()
+                    raise
+                except grpc.aio.AbortError:
                     raise
                 except Exception as exc:  # noqa: BLE001
                     await _abort(context, method, exc)
+                finally:
+                    LATENCY.labels(method).observe(time.perf_counter() - started)
 
             return grpc.unary_stream_rpc_method_handler(
                 unary_stream, handler.request_deserializer, handler.response_serializer

@@ -12,6 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .interceptor import ExceptionToStatusInterceptor
+from .security import BearerTokenInterceptor, ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +20,13 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+SERVER_OPTIONS = [
+    *CHANNEL_OPTIONS,
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
 ]
 
 
@@ -30,9 +38,17 @@ class GrpcService:
         register: Callable[[grpc.aio.Server], None],
         service_names: Iterable[str],
         address: str = "127.0.0.1:0",
+        tls: ServerTls | None = None,
+        auth_tokens: list[str] | None = None,
     ):
+        """``tls`` defaults to the COOLFUSION_TLS_* environment; ``auth_tokens`` (bearer tokens)
+        are checked before anything else when given."""
         self.address = address
-        self.server = grpc.aio.server(interceptors=[ExceptionToStatusInterceptor()], options=CHANNEL_OPTIONS)
+        self.tls = tls if tls is not None else ServerTls.from_env()
+        interceptors = [ExceptionToStatusInterceptor()]
+        if auth_tokens:
+            interceptors.insert(0, BearerTokenInterceptor(auth_tokens))
+        self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         register(self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -44,7 +60,10 @@ class GrpcService:
         self.port: int | None = None
 
     async def start(self) -> int:
-        self.port = self.server.add_insecure_port(self.address)
+        if self.tls is not None:
+            self.port = self.server.add_secure_port(self.address, self.tls.credentials())
+        else:
+            self.port = self.server.add_insecure_port(self.address)
         if not self.port:
             raise OSError(f"could not bind {self.address}")
         await self.server.start()

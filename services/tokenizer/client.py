@@ -9,6 +9,7 @@ import grpc
 from coolfusion.protos import tokenizer_pb2 as pb
 from coolfusion.protos import tokenizer_pb2_grpc as pb_grpc
 
+from ..common.security import sync_channel
 from ..common.server import CHANNEL_OPTIONS
 
 
@@ -16,7 +17,7 @@ class TokenizerClient:
     def __init__(self, address: str, timeout: float = 10.0):
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = sync_channel(address, CHANNEL_OPTIONS)  # TLS from COOLFUSION_TLS_* when set
         self.stub = pb_grpc.TokenizerServiceStub(self.channel)
 
     def wait_ready(self, timeout: float = 60.0) -> None:

@@ -1,0 +1,139 @@
+"""TLS, mutual TLS and bearer-token auth on real servers over loopback; admission control."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from coolfusion.clients.client import FusionClient
+from coolfusion.orchestrator.server import Admission, build_service as build_orchestrator
+from coolfusion.protos import tokenizer_pb2 as tpb
+from coolfusion.protos import tokenizer_pb2_grpc as tpb_grpc
+from coolfusion.services.common.errors import ResourceExhausted
+from coolfusion.services.common.security import ClientTls, ServerTls, aio_channel
+from coolfusion.services.common.server import CHANNEL_OPTIONS
+from coolfusion.services.tokenizer.server import build_service as build_tokenizer_service
+
+
+def _openssl(*args: str, cwd) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1/localhost, and a client certificate; plus a stranger CA."""
+    d = tmp_path_factory.mktemp("pki")
+    for ca in ("ca", "other-ca"):
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={ca}",
+                 "-keyout", f"{ca}.key", "-out", f"{ca}.pem", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name, ca, ext in (("server", "ca", ["-extfile", "san.ext"]), ("client", "ca", []), ("rogue", "other-ca", [])):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+                 "-out", f"{name}.csr", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+                 "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", *ext, cwd=d)
+    return d
+
+
+async def _list(address: str, tls: ClientTls | None):
+    channel = aio_channel(address, CHANNEL_OPTIONS, tls) if tls else grpc.aio.insecure_channel(address)
+    try:
+        stub = tpb_grpc.TokenizerServiceStub(channel)
+        return await stub.ListTokenizers(tpb.ListTokenizersRequest(), timeout=5)
+    finally:
+        await channel.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def mtls_service(pki, tokenizer_registry):
+    tls = ServerTls(str(pki / "server.pem"), str(pki / "server.key"), client_ca_file=str(pki / "ca.pem"))
+    service = build_tokenizer_service(tokenizer_registry)
+    service.tls = tls
+    port = await service.start()
+    yield f"127.0.0.1:{port}"
+    await service.stop(0)
+
+
+async def test_mtls_accepts_the_right_client_certificate(pki, mtls_service):
+    reply = await _list(mtls_service, ClientTls(str(pki / "ca.pem"), str(pki / "client.pem"), str(pki / "client.key")))
+    assert {t.id for t in reply.tokenizers} == {"smollm2", "gemma3"}
+
+
+@pytest.mark.parametrize(
+    "client",
+    [
+        "no-certificate",
+        "certificate-from-another-ca",
+        "plaintext",
+    ],
+)
+async def test_mtls_refuses_other_clients(pki, mtls_service, client):
+    tls = {
+        "no-certificate": ClientTls(str(pki / "ca.pem")),
+        "certificate-from-another-ca": ClientTls(str(pki / "ca.pem"), str(pki / "rogue.pem"), str(pki / "rogue.key")),
+        "plaintext": None,
+    }[client]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await _list(mtls_service, tls)
+    assert info.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED)
+
+
+async def test_tls_server_rejects_a_client_that_trusts_another_ca(pki, tokenizer_registry):
+    service = build_tokenizer_service(tokenizer_registry)
+    service.tls = ServerTls(str(pki / "server.pem"), str(pki / "server.key"))
+    port = await service.start()
+    try:
+        ok = await _list(f"127.0.0.1:{port}", ClientTls(str(pki / "ca.pem")))
+        assert len(ok.tokenizers) == 2
+        with pytest.raises(grpc.aio.AioRpcError):
+            await _list(f"127.0.0.1:{port}", ClientTls(str(pki / "other-ca.pem")))
+    finally:
+        await service.stop(0)
+
+
+async def test_bearer_token_on_the_fusion_service(cluster):
+    service, _ = build_orchestrator(
+        {"smollm2": cluster.worker_addresses["smollm2"]}, auth_tokens=["s3cret", "other"]
+    )
+    port = await service.start()
+    address = f"127.0.0.1:{port}"
+    try:
+        for token in (None, "", "wrong"):
+            async with FusionClient(address, token=token or "") as client:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await client.generate("1, 2, 3,", mode="single:smollm2", max_new_tokens=2)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    async for _ in client.stream("1, 2,", mode="single:smollm2", max_new_tokens=2):
+                        pass
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        async with FusionClient(address, token="s3cret") as client:
+            reply = await client.generate("1, 2, 3,", mode="single:smollm2", max_new_tokens=2)
+            assert reply.text
+    finally:
+        await service.stop(0)
+
+
+async def test_admission_refuses_at_once_beyond_running_plus_queue():
+    admission = Admission(max_concurrent=1, max_queue=1)
+    release = asyncio.Event()
+
+    async def hold():
+        async with admission.slot():
+            await release.wait()
+
+    running = asyncio.create_task(hold())
+    await asyncio.sleep(0)
+    queued = asyncio.create_task(hold())
+    await asyncio.sleep(0)
+    assert (admission.running, admission.waiting) == (1, 1)
+    with pytest.raises(ResourceExhausted, match="server busy"):
+        async with admission.slot():
+            pass
+    release.set()
+    await asyncio.gather(running, queued)
+    assert (admission.running, admission.waiting) == (0, 0)
