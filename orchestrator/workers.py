@@ -25,6 +25,7 @@ from coolfusion.protos import worker_pb2 as pb
 from coolfusion.protos import worker_pb2_grpc as pb_grpc
 
 from ..services.common.errors import NotFound, Unavailable
+from ..services.common.security import aio_channel
 from ..services.common.server import CHANNEL_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ class Proposal:
     finish: str
     generated_tokens: int
     lookahead: str = ""
+    reused_tokens: int = 0  # replayed from kept lookahead (no forward)
+    boundary_s: float = 0.0  # worker time in boundary checks
+    compute_s: float = 0.0  # worker time otherwise
 
 
 @dataclass
@@ -57,12 +61,20 @@ class Score:
     token_ids: list[int]
     logprobs: list[float]
     ppl: float
+    reused: bool = False  # the generation's own log-probs, no forward
+
+
+class Scores(list):
+    """A score call's rows; ``compute_s``: the worker's time in the call."""
+
+    compute_s: float = 0.0
 
 
 @dataclass
 class Committed:
     committed_tokens: int
     committed_text: str
+    compute_s: float = 0.0
 
 
 @dataclass
@@ -82,6 +94,8 @@ class WorkerHandle(Protocol):
 
     async def info(self) -> WorkerInfo: ...
     async def open(self, prompt: str | None, messages: list[dict] | None) -> Opened: ...
+    # Optional keywords (performance switches): next_text(..., reuse_lookahead=None),
+    # score(..., own_state_id="").
     async def next_text(self, session_id: str, boundary_tokenizer_ids: Sequence[str], max_tokens: int) -> Proposal: ...
     async def score(self, session_id: str, candidates: Sequence[tuple[str, bool]]) -> list[Score]: ...
     async def update_state(self, session_id: str, state_id: str) -> Committed: ...
@@ -95,7 +109,7 @@ class RemoteWorker:
         self.name = name
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = aio_channel(address, CHANNEL_OPTIONS)  # TLS/mTLS from COOLFUSION_TLS_* when set
         self.stub = pb_grpc.ModelWorkerStub(self.channel)
         self.throttler = Throttler(rate_limit=rate_limit, period=1.0)
 
@@ -119,29 +133,42 @@ class RemoteWorker:
         r = await self._call(self.stub.Open, request)
         return Opened(r.session_id, r.context_tokens, r.context_text)
 
-    async def next_text(self, session_id: str, boundary_tokenizer_ids: Sequence[str], max_tokens: int) -> Proposal:
+    async def next_text(
+        self, session_id: str, boundary_tokenizer_ids: Sequence[str], max_tokens: int, reuse_lookahead: bool | None = None
+    ) -> Proposal:
         r = await self._call(
             self.stub.NextText,
             pb.NextTextRequest(
-                session_id=session_id, boundary_tokenizer_ids=list(boundary_tokenizer_ids), max_tokens=max_tokens
+                session_id=session_id,
+                boundary_tokenizer_ids=list(boundary_tokenizer_ids),
+                max_tokens=max_tokens,
+                reuse_lookahead=reuse_lookahead,
             ),
         )
         return Proposal(
-            r.state_id, r.text, list(r.token_ids), list(r.logprobs), r.eos, r.finish, r.generated_tokens, r.lookahead
+            r.state_id, r.text, list(r.token_ids), list(r.logprobs), r.eos, r.finish, r.generated_tokens, r.lookahead,
+            r.reused_tokens, r.boundary_s, r.compute_s,
         )
 
-    async def score(self, session_id: str, candidates: Sequence[tuple[str, bool]]) -> list[Score]:
+    async def score(self, session_id: str, candidates: Sequence[tuple[str, bool]], own_state_id: str = "") -> list[Score]:
         r = await self._call(
             self.stub.ScoreCandidates,
             pb.ScoreCandidatesRequest(
-                session_id=session_id, candidates=[pb.CandidateText(text=t, eos=e) for t, e in candidates]
+                session_id=session_id,
+                candidates=[pb.CandidateText(text=t, eos=e) for t, e in candidates],
+                own_state_id=own_state_id,
             ),
         )
-        return [Score(s.state_id, list(s.token_ids), list(s.logprobs), s.ppl if s.token_ids else math.inf) for s in r.scores]
+        scores = Scores(
+            Score(s.state_id, list(s.token_ids), list(s.logprobs), s.ppl if s.token_ids else math.inf, s.reused)
+            for s in r.scores
+        )
+        scores.compute_s = r.compute_s
+        return scores
 
     async def update_state(self, session_id: str, state_id: str) -> Committed:
         r = await self._call(self.stub.UpdateState, pb.UpdateStateRequest(session_id=session_id, state_id=state_id))
-        return Committed(r.committed_tokens, r.committed_text)
+        return Committed(r.committed_tokens, r.committed_text, r.compute_s)
 
     async def close(self, session_id: str) -> None:
         await self._call(self.stub.Close, pb.CloseRequest(session_id=session_id))
@@ -320,11 +347,13 @@ class ReplicatedWorker:
         self._resolved_at = -math.inf  # look the replicas up again next time
         raise error  # type: ignore[misc]
 
-    async def next_text(self, session_id: str, boundary_tokenizer_ids: Sequence[str], max_tokens: int) -> Proposal:
-        return await self._clients[self.replica_of(session_id)].next_text(session_id, boundary_tokenizer_ids, max_tokens)
+    async def next_text(self, session_id: str, boundary_tokenizer_ids: Sequence[str], max_tokens: int, **options) -> Proposal:
+        return await self._clients[self.replica_of(session_id)].next_text(
+            session_id, boundary_tokenizer_ids, max_tokens, **options
+        )
 
-    async def score(self, session_id: str, candidates: Sequence[tuple[str, bool]]) -> list[Score]:
-        return await self._clients[self.replica_of(session_id)].score(session_id, candidates)
+    async def score(self, session_id: str, candidates: Sequence[tuple[str, bool]], **options) -> list[Score]:
+        return await self._clients[self.replica_of(session_id)].score(session_id, candidates, **options)
 
     async def update_state(self, session_id: str, state_id: str) -> Committed:
         return await self._clients[self.replica_of(session_id)].update_state(session_id, state_id)
