@@ -49,10 +49,12 @@ def _bind(host: str, port: int) -> str:
 
 
 # ---- service entry points --------------------------------------------------------------------
-async def _serve(make_service, name: str, grace: float) -> None:
+async def _serve(make_service, name: str, grace: float, metrics_port: int = 0) -> None:
     """Build the service inside the running loop (grpc.aio servers bind to the loop they are made in)."""
+    from ..services.common.metrics import start_metrics_server
     from .launcher import announce_ready
 
+    start_metrics_server(metrics_port)
     service = make_service()
     port = await service.start()
     announce_ready(name, port)
@@ -65,7 +67,9 @@ def cmd_tokenizer(args) -> int:
     from ..services.tokenizer.server import build_service
 
     registry = load_registry(args.models)
-    asyncio.run(_serve(lambda: build_service(registry, _bind(args.host, args.port)), "tokenizer", args.grace))
+    asyncio.run(
+        _serve(lambda: build_service(registry, _bind(args.host, args.port)), "tokenizer", args.grace, args.metrics_port)
+    )
     return 0
 
 
@@ -77,9 +81,11 @@ def cmd_worker(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     address = _bind(args.host, args.port)
-    asyncio.run(
-        _serve(lambda: build_service(args.model, args.tokenizer_service, address, device=args.device), "worker", args.grace)
-    )
+
+    def make():
+        return build_service(args.model, args.tokenizer_service, address, device=args.device)
+
+    asyncio.run(_serve(make, "worker", args.grace, args.metrics_port))
     return 0
 
 
@@ -103,9 +109,14 @@ def cmd_orchestrator(args) -> int:
         workers[name] = address
     address = _bind(args.host, args.port)
     def make():
-        return build_service(workers, address, max_concurrent=args.max_concurrent, max_queue=args.max_queue)[0]
+        from ..services.common.security import tokens_from_env
 
-    asyncio.run(_serve(make, "orchestrator", args.grace))
+        tokens = args.auth_token or tokens_from_env()
+        return build_service(
+            workers, address, max_concurrent=args.max_concurrent, max_queue=args.max_queue, auth_tokens=tokens
+        )[0]
+
+    asyncio.run(_serve(make, "orchestrator", args.grace, args.metrics_port))
     return 0
 
 
@@ -429,10 +440,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--host", default=os.environ.get("COOLFUSION_HOST", "127.0.0.1"))
     o.add_argument("--port", type=int, default=int(os.environ.get("COOLFUSION_PORT", 50051)))
+    o.add_argument(
+        "--auth-token", action="append", help="bearer token callers must send (repeatable; env COOLFUSION_AUTH_TOKENS)"
+    )
     o.add_argument("--max-concurrent", type=int, default=16, help="generations running at once")
     o.add_argument("--max-queue", type=int, default=64, help="generations waiting; beyond: RESOURCE_EXHAUSTED")
     o.add_argument("--grace", type=float, default=30.0)
     o.set_defaults(func=cmd_orchestrator)
+
+    for service_parser in (t, w, o):
+        service_parser.add_argument(
+            "--metrics-port",
+            type=int,
+            default=int(os.environ.get("COOLFUSION_METRICS_PORT", 0)),
+            help="serve Prometheus /metrics on this HTTP port (0: off)",
+        )
 
     e = sub.add_parser("eval", help="evaluate modes on a benchmark (paper Table 3 protocol)")
     e.add_argument("task", choices=["gsm8k"])
@@ -459,6 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--service", default="")
     h.add_argument("--timeout", type=float, default=5.0)
     h.set_defaults(func=cmd_healthcheck)
+
+    from .bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 

@@ -12,6 +12,7 @@ from coolfusion.protos import fusion_pb2 as pb
 from coolfusion.protos import fusion_pb2_grpc as pb_grpc
 
 from ..services.common.errors import InvalidArgument, ResourceExhausted
+from ..services.common.metrics import SEGMENTS, TOKENS
 from ..services.common.server import GrpcService
 from .fusion import MODES, CandidateReport, Final, FusionEngine, FusionRequest, Segment
 from .workers import make_worker
@@ -160,6 +161,11 @@ class FusionServicer(pb_grpc.FusionServicer):
         self.engine.resolve(fusion_request)  # unknown model/mode fail before any work
         async with self.admission.slot():
             async for item in self.engine.generate(fusion_request):
+                if isinstance(item, Segment):
+                    SEGMENTS.labels(item.model).inc()
+                else:
+                    for model, usage in item.usage.items():
+                        TOKENS.labels(model).inc(usage.generated_tokens)
                 yield item
 
     async def GenerateStream(self, request, context):

@@ -1,0 +1,40 @@
+"""Prometheus metrics over HTTP, counted by the interceptor and the Fusion service."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+
+import grpc
+import pytest
+
+from coolfusion.clients.client import FusionClient
+from coolfusion.services.common.metrics import start_metrics_server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _value(text: str, prefix: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+
+async def test_metrics_count_requests_errors_and_segments(cluster):
+    port = start_metrics_server(_free_port(), "127.0.0.1")
+    scrape = lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()  # noqa: E731
+    before = scrape()
+    async with FusionClient(cluster.address) as client:
+        reply = await client.generate("1, 2, 3,", mode="single:smollm2", max_new_tokens=4)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await client.generate("1, 2, 3,", mode="nonsense")
+    after = scrape()
+    ok = 'coolfusion_requests_total{code="OK",method="/coolfusion.v1.Fusion/Generate"}'
+    bad = 'coolfusion_requests_total{code="INVALID_ARGUMENT",method="/coolfusion.v1.Fusion/Generate"}'
+    assert _value(after, ok) == _value(before, ok) + 1
+    assert _value(after, bad) == _value(before, bad) + 1
+    seg = 'coolfusion_segments_total{model="smollm2"}'
+    assert _value(after, seg) == _value(before, seg) + len(reply.segments)
+    assert 'coolfusion_request_seconds_bucket{le="0.005",method="/coolfusion.v1.ModelWorker/NextText"}' in after
