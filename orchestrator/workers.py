@@ -115,7 +115,13 @@ class RemoteWorker:
 
     async def _call(self, method, request):
         async with self.throttler:
-            return await method(request, timeout=self.timeout)
+            try:
+                return await method(request, timeout=self.timeout)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    # Name the worker: "connection refused" alone does not say which model is down.
+                    raise Unavailable(f"worker {self.name} at {self.address} is unavailable: {exc.details()}") from exc
+                raise
 
     async def info(self) -> WorkerInfo:
         r = await self._call(self.stub.Info, pb.InfoRequest())
@@ -336,10 +342,8 @@ class ReplicatedWorker:
         for address in self._order(active):
             try:
                 opened = await self._clients[address].open(prompt, messages)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                log.warning("worker %s: replica %s unavailable (%s); trying another", self.name, address, exc.details())
+            except Unavailable as exc:
+                log.warning("worker %s: replica %s unavailable (%s); trying another", self.name, address, exc)
                 error = exc
                 continue
             self._sessions[opened.session_id] = address

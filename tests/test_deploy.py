@@ -38,7 +38,7 @@ from coolfusion.orchestrator.workers import (
     make_worker,
     parse_worker_target,
 )
-from coolfusion.services.common.errors import NotFound
+from coolfusion.services.common.errors import NotFound, Unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -559,7 +559,7 @@ class FakeReplica:
 
     async def open(self, prompt, messages):
         if self.address in self.down:
-            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "down")
+            raise Unavailable(f"worker {self.name} at {self.address} is unavailable: down")  # as RemoteWorker raises
         sid = f"{self.address}/{len(self.log)}"
         self.sessions.add(sid)
         self.log.append(("open", self.address, sid))
@@ -635,7 +635,7 @@ async def test_replicated_worker_spreads_pins_and_follows_dns():
     for _ in range(3):
         assert w.replica_of((await w.open("p", None)).session_id) == "10.0.0.2:50052"
     down.add("10.0.0.2:50052")
-    with pytest.raises(grpc.aio.AioRpcError):
+    with pytest.raises(Unavailable, match="is unavailable"):
         await w.open("p", None)
 
     # DNS with no record: a clear UNAVAILABLE.

@@ -22,6 +22,9 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # A restarted worker is reached again within seconds, not after grpc's 2-minute max backoff.
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 3_000),
 ]
 SERVER_OPTIONS = [
     *CHANNEL_OPTIONS,
