@@ -36,6 +36,53 @@ from .workers import Proposal, Score, WorkerHandle
 MODES = ("cool", "cool-noalign", "rerank", "cool-rerank", "single:<model>")
 
 
+@dataclass(frozen=True)
+class FusionOptions:
+    """Performance switches of the loop (issue 5). Every combination gives the same output.
+
+    1. ``reuse_own_logprobs``: a model scores its own candidate with the log-probs it computed
+       while generating it (when its tokens equal the candidate's encoding): no forward for that row.
+    2. ``skip_identical``: when every candidate is the same (text and eos), no scoring call at all;
+       each model commits its own NextText state (the PPLs reported come from the generation).
+    3. ``dedup_candidates``: each distinct candidate is sent for scoring once (one row per distinct
+       text in each worker's single batched forward).
+    4. ``reuse_lookahead``: the tokens a model generated past the boundary stay (KV, logits) for its
+       next NextText after it commits its own state, instead of being recomputed.
+    """
+
+    reuse_own_logprobs: bool = True
+    skip_identical: bool = True
+    dedup_candidates: bool = True
+    reuse_lookahead: bool = True
+
+    NAMES = ("reuse_own_logprobs", "skip_identical", "dedup_candidates", "reuse_lookahead")
+
+    @classmethod
+    def none(cls) -> "FusionOptions":
+        """The unoptimised loop (the paper's prototype protocol)."""
+        return cls(**{n: False for n in cls.NAMES})
+
+    @classmethod
+    def parse(cls, text: str) -> "FusionOptions":
+        """``all`` | ``none`` | comma-separated names to turn on, or ``-name`` to turn off from all."""
+        text = (text or "all").strip()
+        if text in ("all", ""):
+            return cls()
+        if text == "none":
+            return cls.none()
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        off = [t[1:] for t in items if t.startswith("-")]
+        on = [t for t in items if not t.startswith("-")]
+        unknown = [t for t in on + off if t not in cls.NAMES]
+        if unknown:
+            raise ValueError(f"unknown optimisation(s) {unknown}; known: {', '.join(cls.NAMES)}")
+        if on and off:
+            raise ValueError("give names to turn on, or -names to turn off, not both")
+        if on:
+            return cls(**{n: n in on for n in cls.NAMES})
+        return cls(**{n: n not in off for n in cls.NAMES})
+
+
 @dataclass
 class FusionRequest:
     prompt: str | None = None
@@ -45,6 +92,7 @@ class FusionRequest:
     max_new_tokens: int = 128
     stop: list[str] = field(default_factory=list)
     max_segment_tokens: int = 16
+    options: FusionOptions | None = None  # None: the engine's
 
 
 @dataclass
@@ -87,6 +135,16 @@ class Timings:
     generate_s: float = 0.0
     score_s: float = 0.0
     commit_s: float = 0.0
+    # Worker-side time on the critical path (per segment the slowest worker of each phase, summed):
+    worker_generate_s: float = 0.0  # NextText, boundary checks included
+    worker_boundary_s: float = 0.0  # of which boundary checks (tokenizer service calls)
+    worker_score_s: float = 0.0
+    worker_commit_s: float = 0.0
+    identical_segments: int = 0  # segments where every candidate was the same (text and eos)
+    skipped_scores: int = 0  # segments whose scoring call was skipped (skip_identical)
+    scored_rows: int = 0  # candidate rows forwarded for scoring, over all workers
+    reused_rows: int = 0  # candidate rows scored from generation log-probs (reuse_own_logprobs)
+    reused_tokens: int = 0  # lookahead tokens replayed instead of recomputed (reuse_lookahead)
 
 
 @dataclass
@@ -118,9 +176,18 @@ def find_stop(text: str, stops: Sequence[str], search_from: int) -> int | None:
     return min(hits) if hits else None
 
 
+def _own_score(p: Proposal, identical_text) -> Score:
+    """A model's score of its own candidate from its generation log-probs (no scoring call)."""
+    text, eos = identical_text
+    logprobs = p.logprobs if (text or eos) else []
+    ppl = math.exp(-sum(logprobs) / len(logprobs)) if logprobs else math.inf
+    return Score(p.state_id, list(p.token_ids), list(logprobs), ppl, True)
+
+
 class FusionEngine:
-    def __init__(self, workers: Sequence[WorkerHandle]):
+    def __init__(self, workers: Sequence[WorkerHandle], options: FusionOptions | None = None):
         self.workers = {w.name: w for w in workers}
+        self.options = options or FusionOptions()
 
     # ---- request checks ------------------------------------------------------------------
     def resolve(self, request: FusionRequest) -> tuple[str, list[str]]:
@@ -186,6 +253,8 @@ class FusionEngine:
             await self._close(sessions)
 
     async def _fuse(self, request, names, sessions, usage, timings, align: bool):
+        opts = request.options or self.options
+        gen_kwargs = {} if opts.reuse_lookahead else {"reuse_lookahead": False}
         output = ""
         committed = {n: 0 for n in names}
         index = 0
@@ -202,7 +271,7 @@ class FusionEngine:
                 await asyncio.gather(
                     *(
                         self.workers[n].next_text(
-                            sessions[n], names if align else [n], min(request.max_segment_tokens, budget[n])
+                            sessions[n], names if align else [n], min(request.max_segment_tokens, budget[n]), **gen_kwargs
                         )
                         for n in names
                     )
@@ -210,18 +279,41 @@ class FusionEngine:
             )
             t1 = time.perf_counter()
             timings.generate_s += t1 - t0
+            slowest = max(proposals, key=lambda p: p.compute_s + p.boundary_s)
+            timings.worker_generate_s += slowest.compute_s + slowest.boundary_s
+            timings.worker_boundary_s += slowest.boundary_s
             for n, p in zip(names, proposals):
                 usage[n].generated_tokens += p.generated_tokens
+                timings.reused_tokens += p.reused_tokens
 
             # 2. Score: every model scores every candidate in one batched call.
             candidates = [(p.text, p.eos) for p in proposals]
-            scores: list[list[Score]] = list(
-                await asyncio.gather(*(self.workers[v].score(sessions[v], candidates) for v in names))
-            )
+            identical = len(set(candidates)) == 1
+            timings.identical_segments += identical
+            if identical and opts.skip_identical:
+                # Every model's own state holds s*; its PPL of s* is its generation's.
+                timings.skipped_scores += 1
+                scores = [
+                    [_own_score(p, identical_text=(p.text, p.eos)) for _ in names] for p in proposals
+                ]
+            else:
+                unique = list(dict.fromkeys(candidates)) if opts.dedup_candidates else candidates
+                where = [unique.index(c) for c in candidates]
+
+                async def score(j: int, v: str):
+                    kwargs = {"own_state_id": proposals[j].state_id} if opts.reuse_own_logprobs else {}
+                    return await self.workers[v].score(sessions[v], unique, **kwargs)
+
+                rows = list(await asyncio.gather(*(score(j, v) for j, v in enumerate(names))))
+                timings.worker_score_s += max(getattr(r, "compute_s", 0.0) for r in rows)
+                for v, row in zip(names, rows):
+                    forwarded = [s for s in row if not s.reused]
+                    usage[v].scored_tokens += sum(len(s.token_ids) for s in forwarded)
+                    timings.scored_rows += sum(1 for s in forwarded if s.token_ids)
+                    timings.reused_rows += len(row) - len(forwarded)
+                scores = [[row[where[i]] for i in range(len(candidates))] for row in rows]
             t2 = time.perf_counter()
             timings.score_s += t2 - t1
-            for v, row in zip(names, scores):
-                usage[v].scored_tokens += sum(len(s.token_ids) for s in row)
 
             # 3. Choose s* = argmin of the mean PPL over scorers (eq. 3).
             reports = [
@@ -254,6 +346,7 @@ class FusionEngine:
                 *(self.workers[n].update_state(sessions[n], state_for(j)) for j, n in enumerate(names))
             )
             timings.commit_s += time.perf_counter() - t2
+            timings.worker_commit_s += max(getattr(r, "compute_s", 0.0) for r in results)
             for n, r in zip(names, results):
                 committed[n] = r.committed_tokens
                 usage[n].output_tokens = r.committed_tokens

@@ -15,7 +15,9 @@ Calls that look ahead create *temp states* (ids returned to the caller) that ``u
 commits without another forward:
 
 * ``next_text`` generates into the session cache itself (the tokens past the committed ones are
-  "lookahead"); committing its state crops the cache back to committed + candidate tokens.
+  "lookahead"); committing its state keeps committed + candidate tokens and, by default, the
+  lookahead beyond them (KV, logits, log-probs) for the next ``next_text`` to replay instead of
+  recomputing (``reuse_lookahead``); any other commit drops it by cropping (never a cache copy).
 * ``feed_tokens`` / ``score_candidates`` run on a copy of the committed cache; committing one of
   their rows adopts that copy (row selected, right padding cropped).
 
@@ -37,6 +39,7 @@ import itertools
 import logging
 import math
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
@@ -79,6 +82,7 @@ class CandidateScore(NamedTuple):
     token_ids: list[int]
     logprobs: list[float]
     ppl: float
+    reused: bool = False  # log-probs taken from the session's own NextText (no forward)
 
 
 class CommitResult(NamedTuple):
@@ -94,8 +98,11 @@ class NextTextResult:
     logprobs: list[float]
     eos: bool
     finish: str  # "boundary" | "eos" | "budget" | "segment_cap"
-    generated_tokens: int  # forward steps spent (tokens picked), lookahead included
+    generated_tokens: int  # tokens picked, lookahead included (minus reused_tokens: forward steps spent)
     lookahead: str = ""  # complete text generated past the candidate (shows why a boundary cannot move)
+    reused_tokens: int = 0  # tokens replayed from the kept lookahead (no forward)
+    boundary_s: float = 0.0  # time spent in boundary checks (tokenizer service)
+    compute_s: float = 0.0  # time in this call, boundary checks excluded
 
 
 def perplexity(logprobs: Sequence[float]) -> float:
@@ -113,8 +120,7 @@ class _GenState:
     epoch: int
     gen: int
     tokens: list[int]
-    in_cache: int  # candidate tokens present in the cache (all but possibly the last)
-    next_logits: torch.Tensor | None  # after the last candidate token, None when it was not forwarded
+    logprobs: list[float]  # of ``tokens``, from the generation steps (reused by score_candidates)
 
 
 @dataclass
@@ -145,6 +151,13 @@ class _Session:
     next_logits: torch.Tensor | None
     fed: int  # committed ids present in the cache (len(ids) or len(ids) - 1)
     lookahead: int = 0  # uncommitted NextText tokens in the cache after the committed ones
+    # The greedy continuation of the committed state generated so far (kept across commits when the
+    # committed state is a NextText prefix): ahead_tokens[j] was picked with log-prob ahead_lps[j];
+    # ahead_logits[j] are the logits after forwarding ahead_tokens[j]. len(ahead_logits) == lookahead
+    # (the tokens in the cache), len(ahead_tokens) is that or one more (the last pick, not forwarded).
+    ahead_tokens: list = field(default_factory=list)
+    ahead_lps: list = field(default_factory=list)
+    ahead_logits: list = field(default_factory=list)
     epoch: int = 0  # commits so far
     gen: int = 0  # NextText calls so far
     states: dict = field(default_factory=dict)
@@ -171,8 +184,16 @@ class WorkerCore:
         segment_cap: int = DEFAULT_SEGMENT_CAP,
         model=None,
         hf_tokenizer=None,
+        reuse_lookahead: bool = True,
+        reuse_own_logprobs: bool = True,
     ):
+        """``reuse_lookahead``: NextText replays the greedy tokens kept past a committed NextText
+        state instead of recomputing them (per-call override in ``next_text``).
+        ``reuse_own_logprobs``: ``score_candidates(..., own_state_id=...)`` takes a candidate's
+        log-probs from that NextText state when its tokens equal the candidate's encoding."""
         self.name = name
+        self.reuse_lookahead = reuse_lookahead
+        self.reuse_own_logprobs = reuse_own_logprobs
         self.spec = spec
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -215,6 +236,7 @@ class WorkerCore:
             "has_chat_template": self.tokenizer.has_chat_template,
             "vocab_size": self.vocab_size,
             "live_sessions": live,
+            "threads": torch.get_num_threads(),
         }
 
     # ---- M1 ------------------------------------------------------------------------------
@@ -299,8 +321,15 @@ class WorkerCore:
             return FeedResult(state_id, logprobs, perplexity(logprobs))
 
     # ---- Score ---------------------------------------------------------------------------
-    def score_candidates(self, session_id: str, candidates: Sequence[tuple[str, bool]]) -> list[CandidateScore]:
-        """Score candidate texts (each encoded as a continuation, + own EOS when eos) in one batched forward."""
+    def score_candidates(
+        self, session_id: str, candidates: Sequence[tuple[str, bool]], own_state_id: str = ""
+    ) -> list[CandidateScore]:
+        """Score candidate texts (each encoded as a continuation, + own EOS when eos) in one batched forward.
+
+        ``own_state_id``: this session's current NextText state. A candidate whose encoding equals
+        that state's tokens is not forwarded: its log-probs are the generation's, and its state is
+        the NextText state (``reused=True``). Only the other rows go into the batch.
+        """
         rows = []
         for i, cand in enumerate(candidates):
             try:
@@ -316,11 +345,29 @@ class WorkerCore:
                 ids.append(self.eos_token_id)
             rows.append(ids)
         with self._session(session_id) as s, torch.inference_mode():
-            scored = self._score_rows(s, rows)
-        return [CandidateScore(sid, ids, lps, perplexity(lps)) for (sid, lps), ids in zip(scored, rows)]
+            own = None
+            if own_state_id and self.reuse_own_logprobs:
+                state = s.states.get(own_state_id)
+                if isinstance(state, _GenState) and state.gen == s.gen and state.epoch == s.epoch:
+                    own = state
+            known = {i: (own_state_id, list(own.logprobs)) for i, r in enumerate(rows) if own and r and r == own.tokens}
+            todo = [i for i in range(len(rows)) if i not in known]
+            scored = self._score_rows(s, [rows[i] for i in todo]) if todo else []
+        results = dict(known)
+        results.update(zip(todo, scored))
+        return [
+            CandidateScore(results[i][0], ids, results[i][1], perplexity(results[i][1]), i in known)
+            for i, ids in enumerate(rows)
+        ]
 
     # ---- T1 ------------------------------------------------------------------------------
-    def next_text(self, session_id: str, boundary_tokenizer_ids: Sequence[str] = (), max_tokens: int = 0) -> NextTextResult:
+    def next_text(
+        self,
+        session_id: str,
+        boundary_tokenizer_ids: Sequence[str] = (),
+        max_tokens: int = 0,
+        reuse_lookahead: bool | None = None,
+    ) -> NextTextResult:
         """Greedy-generate from the committed state up to the first word boundary common to the tokenizers.
 
         Stops at the first boundary b (candidate = text[:b] and the tokens whose text ends at b;
@@ -328,25 +375,44 @@ class WorkerCore:
         complete text, EOS included in the ids, ``eos=True``) or after ``max_tokens`` tokens
         (``finish="budget"``; ``0`` means the worker's ``segment_cap``, ``finish="segment_cap"``).
         A capped candidate is cut at the last token that ends on a complete character.
+
+        ``reuse_lookahead`` (default: the worker's ``reuse_lookahead``): tokens already generated
+        past the committed state (the lookahead of an earlier NextText, kept by its commit) are
+        replayed with their cached log-probs, logits and KV instead of being forwarded again. The
+        tokens, log-probs and text are the same either way (the same forward calls made them).
         """
         if not isinstance(max_tokens, int) or max_tokens < 0:
             raise InvalidArgument(f"max_tokens must be >= 0, got {max_tokens!r}")
+        reuse = self.reuse_lookahead if reuse_lookahead is None else bool(reuse_lookahead)
         limit = self.segment_cap if max_tokens == 0 else min(max_tokens, self.segment_cap)
         cap_finish = "budget" if 0 < max_tokens <= self.segment_cap else "segment_cap"
         tokenizer_ids = list(boundary_tokenizer_ids) or [self.tokenizer.id]
+        boundary_s = 0.0
         with self._session(session_id) as s, torch.inference_mode():
-            self._drop_lookahead(s)
+            t_start = time.perf_counter()
+            if reuse:
+                self._drop_gen_states(s)
+            else:
+                self._drop_lookahead(s)
             s.gen += 1
             logits = self._ready(s)
             tail = s.text[-CONTEXT_TAIL_CHARS:]
             decoder = IncrementalDecoder(self.tokenizer)
             tokens: list[int] = []
             logprobs: list[float] = []
-            step_logits: list[torch.Tensor] = []  # step_logits[j]: after forwarding tokens[j]
+            reused = 0
+            j = 0  # index into the session's greedy continuation (s.ahead_*)
             while True:
-                token = int(torch.argmax(logits))
+                if j < len(s.ahead_tokens):
+                    token, lp = s.ahead_tokens[j], s.ahead_lps[j]
+                    reused += 1
+                else:
+                    token = int(torch.argmax(logits))
+                    lp = float(torch.log_softmax(logits, -1)[token])
+                    s.ahead_tokens.append(token)
+                    s.ahead_lps.append(lp)
                 tokens.append(token)
-                logprobs.append(float(torch.log_softmax(logits, -1)[token]))
+                logprobs.append(lp)
                 grew = bool(decoder.push(token))
                 if token in self._eos_set:
                     n, text, finish = len(tokens), decoder.text, "eos"
@@ -354,7 +420,9 @@ class WorkerCore:
                 # A boundary can only change when text grew; it must be a token end (0 < b < len).
                 ends = [e for e in decoder.token_ends if 0 < e < len(decoder.text)] if grew else []
                 if ends:
+                    t_b = time.perf_counter()
                     b = self.boundary(tail, decoder.text, tokenizer_ids, ends)
+                    boundary_s += time.perf_counter() - t_b
                     if b is not None:
                         if b not in decoder.token_ends:
                             raise RuntimeError(f"boundary {b} is not a token end (allowed: {ends})")
@@ -366,16 +434,15 @@ class WorkerCore:
                     finish = cap_finish
                     break
                 # Like generate(): a picked token is forwarded only when generation goes on.
-                out = self._forward([[token]], s.cache, keep_last=True)
-                s.lookahead += 1
-                logits = out[0, -1].to(copy=True, dtype=torch.float32)
-                step_logits.append(logits)
-            in_cache = min(n, len(step_logits))
-            if n == 0:
-                next_logits = s.next_logits
-            else:
-                next_logits = step_logits[n - 1] if n <= len(step_logits) else None
-            state_id = self._new_state(s, _GenState(s.epoch, s.gen, tokens[:n], in_cache, next_logits))
+                if j < len(s.ahead_logits):
+                    logits = s.ahead_logits[j]
+                else:
+                    out = self._forward([[token]], s.cache, keep_last=True)
+                    s.lookahead += 1
+                    logits = out[0, -1].to(copy=True, dtype=torch.float32)
+                    s.ahead_logits.append(logits)
+                j += 1
+            state_id = self._new_state(s, _GenState(s.epoch, s.gen, tokens[:n], logprobs[:n]))
             return NextTextResult(
                 state_id=state_id,
                 text=text,
@@ -385,24 +452,39 @@ class WorkerCore:
                 finish=finish,
                 generated_tokens=len(tokens),
                 lookahead=decoder.text[len(text) :],
+                reused_tokens=reused,
+                boundary_s=boundary_s,
+                compute_s=time.perf_counter() - t_start - boundary_s,
             )
 
     # ---- M4 ------------------------------------------------------------------------------
     def update_state(self, session_id: str, state_id: str) -> CommitResult:
-        """Make a temp state the committed one (by cropping or adopting a cache; no forward)."""
+        """Make a temp state the committed one (by cropping or adopting a cache; no forward).
+
+        Committing a NextText state keeps the greedy tokens generated past it (their KV stays in
+        the cache, their logits and log-probs in the session) for the next NextText to reuse;
+        scoring and feeding ignore them (they work on the committed prefix), and any other
+        commit or a NextText without reuse crops them away.
+        """
         with self._session(session_id) as s, torch.inference_mode():
             state = self._state(s, state_id)
             prefix = s.ids[s.n_context :]
             if isinstance(state, _GenState):
-                extra = s.lookahead - state.in_cache
-                if extra:
-                    s.cache.crop(-extra)
-                s.fed += state.in_cache
-                next_logits = state.next_logits
+                n = len(state.tokens)
+                in_cache = min(n, len(s.ahead_logits))
+                if n == 0:
+                    next_logits = s.next_logits
+                else:
+                    next_logits = s.ahead_logits[n - 1] if n <= len(s.ahead_logits) else None
+                del s.ahead_tokens[:n], s.ahead_lps[:n], s.ahead_logits[:in_cache]
+                s.lookahead -= in_cache
+                s.fed += in_cache
             elif state.batch is None:  # empty row: nothing to add
                 self._drop_lookahead(s)
                 next_logits = s.next_logits
             else:
+                self._clear_ahead(s)
+                s.lookahead = 0  # the adopted copy holds no lookahead
                 batch = state.batch
                 cache = batch.cache
                 if batch.rows > 1:
@@ -413,8 +495,7 @@ class WorkerCore:
                 s.cache = cache
                 s.fed = len(s.ids) + len(state.tokens)
                 next_logits = state.next_logits
-            s.cache.crop(0)  # sliding layers back to their window: no rollback past a commit
-            s.lookahead = 0
+            self._trim(s)  # sliding layers back to their window (+ kept lookahead)
             s.ids.extend(state.tokens)
             s.next_logits = next_logits
             s.epoch += 1
@@ -481,14 +562,53 @@ class WorkerCore:
             s.fed = len(s.ids)
         return s.next_logits
 
+    def _drop_gen_states(self, s: _Session) -> None:
+        for key in [k for k, v in s.states.items() if isinstance(v, _GenState)]:
+            del s.states[key]
+
+    @staticmethod
+    def _clear_ahead(s: _Session) -> None:
+        s.ahead_tokens.clear()
+        s.ahead_lps.clear()
+        s.ahead_logits.clear()
+
     def _drop_lookahead(self, s: _Session) -> None:
-        """Crop the previous NextText's lookahead from the session cache (its state dies)."""
+        """Crop the greedy lookahead from the session cache (NextText states die)."""
         if s.lookahead:
             s.cache.crop(-s.lookahead)
             s.cache.crop(0)
             s.lookahead = 0
-        for key in [k for k, v in s.states.items() if isinstance(v, _GenState)]:
-            del s.states[key]
+        self._clear_ahead(s)
+        self._drop_gen_states(s)
+
+    def _trim(self, s: _Session) -> None:
+        """After a commit: sliding-window layers keep window - 1 states plus the kept lookahead
+        (so that it can still be cropped away), like ``crop(0)`` does without lookahead."""
+        if not s.lookahead:
+            s.cache.crop(0)
+            return
+        for layer in getattr(s.cache, "layers", ()):
+            window = getattr(layer, "sliding_window", None)
+            if not getattr(layer, "is_sliding", False) or not window or not getattr(layer, "is_initialized", False):
+                continue
+            keep = window - 1 + s.lookahead
+            if layer.keys.shape[-2] > keep:
+                layer.keys = layer.keys[:, :, -keep:, :]
+                layer.values = layer.values[:, :, -keep:, :]
+
+    def session_bytes(self, session_id: str) -> dict:
+        """Memory held by a session: KV cache tensors and kept logits, in bytes."""
+        with self._session(session_id) as s:
+            kv = 0
+            for layer in getattr(s.cache, "layers", ()):
+                for name in ("keys", "values"):
+                    t = getattr(layer, name, None)
+                    if isinstance(t, torch.Tensor):
+                        kv += t.numel() * t.element_size()
+            logits = sum(t.numel() * t.element_size() for t in s.ahead_logits)
+            if s.next_logits is not None:
+                logits += s.next_logits.numel() * s.next_logits.element_size()
+            return {"kv_bytes": kv, "logits_bytes": logits, "tokens": len(s.ids), "lookahead": s.lookahead}
 
     def _committed_copy(self, s: _Session):
         """A copy of the session cache holding exactly the committed tokens."""

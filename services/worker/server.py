@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from coolfusion.protos import worker_pb2 as pb
@@ -33,6 +34,15 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, lambda: fn(*args))
+
+    async def _timed(self, fn, *args):
+        """(result, seconds the call ran on the compute thread)."""
+
+        def call():
+            t0 = time.perf_counter()
+            return fn(*args), time.perf_counter() - t0
+
+        return await asyncio.get_running_loop().run_in_executor(self.executor, call)
 
     async def Info(self, request, context):
         info = self.core.info()
@@ -62,28 +72,37 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
         return pb.FeedTokensResponse(state_id=state_id, logprobs=logprobs, ppl=ppl)
 
     async def UpdateState(self, request, context):
-        committed_tokens, committed_text = await self._run(self.core.update_state, request.session_id, request.state_id)
-        return pb.UpdateStateResponse(committed_tokens=committed_tokens, committed_text=committed_text)
+        (committed_tokens, committed_text), seconds = await self._timed(
+            self.core.update_state, request.session_id, request.state_id
+        )
+        return pb.UpdateStateResponse(committed_tokens=committed_tokens, committed_text=committed_text, compute_s=seconds)
 
     async def NextText(self, request, context):
         if request.max_tokens < 0:
             raise InvalidArgument(f"max_tokens must be >= 0, got {request.max_tokens}")
+        reuse = request.reuse_lookahead if request.HasField("reuse_lookahead") else None
         r = await self._run(
-            self.core.next_text, request.session_id, list(request.boundary_tokenizer_ids), request.max_tokens
+            self.core.next_text, request.session_id, list(request.boundary_tokenizer_ids), request.max_tokens, reuse
         )
         return pb.NextTextResponse(**{k: _field(r, k) for k in pb.NextTextResponse.DESCRIPTOR.fields_by_name})
 
     async def ScoreCandidates(self, request, context):
         if not request.candidates:
             raise InvalidArgument("candidates is empty")
-        scored = await self._run(
-            self.core.score_candidates, request.session_id, [(c.text, c.eos) for c in request.candidates]
+        scored, seconds = await self._timed(
+            self.core.score_candidates,
+            request.session_id,
+            [(c.text, c.eos) for c in request.candidates],
+            request.own_state_id,
         )
         return pb.ScoreCandidatesResponse(
             scores=[
-                pb.CandidateScore(state_id=s, token_ids=ids, logprobs=lps, ppl=ppl if math.isfinite(ppl) else float("inf"))
-                for s, ids, lps, ppl in scored
-            ]
+                pb.CandidateScore(
+                    state_id=s, token_ids=ids, logprobs=lps, ppl=ppl if math.isfinite(ppl) else float("inf"), reused=reused
+                )
+                for s, ids, lps, ppl, reused in scored
+            ],
+            compute_s=seconds,
         )
 
     async def Close(self, request, context):

@@ -1,0 +1,446 @@
+"""``coolfusion bench``: fused generation against the cost of running the source models alone.
+
+In one run on one machine (issue 5):
+
+* floor: each source model's own ``generate(do_sample=False, min_new_tokens=N, max_new_tokens=N)``
+  per prompt, loaded as the workers load it (``services.sources.load_hf_model``), all cores;
+* fused ``cool`` through the real services (``LocalCluster``: tokenizer service, one worker
+  process per model with cores / models torch threads, orchestrator), and the ratios
+  T_fused / sum(T_model) and T_fused / max(T_model);
+* a per-segment breakdown from the final message's timings (generation, scoring, commit,
+  worker compute vs RPC + tokenizer-service time), segment count and length, identical share;
+* each optimisation switch on/off (an engine in this process over the same worker processes,
+  ``FusionOptions``), with a check that every configuration produced the same text;
+* memory: per-session KV bytes (in-process core) and a worker process's RSS before/after 100
+  sessions opened, generated into and closed;
+* throughput with 1, 4, 8 concurrent clients.
+
+Prompts are open-ended so neither side stops early at EOS; fused generation still stops at EOS,
+so the tokens it actually produced are reported next to every time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+PROMPTS = [
+    "The history of the city is long and complicated. It began",
+    "Once upon a time, in a small village at the edge of a great forest, there lived",
+    "In this essay I will explain, step by step, why the sky is blue. First,",
+    "The following is a detailed description of how bread is made, from the field to the table.",
+    "Dear diary, today was the strangest day of my life. When I woke up",
+    "Chapter 1\n\nThe rain had not stopped for three days when the stranger arrived",
+    "Here is a long list of ideas for a weekend trip, with a short explanation of each:\n1.",
+    "The engineers gathered in the meeting room to discuss the new bridge design. The lead engineer said",
+]
+
+
+# ---- machine ---------------------------------------------------------------------------------
+def machine() -> dict:
+    import torch
+    import transformers
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": cpu,
+        "memory": mem,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+# ---- floor -------------------------------------------------------------------------------------
+def floor(models: list[str], prompts: list[str], n: int, repeats: int, log) -> tuple[dict, dict]:
+    """Each model's own greedy generate() time per prompt (median of ``repeats``), and per-session
+    KV bytes measured on an in-process WorkerCore with the same weights."""
+    import torch
+
+    from ..services.sources import load_hf_model, load_hf_tokenizer, parse_spec
+    from ..services.worker.model import WorkerCore
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    results, memory = {}, {}
+    for spec_text in models:
+        spec = parse_spec(spec_text)
+        t0 = time.perf_counter()
+        model = load_hf_model(spec, "cpu", torch.float32)
+        tok = load_hf_tokenizer(spec)
+        load_s = time.perf_counter() - t0
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        with torch.inference_mode():  # warm-up
+            ids = tok(prompts[0], return_tensors="pt")
+            model.generate(**ids, do_sample=False, max_new_tokens=4, pad_token_id=pad)
+        rows = []
+        for p in prompts:
+            ids = tok(p, return_tensors="pt")
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    out = model.generate(**ids, do_sample=False, min_new_tokens=n, max_new_tokens=n, pad_token_id=pad)
+                times.append(time.perf_counter() - t0)
+            produced = out.shape[1] - ids["input_ids"].shape[1]
+            rows.append({"prompt_tokens": ids["input_ids"].shape[1], "tokens": produced, "s": median(times), "runs": times})
+            log(f"floor {spec.name}: {produced} tokens in {median(times):.2f} s")
+        results[spec.name] = {
+            "load_s": load_s,
+            "threads": torch.get_num_threads(),
+            "prompts": rows,
+            "median_s": median([r["s"] for r in rows]),
+            "ms_per_token": 1000 * sum(r["s"] for r in rows) / sum(r["tokens"] for r in rows),
+        }
+        # Per-session KV: a session on the first prompt after n committed tokens.
+        core = WorkerCore(spec.name, spec, device="cpu", model=model, hf_tokenizer=tok)
+        sid, ctx, _ = core.open(prompts[0])
+        done = 0
+        while done < n:
+            r = core.next_text(sid, [], n - done)
+            done = core.update_state(sid, r.state_id).committed_tokens
+            if r.eos or not r.token_ids:
+                break
+        b = core.session_bytes(sid)
+        core.close(sid)
+        memory[spec.name] = {
+            "context_tokens": ctx,
+            "output_tokens": done,
+            "kv_bytes": b["kv_bytes"],
+            "kv_bytes_per_token": b["kv_bytes"] / max(1, b["tokens"]),
+            "logits_bytes": b["logits_bytes"],
+            "note": "sliding-window layers (Gemma-3) hold at most window-1 (+ kept lookahead) tokens",
+        }
+        del core, model
+        gc.collect()
+    return results, memory
+
+
+# ---- fused -------------------------------------------------------------------------------------
+def _timings(t) -> dict:
+    return {f.name: getattr(t, f.name) for f in t.DESCRIPTOR.fields}
+
+
+def _final_row(reply, seconds: float) -> dict:
+    segs = list(reply.segments)
+    usage = {u.model: {"output": u.output_tokens, "generated": u.generated_tokens, "scored": u.scored_tokens} for u in reply.usage}
+    return {
+        "s": seconds,
+        "text": reply.text,
+        "finish": reply.finish_reason,
+        "chars": len(reply.text),
+        "tokens": {m: u["output"] for m, u in usage.items()},
+        "usage": usage,
+        "segments": len(segs),
+        "winners": [s.model for s in segs],
+        "timings": _timings(reply.timings),
+    }
+
+
+def breakdown(rows: list[dict]) -> dict:
+    """Per-segment means and shares of the fused wall time, summed over prompts."""
+    total = sum(r["timings"]["total_s"] for r in rows)
+    segs = sum(r["segments"] for r in rows)
+    t = {k: sum(r["timings"][k] for r in rows) for k in rows[0]["timings"]}
+    worker = t["worker_generate_s"] - t["worker_boundary_s"] + t["worker_score_s"] + t["worker_commit_s"]
+    overhead = total - t["open_s"] - worker  # RPC, tokenizer-service boundary checks, Python glue
+    tokens = sum(max(r["tokens"].values()) for r in rows)
+    return {
+        "segments": segs,
+        "mean_segment_tokens": tokens / max(1, segs),
+        "mean_segment_chars": sum(r["chars"] for r in rows) / max(1, segs),
+        "identical_share": t["identical_segments"] / max(1, segs),
+        "per_segment_ms": {
+            "generate_wall": 1000 * t["generate_s"] / max(1, segs),
+            "generate_worker": 1000 * (t["worker_generate_s"] - t["worker_boundary_s"]) / max(1, segs),
+            "boundary_checks": 1000 * t["worker_boundary_s"] / max(1, segs),
+            "score_wall": 1000 * t["score_s"] / max(1, segs),
+            "score_worker": 1000 * t["worker_score_s"] / max(1, segs),
+            "commit_wall": 1000 * t["commit_s"] / max(1, segs),
+            "commit_worker": 1000 * t["worker_commit_s"] / max(1, segs),
+        },
+        "share_of_wall": {
+            "open_prefill": t["open_s"] / total,
+            "generate_worker": (t["worker_generate_s"] - t["worker_boundary_s"]) / total,
+            "score_worker": t["worker_score_s"] / total,
+            "commit_worker": t["worker_commit_s"] / total,
+            "boundary_checks": t["worker_boundary_s"] / total,
+            "rpc_and_glue": (overhead - t["worker_boundary_s"]) / total,
+            "orchestration_overhead": overhead / total,
+        },
+        "skipped_scores": t["skipped_scores"],
+        "scored_rows": t["scored_rows"],
+        "reused_rows": t["reused_rows"],
+        "reused_tokens": t["reused_tokens"],
+    }
+
+
+async def fused(address: str, names: list[str], prompts: list[str], n: int, repeats: int, log) -> list[dict]:
+    from .client import FusionClient
+
+    rows = []
+    async with FusionClient(address) as client:
+        await client.generate(prompts[0], mode="cool", models=names, max_new_tokens=8)  # warm-up
+        for p in prompts:
+            runs = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                reply = await client.generate(p, mode="cool", models=names, max_new_tokens=n)
+                runs.append(_final_row(reply, time.perf_counter() - t0))
+            best = sorted(runs, key=lambda r: r["s"])[len(runs) // 2]
+            best["runs"] = [r["s"] for r in runs]
+            rows.append(best)
+            log(f"fused: {best['tokens']} tokens, {best['segments']} segments in {best['s']:.2f} s")
+    return rows
+
+
+async def switches(worker_addresses: dict, prompts: list[str], n: int, log) -> dict:
+    """Each optimisation off (and all off) against all on, through an in-process engine over the
+    same worker processes; outputs are compared with the unoptimised loop's."""
+    from ..orchestrator.fusion import FusionEngine, FusionOptions, FusionRequest, Segment
+    from ..orchestrator.workers import RemoteWorker
+
+    workers = [RemoteWorker(name, addr) for name, addr in worker_addresses.items()]
+    engine = FusionEngine(workers)
+    configs = {"all": FusionOptions(), "none": FusionOptions.none()}
+    for name in FusionOptions.NAMES:
+        configs[f"-{name}"] = FusionOptions.parse(f"-{name}")
+    out = {}
+    try:
+        for label, opts in configs.items():
+            total, texts, winners, segs, identical = 0.0, [], [], 0, 0
+            for p in prompts:
+                t0 = time.perf_counter()
+                final = None
+                models = []
+                async for item in engine.generate(
+                    FusionRequest(prompt=p, models=list(worker_addresses), max_new_tokens=n, options=opts)
+                ):
+                    if isinstance(item, Segment):
+                        models.append(item.model)
+                    else:
+                        final = item
+                total += time.perf_counter() - t0
+                texts.append(final.text)
+                winners.append(models)
+                segs += final.segments
+                identical += final.timings.identical_segments
+            out[label] = {"options": {k: getattr(opts, k) for k in FusionOptions.NAMES}, "s": total, "texts": texts, "winners": winners, "segments": segs}
+            log(f"switches {label}: {total:.2f} s")
+    finally:
+        for w in workers:
+            await w.aclose()
+    ref = out["none"]
+    for label, row in out.items():
+        row["same_output_as_none"] = row["texts"] == ref["texts"] and row["winners"] == ref["winners"]
+        row["speedup_vs_none"] = ref["s"] / row["s"]
+        row["time_vs_all"] = row["s"] / out["all"]["s"]
+    for row in out.values():
+        row.pop("texts"), row.pop("winners")
+    return out
+
+
+async def rss_sessions(worker_address: str, name: str, pid: int, prompt: str, count: int = 100) -> dict:
+    from ..orchestrator.workers import RemoteWorker
+
+    w = RemoteWorker(name, worker_address)
+    try:
+        async def one():
+            o = await w.open(prompt, None)
+            p = await w.next_text(o.session_id, [], 8)
+            await w.update_state(o.session_id, p.state_id)
+            await w.close(o.session_id)
+
+        for _ in range(5):  # warm allocator pools
+            await one()
+        before = rss_bytes(pid)
+        for _ in range(count):
+            await one()
+        after = rss_bytes(pid)
+        for _ in range(count):
+            await one()
+        after2 = rss_bytes(pid)
+    finally:
+        await w.aclose()
+    return {"sessions": count, "rss_before": before, "rss_after": after, "rss_after_200": after2, "growth_bytes": after - before}
+
+
+async def throughput(address: str, names: list[str], prompts: list[str], n: int, levels: list[int], log) -> dict:
+    from .client import FusionClient
+
+    out = {}
+    async with FusionClient(address) as client:
+        for c in levels:
+            async def one(i):
+                reply = await client.generate(prompts[i % len(prompts)], mode="cool", models=names, max_new_tokens=n)
+                return max(u.output_tokens for u in reply.usage), len(reply.text)
+
+            t0 = time.perf_counter()
+            done = await asyncio.gather(*(one(i) for i in range(c)))
+            wall = time.perf_counter() - t0
+            tokens = sum(t for t, _ in done)
+            out[str(c)] = {"clients": c, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall}
+            log(f"throughput c={c}: {tokens / wall:.1f} tokens/s")
+    base = out[str(levels[0])]["tokens_per_s"]
+    for row in out.values():
+        row["vs_first"] = row["tokens_per_s"] / base
+    return out
+
+
+# ---- driver ------------------------------------------------------------------------------------
+def run(args) -> dict:
+    from .launcher import LocalCluster
+
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    names = [m.split("=", 1)[0] for m in models]
+    prompts = PROMPTS[: args.prompts]
+    levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    n = args.max_new_tokens
+    result = {"machine": machine(), "config": {"models": models, "max_new_tokens": n, "prompts": prompts, "repeats": args.repeats}}
+
+    t0 = time.perf_counter()
+    result["floor"], result["memory"] = floor(models, prompts, n, args.repeats, log)
+    cluster = LocalCluster(models)
+    address = cluster.start()
+    try:
+        worker_addresses = {p.name.split(":", 1)[1]: p.address for p in cluster.processes if p.name.startswith("worker:")}
+        pids = {p.name.split(":", 1)[1]: p.proc.pid for p in cluster.processes if p.name.startswith("worker:")}
+        rows = asyncio.run(fused(address, names, prompts, n, args.repeats, log))
+        result["fused"] = {"prompts": rows, "breakdown": breakdown(rows)}
+        per_prompt = []
+        for i, row in enumerate(rows):
+            floors = {m: result["floor"][m]["prompts"][i]["s"] for m in names}
+            per_prompt.append(
+                {
+                    "fused_s": row["s"],
+                    "fused_tokens": row["tokens"],
+                    "floor_s": floors,
+                    "ratio_sum": row["s"] / sum(floors.values()),
+                    "ratio_max": row["s"] / max(floors.values()),
+                }
+            )
+        fused_total = sum(r["s"] for r in rows)
+        floor_total = {m: sum(p["s"] for p in result["floor"][m]["prompts"]) for m in names}
+        result["ratios"] = {
+            "per_prompt": per_prompt,
+            "fused_total_s": fused_total,
+            "floor_total_s": floor_total,
+            "T_fused/sum(T_model)": fused_total / sum(floor_total.values()),
+            "T_fused/max(T_model)": fused_total / max(floor_total.values()),
+            "fused_tokens_per_prompt": median([max(r["tokens"].values()) for r in rows]),
+            "note": "floor forces N tokens; fused stops at EOS (tokens actually produced are in fused_tokens)",
+        }
+        if not args.skip_switches:
+            result["switches"] = asyncio.run(switches(worker_addresses, prompts[: args.switch_prompts], n, log))
+        result["rss"] = {
+            name: asyncio.run(rss_sessions(worker_addresses[name], name, pids[name], prompts[0])) for name in names
+        }
+        result["throughput"] = asyncio.run(throughput(address, names, prompts, n, levels, log))
+        result["worker_threads"] = {
+            name: asyncio.run(_threads(worker_addresses[name], name)) for name in names
+        }
+    finally:
+        cluster.stop()
+    result["machine"]["loadavg_end"] = list(os.getloadavg())
+    result["bench_s"] = time.perf_counter() - t0
+    return result
+
+
+async def _threads(address: str, name: str) -> int:
+    from coolfusion.protos import worker_pb2 as pb
+
+    from ..orchestrator.workers import RemoteWorker
+
+    w = RemoteWorker(name, address)
+    try:
+        return (await w._call(w.stub.Info, pb.InfoRequest())).threads
+    finally:
+        await w.aclose()
+
+
+def summary(r: dict) -> str:
+    lines = []
+    m = r["machine"]
+    lines.append(f"machine: {m['cores']} cores, {m['cpu_model']}, torch {m['torch']}, load {m['loadavg_start']} -> {m.get('loadavg_end')}")
+    for name, f in r["floor"].items():
+        lines.append(f"floor {name}: median {f['median_s']:.2f} s / prompt, {f['ms_per_token']:.1f} ms/token ({f['threads']} threads)")
+    rt = r["ratios"]
+    lines.append(
+        f"fused cool: {rt['fused_total_s']:.2f} s total, {rt['fused_tokens_per_prompt']} tokens/prompt; "
+        f"T_fused/sum = {rt['T_fused/sum(T_model)']:.2f}, T_fused/max = {rt['T_fused/max(T_model)']:.2f}"
+    )
+    b = r["fused"]["breakdown"]
+    lines.append(
+        f"segments {b['segments']}, mean {b['mean_segment_tokens']:.2f} tokens, identical {100 * b['identical_share']:.0f} %"
+    )
+    lines.append("per segment ms: " + ", ".join(f"{k} {v:.1f}" for k, v in b["per_segment_ms"].items()))
+    lines.append("share of wall: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in b["share_of_wall"].items()))
+    for name, mem in r["memory"].items():
+        lines.append(f"KV {name}: {mem['kv_bytes'] / 2**20:.1f} MiB for {mem['context_tokens']}+{mem['output_tokens']} tokens")
+    for name, x in r.get("rss", {}).items():
+        lines.append(f"RSS {name}: {x['rss_before'] / 2**20:.0f} -> {x['rss_after'] / 2**20:.0f} MiB after {x['sessions']} sessions ({x['rss_after_200'] / 2**20:.0f} after 200)")
+    for label, s in r.get("switches", {}).items():
+        lines.append(f"switch {label:28s} {s['s']:.2f} s  x{s['speedup_vs_none']:.2f} vs none  same output: {s['same_output_as_none']}")
+    for c, t in r.get("throughput", {}).items():
+        lines.append(f"throughput {c} clients: {t['tokens_per_s']:.1f} tokens/s (x{t['vs_first']:.2f})")
+    return "\n".join(lines)
+
+
+def cmd_bench(args) -> int:
+    result = run(args)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2) if args.json else summary(result))
+    return 0
+
+
+def add_bench_parser(sub) -> None:
+    from ..services.sources import DEFAULT_MODELS
+
+    b = sub.add_parser("bench", help="fused generation vs the source models alone (issue 5)")
+    b.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--prompts", type=int, default=3, help=f"open-ended prompts to use (at most {len(PROMPTS)})")
+    b.add_argument("--repeats", type=int, default=1, help="runs per prompt (the median is reported)")
+    b.add_argument("--concurrency", default="1,4,8")
+    b.add_argument("--switch-prompts", type=int, default=1, help="prompts per switch configuration")
+    b.add_argument("--skip-switches", action="store_true")
+    b.add_argument("--json", action="store_true", help="print the full JSON result")
+    b.add_argument("--out", help="also write the JSON result to this file")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=cmd_bench)

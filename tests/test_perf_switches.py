@@ -1,0 +1,123 @@
+"""Performance switches (issue 5): every FusionOptions combination gives the unoptimised loop's output.
+
+An engine in the test process over the cluster fixture's worker servers (real gRPC, real models),
+run with all switches off, each one alone, all on; texts and segment models must be identical,
+for ``cool``, ``single:<m>`` and two copies of one model. Plus the worker-side pieces: own-row
+reuse in ScoreCandidates and lookahead replay in NextText.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import pytest_asyncio
+
+from coolfusion.orchestrator.fusion import FusionEngine, FusionOptions, FusionRequest, Segment
+from coolfusion.orchestrator.workers import RemoteWorker
+
+PROMPTS = [
+    "Once upon a time, in a small village at the edge of a great forest, there lived",
+    "Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer:",
+]
+N = 32
+
+CONFIGS = {
+    "none": FusionOptions.none(),
+    **{f"only:{n}": FusionOptions.parse(n) for n in FusionOptions.NAMES},
+    "all": FusionOptions(),
+}
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def engine(cluster):
+    workers = [RemoteWorker(name, addr) for name, addr in cluster.worker_addresses.items()]
+    yield FusionEngine(workers)
+    for w in workers:
+        await w.aclose()
+
+
+async def run(engine, prompt, mode, models, options):
+    segments, final = [], None
+    async for item in engine.generate(
+        FusionRequest(prompt=prompt, mode=mode, models=models, max_new_tokens=N, options=options)
+    ):
+        if isinstance(item, Segment):
+            segments.append(item)
+        else:
+            final = item
+    return final, segments
+
+
+def test_options_parse():
+    assert FusionOptions.parse("all") == FusionOptions()
+    assert FusionOptions.parse("none") == FusionOptions.none()
+    assert FusionOptions.parse("-skip_identical") == FusionOptions(skip_identical=False)
+    only = FusionOptions.parse("reuse_lookahead")
+    assert only.reuse_lookahead and not only.skip_identical
+    with pytest.raises(ValueError):
+        FusionOptions.parse("bogus")
+
+
+@pytest.mark.parametrize(
+    "mode, models",
+    [("cool", ["smollm2", "gemma3"]), ("single:gemma3", ["gemma3"]), ("cool", ["smollm2", "smollm2b"])],
+    ids=["cool", "single-gemma3", "two-copies"],
+)
+async def test_every_switch_gives_the_unoptimised_output(engine, mode, models):
+    for prompt in PROMPTS if mode == "cool" and "gemma3" in models else PROMPTS[:1]:
+        results = {}
+        for label, options in CONFIGS.items():
+            final, segments = await run(engine, prompt, mode, models, options)
+            results[label] = (final.text, final.finish_reason, [(s.text, s.model, s.eos) for s in segments])
+        ref = results["none"]
+        assert ref[0] and len(ref[2]) >= 3
+        for label, got in results.items():
+            assert got == ref, (label, prompt)
+
+
+async def test_switches_take_effect(engine):
+    """All on: identical segments skip scoring, own rows are reused, lookahead gets replayed
+    (two copies: every segment is identical); all off: none of it."""
+    on, _ = await run(engine, PROMPTS[0], "cool", ["smollm2", "smollm2b"], FusionOptions())
+    assert on.timings.identical_segments == on.segments == on.timings.skipped_scores
+    off, _ = await run(engine, PROMPTS[0], "cool", ["smollm2", "smollm2b"], FusionOptions.none())
+    assert off.timings.skipped_scores == off.timings.reused_rows == off.timings.reused_tokens == 0
+    assert off.timings.scored_rows == 2 * 2 * off.segments  # 2 workers x 2 candidates
+    cool, _ = await run(engine, PROMPTS[1], "cool", ["smollm2", "gemma3"], FusionOptions(skip_identical=False))
+    assert cool.timings.reused_rows > 0
+    distinct = cool.segments - cool.timings.identical_segments  # identical ones: one row per worker (dedup)
+    assert cool.timings.scored_rows + cool.timings.reused_rows == 2 * (2 * distinct + cool.timings.identical_segments)
+
+
+async def test_core_own_row_and_lookahead_replay(cluster):
+    # Off the event loop: the core's boundary checks call the tokenizer service served by this loop.
+    await asyncio.to_thread(_core_own_row_and_lookahead_replay, cluster.cores["smollm2"])
+
+
+def _core_own_row_and_lookahead_replay(core):
+    sid, _, _ = core.open(PROMPTS[0])
+    try:
+        r = core.next_text(sid, [], 8)
+        scores = core.score_candidates(sid, [(r.text, r.eos), (" and", False)], own_state_id=r.state_id)
+        assert scores[0].reused and scores[0].state_id == r.state_id and scores[0].logprobs == r.logprobs
+        assert not scores[1].reused
+        plain = core.score_candidates(sid, [(r.text, r.eos)])
+        assert plain[0].ppl == pytest.approx(scores[0].ppl, rel=1e-4)
+        # Commit the own state; the next NextText replays the kept lookahead.
+        core.update_state(sid, r.state_id)
+        kept = len(core._sessions[sid].ahead_tokens)
+        r2 = core.next_text(sid, [], 8)
+        assert r2.reused_tokens == kept
+    finally:
+        core.close(sid)
+    # The same run without replay gives the same tokens.
+    sid, _, _ = core.open(PROMPTS[0])
+    try:
+        a = core.next_text(sid, [], 8, reuse_lookahead=False)
+        core.update_state(sid, a.state_id)
+        b = core.next_text(sid, [], 8, reuse_lookahead=False)
+        assert b.reused_tokens == 0
+        assert (a.token_ids, b.token_ids, b.logprobs) == (r.token_ids, r2.token_ids, r2.logprobs)
+    finally:
+        core.close(sid)
