@@ -190,6 +190,8 @@ def plot(summary: dict, path: Path) -> None:
     x = range(len(modes))
     ax_acc.bar([i - 0.2 for i in x], [summary[m]["strict_acc"] * 100 for m in modes], 0.4, label="strict")
     ax_acc.bar([i + 0.2 for i in x], [summary[m]["flexible_acc"] * 100 for m in modes], 0.4, label="flexible")
+    top = max([summary[m]["flexible_acc"] for m in modes] + [summary[m]["strict_acc"] for m in modes] + [0.0]) * 100
+    ax_acc.set_ylim(0, max(5.0, top * 1.2))  # all-zero accuracies still get a sane axis
     ax_acc.set_ylabel("accuracy (%)")
     ax_acc.set_title("GSM8K accuracy")
     ax_acc.legend()
