@@ -9,7 +9,7 @@
     coolfusion drain ADDR [--min-wait S] [--timeout S]   worker preStop hook (Kubernetes)
 
 Service flags fall back to env vars (containers): COOLFUSION_HOST/PORT, tokenizer
-COOLFUSION_MODELS, worker COOLFUSION_MODEL/TOKENIZER/DEVICE/THREADS, orchestrator
+COOLFUSION_MODELS, worker COOLFUSION_MODEL/TOKENIZER/DEVICE/THREADS/SESSION_TTL/MAX_SESSIONS/KV_BUDGET_MB, orchestrator
 COOLFUSION_WORKERS="a=host:port,b=dns:///svc:50052".
 """
 
@@ -73,20 +73,37 @@ def cmd_tokenizer(args) -> int:
     return 0
 
 
+LOADING_PREFIX = "COOLFUSION_LOADING "  # stdout: a worker bound its port and loads its model (health NOT_SERVING)
+
+
 def cmd_worker(args) -> int:
     import torch
 
-    from ..services.worker.server import build_service
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    address = _bind(args.host, args.port)
-
-    def make():
-        return build_service(args.model, args.tokenizer_service, address, device=args.device)
-
-    asyncio.run(_serve(make, "worker", args.grace, args.metrics_port))
+    asyncio.run(_serve_worker(args))
     return 0
+
+
+async def _serve_worker(args) -> None:
+    """Bind first and report NOT_SERVING while the model loads, then SERVING (and the ready line)."""
+    from ..services.common.metrics import start_metrics_server
+    from ..services.worker.server import build_loading_service, load_core
+    from .launcher import announce_ready
+
+    start_metrics_server(args.metrics_port)
+    service, servicer = build_loading_service(args.model, _bind(args.host, args.port))
+    port = await service.start(serving=False)
+    print(f"{LOADING_PREFIX}{json.dumps({'service': 'worker', 'port': port})}", flush=True)
+    limits = dict(
+        session_ttl=args.session_ttl, max_sessions=args.max_sessions, kv_budget_bytes=int(args.kv_budget_mb * 2**20)
+    )
+    core = await asyncio.to_thread(load_core, args.model, args.tokenizer_service, args.device, **limits)
+    servicer.set_core(core)
+    await service.set_serving()
+    announce_ready("worker", port)
+    logging.getLogger("coolfusion").info("worker serving on port %d", port)
+    await service.serve_until_signal(args.grace)
 
 
 def cmd_orchestrator(args) -> int:
@@ -429,6 +446,18 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--device", default=os.environ.get("COOLFUSION_DEVICE") or None)
     w.add_argument("--threads", type=int, default=int(os.environ.get("COOLFUSION_THREADS", 0)), help="torch threads (0: torch default)")
     w.add_argument("--grace", type=float, default=10.0)
+    w.add_argument(
+        "--session-ttl", type=float, default=float(os.environ.get("COOLFUSION_SESSION_TTL", 600)),
+        help="seconds a session may stay idle before it is freed (0: never; $COOLFUSION_SESSION_TTL)",
+    )
+    w.add_argument(
+        "--max-sessions", type=int, default=int(os.environ.get("COOLFUSION_MAX_SESSIONS", 256)),
+        help="live sessions; beyond, the least recently used idle one is evicted (0: no cap; $COOLFUSION_MAX_SESSIONS)",
+    )
+    w.add_argument(
+        "--kv-budget-mb", type=float, default=float(os.environ.get("COOLFUSION_KV_BUDGET_MB", 0)),
+        help="MiB of KV cache over all sessions; beyond, LRU idle sessions are evicted (0: none; $COOLFUSION_KV_BUDGET_MB)",
+    )
     w.set_defaults(func=cmd_worker)
 
     o = sub.add_parser("orchestrator", help="run the public Fusion service")

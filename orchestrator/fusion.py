@@ -25,13 +25,18 @@ average PPL wins) and ``cool-rerank`` (rerank among the cool answer and every mo
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Sequence
 
-from ..services.common.errors import InvalidArgument
+import grpc
+
+from ..services.common.errors import InvalidArgument, Unavailable
 from .workers import Proposal, Score, WorkerHandle
+
+log = logging.getLogger(__name__)
 
 MODES = ("cool", "cool-noalign", "rerank", "cool-rerank", "single:<model>")
 
@@ -93,6 +98,8 @@ class FusionRequest:
     stop: list[str] = field(default_factory=list)
     max_segment_tokens: int = 16
     options: FusionOptions | None = None  # None: the engine's
+    # A worker failing mid-generation (UNAVAILABLE) is dropped and the others go on (cool modes).
+    allow_degraded: bool = False
 
 
 @dataclass
@@ -155,6 +162,7 @@ class Final:
     timings: Timings
     segments: int
     mode: str
+    degraded_models: list[str] = field(default_factory=list)  # dropped after a worker failure
 
 
 def pick_winner(mean_ppls: Sequence[float]) -> int:
@@ -174,6 +182,17 @@ def find_stop(text: str, stops: Sequence[str], search_from: int) -> int | None:
         if at >= 0:
             hits.append(at)
     return min(hits) if hits else None
+
+
+def worker_down(exc: BaseException) -> bool:
+    """A worker failure that degraded fusion may survive (UNAVAILABLE: process gone, unreachable)."""
+    if isinstance(exc, Unavailable):
+        return True
+    return isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)) and exc.code() == grpc.StatusCode.UNAVAILABLE
+
+
+class _Degraded(Exception):
+    """Internal: models were dropped in this phase; the caller redoes the segment with the rest."""
 
 
 def _own_score(p: Proposal, identical_text) -> Score:
@@ -215,10 +234,11 @@ class FusionEngine:
         started = time.perf_counter()
         usage = {n: Usage() for n in names}
         timings = Timings()
+        dropped: dict[str, str] = {}  # degraded fusion (cool modes): model -> why it was dropped
         if mode in ("rerank", "cool-rerank"):
             gen = self._rerank(request, names, usage, timings, with_cool=mode == "cool-rerank")
         else:
-            gen = self._fuse_stream(request, names, usage, timings, align=mode != "cool-noalign")
+            gen = self._fuse_stream(request, names, usage, timings, align=mode != "cool-noalign", dropped=dropped)
         text, finish, count = "", "length", 0
         async for item in gen:
             if isinstance(item, Segment):
@@ -229,31 +249,83 @@ class FusionEngine:
             else:
                 text, finish = item
         timings.total_s = time.perf_counter() - started
-        yield Final(text, finish, usage, timings, count, mode)
+        yield Final(text, finish, usage, timings, count, mode, list(dropped))
 
     # ---- the loop ------------------------------------------------------------------------
-    async def _open(self, names, request, usage, timings) -> dict[str, str]:
+    async def _open(self, names, request, usage, timings, dropped: dict | None = None) -> dict[str, str]:
+        """Open a session per model. On a failure the sessions opened are closed again, unless
+        ``dropped`` is given (degraded fusion) and only workers that are down failed."""
         t0 = time.perf_counter()
-        opened = await asyncio.gather(*(self.workers[n].open(request.prompt, request.messages) for n in names))
+        opening = asyncio.ensure_future(
+            asyncio.gather(*(self.workers[n].open(request.prompt, request.messages) for n in names), return_exceptions=True)
+        )
+        try:
+            opened = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The caller left while sessions were opening: close each one as soon as it exists.
+            def close_opened(done):
+                if not done.cancelled():
+                    ids = {n: o.session_id for n, o in zip(names, done.result()) if not isinstance(o, BaseException)}
+                    if ids:
+                        asyncio.ensure_future(self._close(ids))
+
+            opening.add_done_callback(close_opened)
+            raise
         timings.open_s += time.perf_counter() - t0
+        sessions = {n: o.session_id for n, o in zip(names, opened) if not isinstance(o, BaseException)}
+        errors = [(n, o) for n, o in zip(names, opened) if isinstance(o, BaseException)]
+        if errors:
+            fatal = [e for _, e in errors if dropped is None or not worker_down(e)]
+            if fatal or not sessions or not request.allow_degraded:
+                await self._close(sessions)
+                raise (fatal or [errors[0][1]])[0]
+            for n, exc in errors:
+                self._drop(n, exc, dropped)
         for n, o in zip(names, opened):
-            usage[n].prompt_tokens += o.context_tokens
-        return {n: o.session_id for n, o in zip(names, opened)}
+            if n in sessions:
+                usage[n].prompt_tokens += o.context_tokens
+        return sessions
+
+    def _drop(self, name: str, exc: BaseException, dropped: dict) -> None:
+        log.warning("degraded fusion: dropping model %s after a worker failure: %s", name, exc)
+        dropped[name] = str(exc)
+
+    async def _gather_live(self, names: list[str], call, request, dropped: dict | None) -> list:
+        """``call(i, name)`` for every model at once. A worker that is down is dropped from
+        ``names`` (in place) when the request allows degraded fusion and another model remains;
+        then ``_Degraded`` carries the results of the others (None for the dropped)."""
+        results = await asyncio.gather(*(call(i, n) for i, n in enumerate(names)), return_exceptions=True)
+        errors = [(n, r) for n, r in zip(names, results) if isinstance(r, BaseException)]
+        if not errors:
+            return results
+        for _, r in errors:
+            if not isinstance(r, Exception):
+                raise r  # cancellation
+        fatal = [r for _, r in errors if not worker_down(r)]
+        if fatal or dropped is None or not request.allow_degraded or len(errors) == len(names):
+            raise (fatal or [errors[0][1]])[0]
+        for n, r in errors:
+            self._drop(n, r, dropped)
+            names.remove(n)
+        raise _Degraded([None if isinstance(r, BaseException) else r for r in results])
 
     async def _close(self, sessions: dict[str, str]) -> None:
         await asyncio.gather(*(self.workers[n].close(s) for n, s in sessions.items()), return_exceptions=True)
 
-    async def _fuse_stream(self, request, names, usage, timings, align: bool):
-        """Yields Segments, then (text, finish_reason)."""
-        sessions = await self._open(names, request, usage, timings)
+    async def _fuse_stream(self, request, names, usage, timings, align: bool, dropped: dict | None = None):
+        """Yields Segments, then (text, finish_reason). ``dropped``: degraded fusion allowed
+        (when the request asks), models dropped are recorded there."""
+        sessions = await self._open(names, request, usage, timings, dropped)
+        live = [n for n in names if n in sessions]
         try:
-            async for item in self._fuse(request, names, sessions, usage, timings, align):
+            async for item in self._fuse(request, live, sessions, usage, timings, align, dropped):
                 yield item
         finally:
-            await self._close(sessions)
+            await asyncio.shield(self._close(sessions))  # frees the sessions even if cancelled again
 
-    async def _fuse(self, request, names, sessions, usage, timings, align: bool):
+    async def _fuse(self, request, names, sessions, usage, timings, align: bool, dropped: dict | None = None):
         opts = request.options or self.options
+        names = list(names)  # models still in the fusion (degraded fusion drops failed ones)
         gen_kwargs = {} if opts.reuse_lookahead else {"reuse_lookahead": False}
         output = ""
         committed = {n: 0 for n in names}
@@ -267,16 +339,18 @@ class FusionEngine:
             # 1. Propose: each model generates up to a boundary common to all tokenizers
             #    (cool-noalign: to its own word boundary only).
             t0 = time.perf_counter()
-            proposals: list[Proposal] = list(
-                await asyncio.gather(
-                    *(
-                        self.workers[n].next_text(
-                            sessions[n], names if align else [n], min(request.max_segment_tokens, budget[n]), **gen_kwargs
-                        )
-                        for n in names
-                    )
+            boundary_names = list(names)
+            try:
+                proposals: list[Proposal] = await self._gather_live(
+                    names,
+                    lambda i, n: self.workers[n].next_text(
+                        sessions[n], boundary_names if align else [n], min(request.max_segment_tokens, budget[n]), **gen_kwargs
+                    ),
+                    request,
+                    dropped,
                 )
-            )
+            except _Degraded:
+                continue  # propose again with the models left
             t1 = time.perf_counter()
             timings.generate_s += t1 - t0
             slowest = max(proposals, key=lambda p: p.compute_s + p.boundary_s)
@@ -304,7 +378,10 @@ class FusionEngine:
                     kwargs = {"own_state_id": proposals[j].state_id} if opts.reuse_own_logprobs else {}
                     return await self.workers[v].score(sessions[v], unique, **kwargs)
 
-                rows = list(await asyncio.gather(*(score(j, v) for j, v in enumerate(names))))
+                try:
+                    rows = list(await self._gather_live(names, score, request, dropped))
+                except _Degraded:
+                    continue  # nothing committed yet: redo the segment with the models left
                 timings.worker_score_s += max(getattr(r, "compute_s", 0.0) for r in rows)
                 for v, row in zip(names, rows):
                     forwarded = [s for s in row if not s.reused]
@@ -342,12 +419,19 @@ class FusionEngine:
                     return own.state_id
                 return scores[j][w].state_id
 
-            results = await asyncio.gather(
-                *(self.workers[n].update_state(sessions[n], state_for(j)) for j, n in enumerate(names))
-            )
+            committing = list(names)
+            try:
+                results = await self._gather_live(
+                    names, lambda j, n: self.workers[n].update_state(sessions[n], state_for(j)), request, dropped
+                )
+            except _Degraded as degraded:
+                # The others committed s*: the segment stands without the dropped models.
+                results = degraded.args[0]
             timings.commit_s += time.perf_counter() - t2
-            timings.worker_commit_s += max(getattr(r, "compute_s", 0.0) for r in results)
-            for n, r in zip(names, results):
+            timings.worker_commit_s += max(getattr(r, "compute_s", 0.0) for r in results if r is not None)
+            for n, r in zip(committing, results):
+                if r is None:
+                    continue
                 committed[n] = r.committed_tokens
                 usage[n].output_tokens = r.committed_tokens
 
@@ -356,7 +440,7 @@ class FusionEngine:
             if stop_at is not None:
                 segment_text = (output + segment_text)[len(output) : stop_at]
             output += segment_text
-            yield Segment(index, segment_text, names[w], winner.eos, winner.token_ids, reports)
+            yield Segment(index, segment_text, committing[w], winner.eos, winner.token_ids, reports)
             index += 1
             if stop_at is not None:
                 yield output, "stop"
@@ -386,7 +470,7 @@ class FusionEngine:
             scores = await asyncio.gather(*(self.workers[v].score(sessions[v], texts) for v in names))
             timings.score_s += time.perf_counter() - t0
         finally:
-            await self._close(sessions)
+            await asyncio.shield(self._close(sessions))  # frees the sessions even if cancelled again
         return [{v: (scores[j][i].ppl, len(scores[j][i].token_ids)) for j, v in enumerate(names)} for i in range(len(texts))]
 
     async def _rerank(self, request, names, usage, timings, with_cool: bool):

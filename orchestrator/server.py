@@ -15,7 +15,7 @@ from ..services.common.errors import InvalidArgument, ResourceExhausted
 from ..services.common.metrics import SEGMENTS, TOKENS
 from ..services.common.server import GrpcService
 from .fusion import MODES, CandidateReport, Final, FusionEngine, FusionRequest, Segment
-from .workers import make_worker
+from .workers import call_deadline, make_worker
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Fusion"].full_name
@@ -67,6 +67,7 @@ def request_from_proto(r: pb.GenerateRequest, limits: Limits) -> FusionRequest:
         max_new_tokens=max_new,
         stop=list(r.stop),
         max_segment_tokens=seg,
+        allow_degraded=r.allow_degraded,
     )
 
 
@@ -114,6 +115,7 @@ def final_to_proto(f: Final) -> pb.FinalInfo:
         timings=pb.Timings(**vars(f.timings)),
         segments=f.segments,
         mode=f.mode,
+        degraded_models=f.degraded_models,
     )
 
 
@@ -169,6 +171,7 @@ class FusionServicer(pb_grpc.FusionServicer):
                 yield item
 
     async def GenerateStream(self, request, context):
+        call_deadline(context.time_remaining())  # every worker call gets the caller's remaining time
         async for item in self._run(request):
             if isinstance(item, Segment):
                 yield pb.GenerateStreamResponse(segment=segment_to_proto(item))
@@ -176,6 +179,7 @@ class FusionServicer(pb_grpc.FusionServicer):
                 yield pb.GenerateStreamResponse(final=final_to_proto(item))
 
     async def Generate(self, request, context):
+        call_deadline(context.time_remaining())
         segments, final = [], None
         async for item in self._run(request):
             if isinstance(item, Segment):
@@ -189,6 +193,7 @@ class FusionServicer(pb_grpc.FusionServicer):
             usage=final.usage,
             timings=final.timings,
             mode=final.mode,
+            degraded_models=final.degraded_models,
         )
 
     async def Score(self, request, context):
@@ -200,6 +205,7 @@ class FusionServicer(pb_grpc.FusionServicer):
         fusion_request = request_from_proto(proxy, self.limits)
         _, names = self.engine.resolve(fusion_request)
         eos = list(request.eos) or [False] * len(request.texts)
+        call_deadline(context.time_remaining())
         async with self.admission.slot():
             ppls = await self.engine.score_texts(fusion_request, names, list(zip(request.texts, eos)))
         return pb.ScoreResponse(

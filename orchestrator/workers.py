@@ -10,6 +10,7 @@ DNS records or a static list) and pins every session to the replica holding its 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import math
@@ -102,6 +103,25 @@ class WorkerHandle(Protocol):
     async def close(self, session_id: str) -> None: ...
 
 
+# Monotonic time by which the current request's caller gives up (set per request by the Fusion
+# servicer from ``context.time_remaining()``; copied into the tasks the request fans out to).
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("coolfusion_deadline", default=None)
+
+
+def call_deadline(seconds: float | None) -> None:
+    """Give every worker call of the current request at most ``seconds`` from now (None: no deadline)."""
+    _DEADLINE.set(None if seconds is None else time.monotonic() + max(0.0, seconds))
+
+
+def call_timeout(default: float | None) -> float | None:
+    """The timeout for a worker call now: the caller's remaining time, capped by ``default``."""
+    deadline = _DEADLINE.get()
+    if deadline is None:
+        return default
+    remaining = max(0.001, deadline - time.monotonic())
+    return remaining if default is None else min(default, remaining)
+
+
 class RemoteWorker:
     """A worker process reached over gRPC; fan-out calls are rate-capped by asyncio-throttle."""
 
@@ -113,10 +133,12 @@ class RemoteWorker:
         self.stub = pb_grpc.ModelWorkerStub(self.channel)
         self.throttler = Throttler(rate_limit=rate_limit, period=1.0)
 
-    async def _call(self, method, request):
+    async def _call(self, method, request, bounded: bool = True):
+        """``bounded``: within the caller's deadline (``call_deadline``); Close is not, it must
+        free the session even after the caller gave up."""
         async with self.throttler:
             try:
-                return await method(request, timeout=self.timeout)
+                return await method(request, timeout=call_timeout(self.timeout) if bounded else min(self.timeout or 30.0, 30.0))
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
                     # Name the worker: "connection refused" alone does not say which model is down.
@@ -177,7 +199,7 @@ class RemoteWorker:
         return Committed(r.committed_tokens, r.committed_text, r.compute_s)
 
     async def close(self, session_id: str) -> None:
-        await self._call(self.stub.Close, pb.CloseRequest(session_id=session_id))
+        await self._call(self.stub.Close, pb.CloseRequest(session_id=session_id), bounded=False)
 
     async def aclose(self) -> None:
         await self.channel.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Callable, Iterable
+from typing import Awaitable, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -61,8 +61,11 @@ class GrpcService:
             self.server,
         )
         self.port: int | None = None
+        self.on_stop: list[Callable[[], Awaitable[None]]] = []  # awaited after the server stopped
 
-    async def start(self) -> int:
+    async def start(self, serving: bool = True) -> int:
+        """Bind and serve; ``serving=False``: health reports NOT_SERVING until ``set_serving()``
+        (a worker loading its model)."""
         if self.tls is not None:
             self.port = self.server.add_secure_port(self.address, self.tls.credentials())
         else:
@@ -70,14 +73,20 @@ class GrpcService:
         if not self.port:
             raise OSError(f"could not bind {self.address}")
         await self.server.start()
-        for name in ["", *self.service_names]:
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.set_serving(serving)
         return self.port
+
+    async def set_serving(self, serving: bool = True) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Report NOT_SERVING, stop accepting, let in-flight calls finish for ``grace`` seconds."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        for hook in self.on_stop:
+            await hook()
 
     async def serve_until_signal(self, grace: float = 10.0) -> None:
         """Run until SIGTERM/SIGINT, then stop gracefully."""

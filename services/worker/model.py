@@ -41,6 +41,7 @@ import math
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Sequence
 
@@ -48,6 +49,7 @@ import torch
 
 from ..sources import ModelSpec, load_hf_model, load_hf_tokenizer
 from ..tokenizer.core import IncrementalDecoder, TokenizerCore, TokenizerRegistry
+from ..common.errors import ResourceExhausted
 from .errors import InvalidArgument, SessionNotFound, StateError
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ BoundaryFn = Callable[[str, str, list, list], "int | None"]
 
 CONTEXT_TAIL_CHARS = 64  # context given to the boundary check
 DEFAULT_SEGMENT_CAP = 256  # tokens per next_text call when the caller gives no max_tokens
+EVICTED_MEMORY = 4096  # ids of expired/evicted sessions remembered for a precise NOT_FOUND message
 
 
 # ---- results -----------------------------------------------------------------------------
@@ -164,6 +167,8 @@ class _Session:
     counter: itertools.count = field(default_factory=itertools.count)
     lock: threading.Lock = field(default_factory=threading.Lock)
     closed: bool = False
+    closed_reason: str = "was closed"
+    last_used: float = field(default_factory=time.monotonic)  # end of the last call (LRU, idle TTL)
 
 
 class WorkerCore:
@@ -186,11 +191,23 @@ class WorkerCore:
         hf_tokenizer=None,
         reuse_lookahead: bool = True,
         reuse_own_logprobs: bool = True,
+        session_ttl: float | None = None,
+        max_sessions: int = 0,
+        kv_budget_bytes: int = 0,
     ):
         """``reuse_lookahead``: NextText replays the greedy tokens kept past a committed NextText
         state instead of recomputing them (per-call override in ``next_text``).
         ``reuse_own_logprobs``: ``score_candidates(..., own_state_id=...)`` takes a candidate's
-        log-probs from that NextText state when its tokens equal the candidate's encoding."""
+        log-probs from that NextText state when its tokens equal the candidate's encoding.
+
+        Session limits (0/None: none): ``session_ttl`` seconds idle before ``reap()`` frees a
+        session; ``max_sessions`` live sessions, ``kv_budget_bytes`` of KV cache over all sessions:
+        beyond them the least recently used idle sessions are evicted (at ``open`` and ``reap``).
+        A call on an expired or evicted session gets NOT_FOUND saying so."""
+        self.session_ttl = session_ttl or None
+        self.max_sessions = int(max_sessions or 0)
+        self.kv_budget_bytes = int(kv_budget_bytes or 0)
+        self._evicted: OrderedDict[str, str] = OrderedDict()
         self.name = name
         self.reuse_lookahead = reuse_lookahead
         self.reuse_own_logprobs = reuse_own_logprobs
@@ -300,8 +317,12 @@ class WorkerCore:
             next_logits=logits[0, -1].to(copy=True, dtype=torch.float32),
             fed=len(ids),
         )
+        if self.max_sessions:
+            self._make_room(self.max_sessions - 1)
         with self._lock:
             self._sessions[session.id] = session
+        if self.kv_budget_bytes:
+            self._enforce_budget(keep=session.id)
         return OpenResult(session.id, len(ids), text)
 
     # ---- M2 ------------------------------------------------------------------------------
@@ -522,10 +543,110 @@ class WorkerCore:
         with self._lock:
             return list(self._sessions)
 
+    # ---- session limits ------------------------------------------------------------------
+    def stats(self) -> tuple[int, int]:
+        """(live sessions, KV bytes over all sessions); unlocked, for gauges and budgets."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        return len(sessions), sum(self._kv_bytes(s) for s in sessions)
+
+    def reap(self, now: float | None = None) -> list[str]:
+        """Free sessions idle longer than ``session_ttl``, then enforce ``max_sessions`` and
+        ``kv_budget_bytes`` (LRU idle sessions first). Returns the ids freed."""
+        now = time.monotonic() if now is None else now
+        freed = []
+        if self.session_ttl:
+            with self._lock:
+                stale = [s for s in self._sessions.values() if now - s.last_used > self.session_ttl]
+            for s in stale:
+                idle = now - s.last_used
+                if self._evict(s, f"expired after {idle:.0f} s idle (session TTL {self.session_ttl:g} s)", now):
+                    freed.append(s.id)
+        if self.max_sessions:
+            freed += self._make_room(self.max_sessions, strict=False)
+        if self.kv_budget_bytes:
+            freed += self._enforce_budget()
+        return freed
+
+    def _lru_idle(self, keep: str | None = None) -> list[_Session]:
+        with self._lock:
+            sessions = [s for s in self._sessions.values() if s.id != keep]
+        return sorted((s for s in sessions if not s.lock.locked()), key=lambda s: s.last_used)
+
+    def _make_room(self, limit: int, strict: bool = True) -> list[str]:
+        """Evict LRU idle sessions until at most ``limit`` are live; RESOURCE_EXHAUSTED when
+        ``strict`` and every remaining session is in a call."""
+        freed = []
+        while True:
+            with self._lock:
+                live = len(self._sessions)
+            if live <= limit:
+                return freed
+            victims = self._lru_idle()
+            evicted = next(
+                (s for s in victims if self._evict(s, f"was evicted (least recently used; max {self.max_sessions} sessions)")),
+                None,
+            )
+            if evicted is None:
+                if strict:
+                    raise ResourceExhausted(
+                        f"worker {self.name!r} holds {live} sessions (max {self.max_sessions}), all in use; retry later"
+                    )
+                return freed
+            freed.append(evicted.id)
+
+    def _enforce_budget(self, keep: str | None = None) -> list[str]:
+        """Evict LRU idle sessions (never ``keep``) while the KV bytes exceed the budget."""
+        freed = []
+        mb = self.kv_budget_bytes / 2**20
+        for s in self._lru_idle(keep):
+            if self.stats()[1] <= self.kv_budget_bytes:
+                break
+            if self._evict(s, f"was evicted (least recently used; KV budget {mb:g} MiB exceeded)"):
+                freed.append(s.id)
+        return freed
+
+    def _evict(self, s: _Session, reason: str, now: float | None = None) -> bool:
+        """Free an idle session (False when it is in a call, was used since ``now`` or is gone)."""
+        if not s.lock.acquire(blocking=False):
+            return False
+        try:
+            if s.closed or (now is not None and self.session_ttl and now - s.last_used <= self.session_ttl):
+                return False
+            with self._lock:
+                if self._sessions.get(s.id) is not s:
+                    return False
+                del self._sessions[s.id]
+                self._evicted[s.id] = reason
+                while len(self._evicted) > EVICTED_MEMORY:
+                    self._evicted.popitem(last=False)
+            s.closed, s.closed_reason = True, reason
+            s.cache = None
+            s.next_logits = None
+            s.states.clear()
+            self._clear_ahead(s)
+            log.info("session %s on %s %s", s.id, self.name, reason)
+            return True
+        finally:
+            s.lock.release()
+
+    @staticmethod
+    def _kv_bytes(s: _Session) -> int:
+        kv = 0
+        for layer in getattr(s.cache, "layers", ()) if s.cache is not None else ():
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor):
+                    kv += t.numel() * t.element_size()
+        return kv
+
     # ---- internals -----------------------------------------------------------------------
     def _session(self, session_id: str):
         with self._lock:
             s = self._sessions.get(session_id)
+            reason = self._evicted.get(session_id) if s is None else None
+        if reason is not None:
+            raise SessionNotFound(f"session {session_id!r} on worker {self.name!r} {reason}")
         if s is None:
             raise SessionNotFound(f"no session {session_id!r} on worker {self.name!r} (closed or never opened)")
         return _Locked(s, self.name)
@@ -599,12 +720,7 @@ class WorkerCore:
     def session_bytes(self, session_id: str) -> dict:
         """Memory held by a session: KV cache tensors and kept logits, in bytes."""
         with self._session(session_id) as s:
-            kv = 0
-            for layer in getattr(s.cache, "layers", ()):
-                for name in ("keys", "values"):
-                    t = getattr(layer, name, None)
-                    if isinstance(t, torch.Tensor):
-                        kv += t.numel() * t.element_size()
+            kv = self._kv_bytes(s)
             logits = sum(t.numel() * t.element_size() for t in s.ahead_logits)
             if s.next_logits is not None:
                 logits += s.next_logits.numel() * s.next_logits.element_size()
@@ -681,8 +797,9 @@ class _Locked:
         self.session.lock.acquire()
         if self.session.closed:
             self.session.lock.release()
-            raise SessionNotFound(f"session {self.session.id!r} on worker {self.worker!r} was closed")
+            raise SessionNotFound(f"session {self.session.id!r} on worker {self.worker!r} {self.session.closed_reason}")
         return self.session
 
     def __exit__(self, *exc) -> None:
+        self.session.last_used = time.monotonic()
         self.session.lock.release()

@@ -2,11 +2,17 @@
 
 Model compute runs on one dedicated thread per worker: torch already uses every core it is
 given for one forward, and a single compute thread keeps sessions from oversubscribing them.
+
+A worker process serves health (NOT_SERVING) while its model loads; until then every call gets
+UNAVAILABLE "loading" (``WorkerServicer(None)`` + ``set_core``). A reaper task frees idle
+sessions past their TTL and enforces the session cap and KV budget, and keeps the
+live-sessions / KV-bytes gauges current.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,13 +20,15 @@ from concurrent.futures import ThreadPoolExecutor
 from coolfusion.protos import worker_pb2 as pb
 from coolfusion.protos import worker_pb2_grpc as pb_grpc
 
-from ..common.errors import InvalidArgument
+from ..common.errors import InvalidArgument, Unavailable
+from ..common.metrics import KV_BYTES, LIVE_SESSIONS
 from ..common.server import GrpcService
 from ..sources import parse_spec
 from ..tokenizer.client import TokenizerClient
 from .model import WorkerCore
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelWorker"].full_name
+log = logging.getLogger(__name__)
 
 
 def _field(obj, name):
@@ -28,15 +36,84 @@ def _field(obj, name):
 
 
 class WorkerServicer(pb_grpc.ModelWorkerServicer):
-    def __init__(self, core: WorkerCore):
-        self.core = core
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{core.name}")
+    """``core=None``: the model is still loading (every call: UNAVAILABLE) until ``set_core``.
+
+    ``reap_interval``: seconds between reaper passes (default: a quarter of the session TTL,
+    between 0.2 and 5 s)."""
+
+    def __init__(self, core: WorkerCore | None, name: str = "", reap_interval: float | None = None):
+        self._core = None
+        self.name = name
+        self.reap_interval = reap_interval
+        self._reaper: asyncio.Task | None = None
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name or 'worker'}")
+        if core is not None:
+            self.set_core(core)
+
+    def set_core(self, core: WorkerCore) -> None:
+        """The model is loaded: calls are served from now on."""
+        self._core = core
+        self.name = core.name
+        try:
+            asyncio.get_running_loop()
+            self.start_reaper()
+        except RuntimeError:
+            pass  # no loop yet: started by the first call
+
+    @property
+    def core(self) -> WorkerCore:
+        if self._core is None:
+            raise Unavailable(f"worker {self.name or '?'} is loading its model; retry when health reports SERVING")
+        return self._core
+
+    # ---- session reaper ------------------------------------------------------------------
+    def start_reaper(self) -> None:
+        if self._core is None or (self._reaper is not None and not self._reaper.done()):
+            return
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_loop(), name=f"reaper-{self.name}")
+
+    async def stop_reaper(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            try:
+                await self._reaper
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+            self._reaper = None
+
+    def _interval(self) -> float:
+        if self.reap_interval:
+            return self.reap_interval
+        ttl = self._core.session_ttl if self._core is not None else None
+        return min(5.0, max(0.2, ttl / 4)) if ttl else 5.0
+
+    def update_gauges(self) -> tuple[int, int]:
+        live, kv = self._core.stats()
+        LIVE_SESSIONS.labels(self.name).set(live)
+        KV_BYTES.labels(self.name).set(kv)
+        return live, kv
+
+    async def _reap_loop(self) -> None:
+        while True:
+            try:
+                # Non-blocking (idle sessions only, try-locks): runs beside the compute thread.
+                freed = await asyncio.to_thread(self._core.reap)
+                if freed:
+                    log.info("worker %s freed %d idle session(s)", self.name, len(freed))
+                self.update_gauges()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the reaper must survive anything
+                log.exception("session reaper of %s failed", self.name)
+            await asyncio.sleep(self._interval())
 
     async def _run(self, fn, *args):
+        self.start_reaper()
         return await asyncio.get_running_loop().run_in_executor(self.executor, lambda: fn(*args))
 
     async def _timed(self, fn, *args):
         """(result, seconds the call ran on the compute thread)."""
+        self.start_reaper()
 
         def call():
             t0 = time.perf_counter()
@@ -54,14 +131,32 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
             messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
             if not messages:
                 raise InvalidArgument("messages is empty")
-            session_id, n_tokens, text = await self._run(self.core.open, None, messages)
+            session_id, n_tokens, text = await self._open(messages)
         else:
             try:
                 prompt = request.prompt.decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise InvalidArgument(f"prompt is not valid UTF-8 (byte {exc.start})") from None
-            session_id, n_tokens, text = await self._run(self.core.open, prompt, None)
+            session_id, n_tokens, text = await self._open(None, prompt)
+        self.update_gauges()
         return pb.OpenResponse(session_id=session_id, context_tokens=n_tokens, context_text=text)
+
+    async def _open(self, messages, prompt=None):
+        """core.open on the compute thread; when the caller is gone before it returns (cancel,
+        deadline) the session it made is closed again instead of leaking."""
+        self.start_reaper()
+        core = self.core
+        job = self.executor.submit(core.open, prompt, messages)
+        try:
+            return await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            def close_orphan(done):
+                if not done.cancelled() and done.exception() is None:
+                    core.close(done.result().session_id)
+                    log.info("closed session %s: its Open was cancelled", done.result().session_id)
+
+            job.add_done_callback(close_orphan)
+            raise
 
     async def NextToken(self, request, context):
         token_id, logprob, eos = await self._run(self.core.next_token, request.session_id)
@@ -107,14 +202,36 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
 
     async def Close(self, request, context):
         existed = await self._run(self.core.close, request.session_id)
+        self.update_gauges()
         return pb.CloseResponse(existed=existed)
 
 
-def build_service(model_spec: str, tokenizer_address: str, address: str = "127.0.0.1:0", device: str | None = None) -> GrpcService:
-    """Load the model, connect to the tokenizer service for boundary checks, wrap in a server."""
+def build_service(
+    model_spec: str,
+    tokenizer_address: str,
+    address: str = "127.0.0.1:0",
+    device: str | None = None,
+    **session_limits,
+) -> GrpcService:
+    """Load the model, connect to the tokenizer service for boundary checks, wrap in a server.
+
+    ``session_limits``: ``session_ttl``, ``max_sessions``, ``kv_budget_bytes`` of ``WorkerCore``."""
+    service, servicer = build_loading_service(model_spec, address)
+    servicer.set_core(load_core(model_spec, tokenizer_address, device, **session_limits))
+    return service
+
+
+def build_loading_service(model_spec: str, address: str = "127.0.0.1:0") -> tuple[GrpcService, WorkerServicer]:
+    """A worker server without its model yet: start it with ``start(serving=False)``, load the
+    core (``load_core``, in a thread), then ``servicer.set_core(core)`` and ``service.set_serving()``."""
+    servicer = WorkerServicer(None, name=parse_spec(model_spec).name)
+    service = GrpcService(lambda server: pb_grpc.add_ModelWorkerServicer_to_server(servicer, server), [SERVICE_NAME], address)
+    service.on_stop.append(servicer.stop_reaper)
+    return service, servicer
+
+
+def load_core(model_spec: str, tokenizer_address: str, device: str | None = None, **session_limits) -> WorkerCore:
     spec = parse_spec(model_spec)
     boundary = TokenizerClient(tokenizer_address)
     boundary.wait_ready()
-    core = WorkerCore(spec.name, spec, device=device, boundary=boundary.common_boundary)
-    servicer = WorkerServicer(core)
-    return GrpcService(lambda server: pb_grpc.add_ModelWorkerServicer_to_server(servicer, server), [SERVICE_NAME], address)
+    return WorkerCore(spec.name, spec, device=device, boundary=boundary.common_boundary, **session_limits)
