@@ -91,6 +91,29 @@ def load_items(path: Path) -> list[Item]:
     return items
 
 
+def fetch_gsm8k(target_dir: Path) -> tuple[Path, Path] | None:
+    """With no --data: GSM8K (openai/gsm8k, config "main") through `datasets`, if it is installed
+    and the hub can be reached; written as test.jsonl/train.jsonl. None otherwise."""
+    try:
+        import datasets  # optional; not a dependency of coolfusion
+    except ImportError:
+        return None
+    target_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    try:
+        for split in ("test", "train"):
+            path = target_dir / f"{split}.jsonl"
+            if not path.exists():
+                rows = datasets.load_dataset("openai/gsm8k", "main", split=split)
+                with open(path, "w", encoding="utf-8") as fh:
+                    for row in rows:
+                        fh.write(json.dumps({"question": row["question"], "answer": row["answer"]}) + "\n")
+            paths.append(path)
+    except Exception:  # offline, or the hub refused: the caller prints what to pass instead
+        return None
+    return paths[0], paths[1]
+
+
 def few_shot_prefix(exemplars: Sequence[Item]) -> str:
     return "".join(f"Question: {e.question}\nAnswer: {e.answer}\n\n" for e in exemplars)
 
