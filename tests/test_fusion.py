@@ -156,6 +156,9 @@ async def test_chat_generation_through_fusion(cluster, client):
         (dict(prompt="hi", mode="bogus"), "unknown mode"),
         (dict(prompt="hi", mode="single:nope"), "unknown model"),
         (dict(messages=[{"role": "wizard", "content": "x"}]), "role"),
+        (dict(messages=[{"role": "user", "content": " "}]), "content is empty"),
+        (dict(prompt="x" * 200_001), "the limit is 200000"),
+        (dict(prompt="hi", max_segment_tokens=-3), "max_segment_tokens"),
     ],
 )
 async def test_bad_requests_get_invalid_argument(cluster, client, kwargs, fragment):
@@ -172,3 +175,16 @@ async def test_list_models(cluster, client):
     reply = await client.list_models()
     assert [m.name for m in reply.models] == ["smollm2", "gemma3", "smollm2b"]
     assert "single:gemma3" in reply.modes and "cool" in reply.modes
+
+
+async def test_invalid_utf8_gets_invalid_argument(cluster, client):
+    raw = bytes([0x0A, 0x02, 0xFF, 0xFE])  # GenerateRequest.prompt (field 1) = b"\xff\xfe"
+    call = client.channel.unary_unary(
+        "/coolfusion.v1.Fusion/Generate", request_serializer=lambda b: b, response_deserializer=lambda b: b
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call(raw, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed request" in info.value.details() and "UTF-8" in info.value.details()
+    ok = await client.generate("1, 2, 3,", mode="single:smollm2", max_new_tokens=3)
+    assert ok.text

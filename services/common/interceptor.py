@@ -13,7 +13,7 @@ import time
 
 import grpc
 
-from .errors import status_for
+from .errors import InvalidArgument, status_for
 from .metrics import LATENCY, REQUESTS
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,32 @@ async def _abort(context: grpc.aio.ServicerContext, method: str, exc: Exception)
     await context.abort(code, message)
 
 
+class MalformedRequest:
+    """What a request that protobuf cannot parse (e.g. bad UTF-8 in a string field) becomes, so
+    the handler can answer INVALID_ARGUMENT instead of grpc's generic UNKNOWN."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _safe(deserializer):
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError and friends
+            return MalformedRequest(exc)
+
+    return parse
+
+
+def _check_parsed(request) -> None:
+    if isinstance(request, MalformedRequest):
+        raise InvalidArgument(f"malformed request: {request.error}")
+
+
 class ExceptionToStatusInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -46,6 +72,7 @@ class ExceptionToStatusInterceptor(grpc.aio.ServerInterceptor):
             async def unary_unary(request, context):
                 started = time.perf_counter()
                 try:
+                    _check_parsed(request)
                     reply = await inner(request, context)
                     REQUESTS.labels(method, "OK").inc()
                     return reply
@@ -60,7 +87,7 @@ class ExceptionToStatusInterceptor(grpc.aio.ServerInterceptor):
                     LATENCY.labels(method).observe(time.perf_counter() - started)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary_unary, handler.request_deserializer, handler.response_serializer
+                unary_unary, _safe(handler.request_deserializer), handler.response_serializer
             )
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
@@ -68,6 +95,7 @@ class ExceptionToStatusInterceptor(grpc.aio.ServerInterceptor):
             async def unary_stream(request, context):
                 started = time.perf_counter()
                 try:
+                    _check_parsed(request)
                     result = inner_stream(request, context)
                     if inspect.isasyncgen(result):
                         async for item in result:
@@ -86,6 +114,6 @@ class ExceptionToStatusInterceptor(grpc.aio.ServerInterceptor):
                     LATENCY.labels(method).observe(time.perf_counter() - started)
 
             return grpc.unary_stream_rpc_method_handler(
-                unary_stream, handler.request_deserializer, handler.response_serializer
+                unary_stream, _safe(handler.request_deserializer), handler.response_serializer
             )
         return handler
