@@ -340,12 +340,16 @@ def cmd_eval(args) -> int:
     from . import evaluate
 
     if not args.data:
-        print(
-            "error: pass --data PATH to a GSM8K JSONL (question/answer), e.g. "
-            "--data ../shared/data/gsm8k/test.jsonl; no network download is attempted",
-            file=sys.stderr,
-        )
-        return 2
+        fetched = evaluate.fetch_gsm8k(Path(args.out) / "data")
+        if fetched is None:
+            print(
+                "error: pass --data PATH to a GSM8K JSONL (question/answer), e.g. "
+                "--data ../shared/data/gsm8k/test.jsonl (openai/gsm8k could not be loaded: "
+                "`datasets` is not installed or the hub is unreachable)",
+                file=sys.stderr,
+            )
+            return 2
+        args.data = str(fetched[0])
     data = Path(args.data)
     train = Path(args.train) if args.train else data.with_name("train.jsonl")
     if not data.exists():
