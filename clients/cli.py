@@ -36,12 +36,10 @@ def _models_arg(text: str) -> list[str]:
     return [m.strip() for m in text.split(",") if m.strip()]
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from ..services.common.logs import setup_logging
+
+    setup_logging(level, fmt)
 
 
 def _bind(host: str, port: int) -> str:
@@ -409,6 +407,10 @@ def cmd_eval(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coolfusion", description="Fuse LLMs with different tokenizers, without training.")
     parser.add_argument("--log-level", default=os.environ.get("COOLFUSION_LOG_LEVEL", "WARNING"))
+    parser.add_argument(
+        "--log-format", choices=["text", "json"], default=os.environ.get("COOLFUSION_LOG_FORMAT", "text"),
+        help="json: one JSON object per line, with request_id on request logs",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     defaults = default_models()
 
@@ -525,7 +527,9 @@ def main(argv: list[str] | None = None) -> int:
     from ..services.sources import UnknownModelError
 
     args = build_parser().parse_args(argv)
-    _setup_logging(args.log_level if args.command in ("generate", "serve", "healthcheck", "eval") else "INFO")
+    _setup_logging(
+        args.log_level if args.command in ("generate", "serve", "healthcheck", "eval") else "INFO", args.log_format
+    )
     try:
         return args.func(args)
     except UnknownModelError as exc:

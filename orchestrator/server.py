@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+import uuid
 import math
 from dataclasses import dataclass
 
@@ -158,21 +160,39 @@ class FusionServicer(pb_grpc.FusionServicer):
         self.limits = limits or Limits()
         self.admission = Admission(max_concurrent, max_queue)
 
-    async def _run(self, request: pb.GenerateRequest):
-        fusion_request = request_from_proto(request, self.limits)
-        self.engine.resolve(fusion_request)  # unknown model/mode fail before any work
-        async with self.admission.slot():
-            async for item in self.engine.generate(fusion_request):
-                if isinstance(item, Segment):
-                    SEGMENTS.labels(item.model).inc()
-                else:
-                    for model, usage in item.usage.items():
-                        TOKENS.labels(model).inc(usage.generated_tokens)
-                yield item
+    async def _run(self, request: pb.GenerateRequest, context):
+        # A request id from the caller (field or x-request-id metadata) or a fresh one: it tags every
+        # log line of this request and goes back to the caller as x-request-id.
+        metadata = dict(context.invocation_metadata() or ())
+        request_id = request.request_id or metadata.get("x-request-id") or uuid.uuid4().hex[:16]
+        context.set_trailing_metadata((("x-request-id", request_id),))
+        tags = {"request_id": request_id}
+        started = time.perf_counter()
+        try:
+            fusion_request = request_from_proto(request, self.limits)
+            mode, names = self.engine.resolve(fusion_request)  # unknown model/mode fail before any work
+            tags.update(mode=mode, models=names, max_new_tokens=fusion_request.max_new_tokens)
+            log.info("generation started", extra=tags)
+            async with self.admission.slot():
+                async for item in self.engine.generate(fusion_request):
+                    if isinstance(item, Segment):
+                        SEGMENTS.labels(item.model).inc()
+                    else:
+                        for model, usage in item.usage.items():
+                            TOKENS.labels(model).inc(usage.generated_tokens)
+                        tags.update(finish_reason=item.finish_reason, segments=item.segments)
+                    yield item
+        except asyncio.CancelledError:
+            log.info("generation cancelled", extra={**tags, "duration_s": round(time.perf_counter() - started, 3)})
+            raise
+        except Exception as exc:
+            log.info("generation failed: %s", exc, extra={**tags, "duration_s": round(time.perf_counter() - started, 3)})
+            raise
+        log.info("generation finished", extra={**tags, "duration_s": round(time.perf_counter() - started, 3)})
 
     async def GenerateStream(self, request, context):
         call_deadline(context.time_remaining())  # every worker call gets the caller's remaining time
-        async for item in self._run(request):
+        async for item in self._run(request, context):
             if isinstance(item, Segment):
                 yield pb.GenerateStreamResponse(segment=segment_to_proto(item))
             else:
@@ -181,7 +201,7 @@ class FusionServicer(pb_grpc.FusionServicer):
     async def Generate(self, request, context):
         call_deadline(context.time_remaining())
         segments, final = [], None
-        async for item in self._run(request):
+        async for item in self._run(request, context):
             if isinstance(item, Segment):
                 segments.append(segment_to_proto(item))
             else:

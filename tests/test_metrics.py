@@ -8,7 +8,7 @@ import urllib.request
 import grpc
 import pytest
 
-from coolfusion.clients.client import FusionClient
+from coolfusion.clients.client import FusionClient, build_request
 from coolfusion.services.common.metrics import start_metrics_server
 
 
@@ -38,3 +38,23 @@ async def test_metrics_count_requests_errors_and_segments(cluster):
     seg = 'coolfusion_segments_total{model="smollm2"}'
     assert _value(after, seg) == _value(before, seg) + len(reply.segments)
     assert 'coolfusion_request_seconds_bucket{le="0.005",method="/coolfusion.v1.ModelWorker/NextText"}' in after
+
+
+async def test_request_id_tags_structured_logs_and_comes_back(cluster, caplog):
+    import json
+    import logging
+
+    from coolfusion.services.common.logs import JsonFormatter
+
+    caplog.set_level(logging.INFO, logger="coolfusion.orchestrator.server")
+    async with FusionClient(cluster.address) as client:
+        call = client.stub.Generate(
+            build_request("1, 2, 3,", mode="single:smollm2", max_new_tokens=2, request_id="req-42")
+        )
+        reply = await call
+        trailing = tuple(await call.trailing_metadata())
+    assert reply.text
+    assert ("x-request-id", "req-42") in trailing
+    lines = [json.loads(JsonFormatter().format(r)) for r in caplog.records if getattr(r, "request_id", None) == "req-42"]
+    assert [l["msg"] for l in lines] == ["generation started", "generation finished"]
+    assert lines[-1]["finish_reason"] in ("eos", "length", "stop") and lines[-1]["models"] == ["smollm2"]
