@@ -8,7 +8,7 @@ install:
 
 # Install, then fuse the two bundled models on one prompt.
 demo: install
-	$(VENV)/bin/coolfusion generate "$$(printf '$(PROMPT)')" --max-new-tokens 48
+	$(VENV)/bin/coolfusion generate "$$(printf '$(PROMPT)')" --max-new-tokens 48 --stop "Question:"
 
 test: install
 	$(VENV)/bin/python -m pytest -q
