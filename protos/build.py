@@ -42,17 +42,6 @@ def generate(target: Path | None = None) -> list[Path]:
     return written
 
 
-def is_stale(target: Path = PROTO_DIR) -> bool:
-    """True when a generated module is missing or older than its .proto."""
-    for name in PROTOS:
-        src = PROTO_DIR / name
-        for suffix in ("_pb2.py", "_pb2_grpc.py"):
-            out = target / (name[:-6] + suffix)
-            if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
-                return True
-    return False
-
-
 if __name__ == "__main__":
     for path in generate(Path(sys.argv[1]) if len(sys.argv) > 1 else None):
         print(path)

@@ -31,10 +31,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelWorker"].full_name
 log = logging.getLogger(__name__)
 
 
-def _field(obj, name):
-    return obj[name] if isinstance(obj, dict) else getattr(obj, name)
-
-
 class WorkerServicer(pb_grpc.ModelWorkerServicer):
     """``core=None``: the model is still loading (every call: UNAVAILABLE) until ``set_core``.
 
@@ -179,7 +175,7 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
         r = await self._run(
             self.core.next_text, request.session_id, list(request.boundary_tokenizer_ids), request.max_tokens, reuse
         )
-        return pb.NextTextResponse(**{k: _field(r, k) for k in pb.NextTextResponse.DESCRIPTOR.fields_by_name})
+        return pb.NextTextResponse(**{k: getattr(r, k) for k in pb.NextTextResponse.DESCRIPTOR.fields_by_name})
 
     async def ScoreCandidates(self, request, context):
         if not request.candidates:
