@@ -23,7 +23,7 @@ from coolfusion.services.tokenizer.loading import load_registry
 from coolfusion.services.worker.errors import InvalidArgument, SessionNotFound, StateError
 from coolfusion.services.worker.model import WorkerCore, perplexity
 
-GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+from cluster import GSM8K  # ../shared/data/gsm8k, or $COOLFUSION_GSM8K_DIR
 MODELS = ("smollm2", "gemma3")
 N = 40
 SHORT_PROMPT = "The three primary colors are"
