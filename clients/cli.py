@@ -94,7 +94,8 @@ async def _serve_worker(args) -> None:
     port = await service.start(serving=False)
     print(f"{LOADING_PREFIX}{json.dumps({'service': 'worker', 'port': port})}", flush=True)
     limits = dict(
-        session_ttl=args.session_ttl, max_sessions=args.max_sessions, kv_budget_bytes=int(args.kv_budget_mb * 2**20)
+        session_ttl=args.session_ttl, max_sessions=args.max_sessions, kv_budget_bytes=int(args.kv_budget_mb * 2**20),
+        max_batch=args.max_batch,
     )
     core = await asyncio.to_thread(load_core, args.model, args.tokenizer_service, args.device, **limits)
     servicer.set_core(core)
@@ -450,6 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--host", default=os.environ.get("COOLFUSION_HOST", "127.0.0.1"))
     w.add_argument("--port", type=int, default=int(os.environ.get("COOLFUSION_PORT", 50052)))
     w.add_argument("--device", default=os.environ.get("COOLFUSION_DEVICE") or None)
+    w.add_argument(
+        "--max-batch",
+        type=int,
+        default=int(os.environ.get("COOLFUSION_MAX_BATCH", 8)),
+        help="decode steps of up to this many concurrently generating sessions run as one forward (1: off)",
+    )
     w.add_argument("--threads", type=int, default=int(os.environ.get("COOLFUSION_THREADS", 0)), help="torch threads (0: torch default)")
     w.add_argument("--grace", type=float, default=10.0)
     w.add_argument(

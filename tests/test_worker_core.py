@@ -347,3 +347,47 @@ def test_sessions_in_parallel_threads(workers):
     with ThreadPoolExecutor(3) as pool:
         parallel = list(pool.map(run, prompts))
     assert parallel == sequential
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_concurrent_sessions_share_batched_steps(workers, long_prompt, model):
+    """Decode steps of sessions generating at once run as one forward (batching.py); each
+    session still gets its own greedy output (ids equal, log-probs within float noise), including
+    Gemma-3 past its sliding window, next to short contexts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    w = workers[model]
+    prompts = [long_prompt, SHORT_PROMPT, "def fibonacci(n):", "Once upon a time, in a small village,"]
+
+    def run(prompt):
+        sid, _, _ = w.open(prompt)
+        try:
+            ids, lps, *_ = greedy_segments(w, sid, [], 12)
+            return ids, lps
+        finally:
+            w.close(sid)
+
+    sequential = [run(p) for p in prompts]
+    before = w.batcher.stats.steps - w.batcher.stats.sizes.get(1, 0)
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        parallel = list(pool.map(run, prompts))
+    batched_steps = w.batcher.stats.steps - w.batcher.stats.sizes.get(1, 0) - before
+    assert batched_steps > 0, w.batcher.stats
+    for (ids_p, lps_p), (ids_s, lps_s) in zip(parallel, sequential):
+        assert ids_p == ids_s
+        assert max(abs(a - b) for a, b in zip(lps_p, lps_s)) < 1e-3
+
+
+def test_batching_off_is_the_plain_step(workers):
+    """max_batch=1: every step is the lone ``generate``-style forward."""
+    w = workers["smollm2"]
+    saved = w.batcher.max_batch
+    w.batcher.max_batch = 1
+    try:
+        before = w.batcher.stats.batches
+        sid, _, _ = w.open(SHORT_PROMPT)
+        greedy_segments(w, sid, [], 6)
+        w.close(sid)
+        assert w.batcher.stats.batches == before  # bypassed entirely
+    finally:
+        w.batcher.max_batch = saved

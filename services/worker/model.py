@@ -50,6 +50,7 @@ import torch
 from ..sources import ModelSpec, load_hf_model, load_hf_tokenizer
 from ..tokenizer.core import IncrementalDecoder, TokenizerCore, TokenizerRegistry
 from ..common.errors import ResourceExhausted
+from .batching import StepBatcher, batchable, forward_sessions
 from .errors import InvalidArgument, SessionNotFound, StateError
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,7 @@ class WorkerCore:
         session_ttl: float | None = None,
         max_sessions: int = 0,
         kv_budget_bytes: int = 0,
+        max_batch: int = 8,
     ):
         """``reuse_lookahead``: NextText replays the greedy tokens kept past a committed NextText
         state instead of recomputing them (per-call override in ``next_text``).
@@ -203,7 +205,10 @@ class WorkerCore:
         Session limits (0/None: none): ``session_ttl`` seconds idle before ``reap()`` frees a
         session; ``max_sessions`` live sessions, ``kv_budget_bytes`` of KV cache over all sessions:
         beyond them the least recently used idle sessions are evicted (at ``open`` and ``reap``).
-        A call on an expired or evicted session gets NOT_FOUND saying so."""
+        A call on an expired or evicted session gets NOT_FOUND saying so.
+
+        ``max_batch``: decode steps of up to this many sessions generating at the same time run as
+        one forward (``batching.py``); 1 turns batching off."""
         self.session_ttl = session_ttl or None
         self.max_sessions = int(max_sessions or 0)
         self.kv_budget_bytes = int(kv_budget_bytes or 0)
@@ -238,6 +243,11 @@ class WorkerCore:
         self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
+        self._compute = threading.Lock()  # one forward at a time: each one uses every thread torch has
+        from transformers import DynamicCache
+
+        self._batchable = batchable(DynamicCache(config=self.model.config))
+        self.batcher = StepBatcher(self._single_step, self._batched_step, max_batch if self._batchable else 1)
 
     # ---- info ----------------------------------------------------------------------------
     def info(self) -> dict:
@@ -409,7 +419,7 @@ class WorkerCore:
         cap_finish = "budget" if 0 < max_tokens <= self.segment_cap else "segment_cap"
         tokenizer_ids = list(boundary_tokenizer_ids) or [self.tokenizer.id]
         boundary_s = 0.0
-        with self._session(session_id) as s, torch.inference_mode():
+        with self._session(session_id) as s, torch.inference_mode(), self.batcher:
             t_start = time.perf_counter()
             if reuse:
                 self._drop_gen_states(s)
@@ -458,9 +468,8 @@ class WorkerCore:
                 if j < len(s.ahead_logits):
                     logits = s.ahead_logits[j]
                 else:
-                    out = self._forward([[token]], s.cache, keep_last=True)
+                    logits = self.batcher.step(s.cache, token)
                     s.lookahead += 1
-                    logits = out[0, -1].to(copy=True, dtype=torch.float32)
                     s.ahead_logits.append(logits)
                 j += 1
             state_id = self._new_state(s, _GenState(s.epoch, s.gen, tokens[:n], logprobs[:n]))
@@ -672,7 +681,16 @@ class WorkerCore:
         )
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1 if keep_last else 0
-        return self.model(**kwargs).logits
+        with self._compute:
+            return self.model(**kwargs).logits
+
+    def _single_step(self, cache, token: int) -> torch.Tensor:
+        """A lone decode step, called exactly as ``generate`` calls it."""
+        return self._forward([[token]], cache, keep_last=True)[0, -1].to(copy=True, dtype=torch.float32)
+
+    def _batched_step(self, caches: list, tokens: list[int]) -> torch.Tensor:
+        with self._compute:
+            return forward_sessions(self.model, caches, tokens, self.device)
 
     def _ready(self, s: _Session) -> torch.Tensor:
         """Next logits of the committed state, forwarding a committed-but-unfed last token first."""

@@ -1,7 +1,9 @@
 """Thin grpc.aio servicer over WorkerCore (all model work is in model.py).
 
-Model compute runs on one dedicated thread per worker: torch already uses every core it is
-given for one forward, and a single compute thread keeps sessions from oversubscribing them.
+Core calls run on a thread pool: calls on different sessions proceed concurrently, calls on one
+session queue on its lock, and forwards take turns on the core's compute lock (torch already uses
+every core it is given for one forward). Decode steps of sessions generating at the same time are
+batched into one forward (``batching.py``).
 
 A worker process serves health (NOT_SERVING) while its model loads; until then every call gets
 UNAVAILABLE "loading" (``WorkerServicer(None)`` + ``set_core``). A reaper task frees idle
@@ -21,12 +23,13 @@ from coolfusion.protos import worker_pb2 as pb
 from coolfusion.protos import worker_pb2_grpc as pb_grpc
 
 from ..common.errors import InvalidArgument, Unavailable
-from ..common.metrics import KV_BYTES, LIVE_SESSIONS
+from ..common.metrics import KV_BYTES, LIVE_SESSIONS, STEP_BATCH
 from ..common.server import GrpcService
 from ..sources import parse_spec
 from ..tokenizer.client import TokenizerClient
 from .model import WorkerCore
 
+CALL_THREADS = 32  # concurrent core calls (sessions generating at once can share a batch)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelWorker"].full_name
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
         self.name = name
         self.reap_interval = reap_interval
         self._reaper: asyncio.Task | None = None
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{name or 'worker'}")
+        self.executor = ThreadPoolExecutor(max_workers=CALL_THREADS, thread_name_prefix=f"model-{name or 'worker'}")
         if core is not None:
             self.set_core(core)
 
@@ -50,6 +53,7 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
         """The model is loaded: calls are served from now on."""
         self._core = core
         self.name = core.name
+        core.batcher.on_batch = STEP_BATCH.labels(core.name).observe
         try:
             asyncio.get_running_loop()
             self.start_reaper()

@@ -1,0 +1,187 @@
+"""Batching the decode steps of concurrent sessions into one forward (issue 5, item 6).
+
+A decode step of a small model on CPU (or any model on a GPU) costs about the same for one row as
+for several: the time goes into reading the weights. So when several sessions of one worker are
+generating at once, their next-token steps run as one forward with a row per session.
+
+``StepBatcher`` is a group commit: a thread that needs a step queues it; if no batch is running it
+becomes the leader, waits a few milliseconds for the other sessions that are generating (each is
+usually between two steps, in a boundary check), then runs every queued step in one forward and
+hands each thread its logits. Alone, a session never waits: a batch of one is the plain forward,
+so single-session output stays bitwise what ``generate`` gives.
+
+``forward_sessions`` builds the batch: each session's KV cache is copied, left-padded, into one
+``DynamicCache`` (the layout of a batched ``generate`` with left padding: a 2-D attention mask,
+explicit position ids); after the forward each session's cache gets its own new key/value states
+appended, exactly as its own step would have appended them. Rows of a batch may differ from a
+lone forward in the last bits of float rounding (different matrix shapes); greedy picks match.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+
+def batchable(cache) -> bool:
+    """Only plain dynamic layers (full attention, sliding window) can be stacked."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer") for layer in layers)
+
+
+def forward_sessions(model, caches: list, tokens: list[int], device) -> torch.Tensor:
+    """One decode step of ``tokens[i]`` on ``caches[i]`` for every i, as one batched forward.
+
+    Returns float32 next-token logits, one row per session; each cache has its step appended."""
+    from transformers import DynamicCache
+
+    lengths = [c.get_seq_length() for c in caches]
+    longest = max(lengths)
+    rows = len(caches)
+    batch = DynamicCache(config=model.config)
+    for li, layer in enumerate(batch.layers):
+        sliding = getattr(layer, "is_sliding", False)
+        width = min(longest, layer.sliding_window - 1) if sliding else longest
+        keys, values = [], []
+        for cache, n in zip(caches, lengths):
+            src = cache.layers[li]
+            visible = min(n, width)
+            # A sliding layer may hold more than its window (kept lookahead): take the visible tail.
+            k = src.keys[..., src.keys.shape[-2] - visible :, :]
+            v = src.values[..., src.values.shape[-2] - visible :, :]
+            pad = width - visible
+            if pad:
+                zeros = k.new_zeros(k.shape[:-2] + (pad, k.shape[-1]))
+                k, v = torch.cat([zeros, k], -2), torch.cat([zeros, v], -2)
+            keys.append(k)
+            values.append(v)
+        stacked_k, stacked_v = torch.cat(keys, 0), torch.cat(values, 0)
+        layer.lazy_initialization(stacked_k, stacked_v)
+        layer.keys, layer.values = stacked_k, stacked_v
+        if sliding:
+            layer.cumulative_length = longest
+    mask = torch.zeros((rows, longest + 1), dtype=torch.long, device=device)
+    for b, n in enumerate(lengths):
+        mask[b, longest - n :] = 1
+    out = model(
+        input_ids=torch.tensor([[t] for t in tokens], dtype=torch.long, device=device),
+        attention_mask=mask,
+        position_ids=torch.tensor([[n] for n in lengths], dtype=torch.long, device=device),
+        past_key_values=batch,
+        use_cache=True,
+        return_dict=True,
+        logits_to_keep=1,
+    )
+    for li, layer in enumerate(batch.layers):
+        for b, cache in enumerate(caches):
+            cache.layers[li].update(layer.keys[b : b + 1, :, -1:, :].clone(), layer.values[b : b + 1, :, -1:, :].clone())
+    return out.logits[:, -1].to(dtype=torch.float32)
+
+
+@dataclass
+class _Step:
+    cache: object
+    token: int
+    logits: torch.Tensor | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    steps: int = 0
+    largest: int = 0
+    sizes: dict = field(default_factory=dict)  # batch size -> count
+
+
+class StepBatcher:
+    """Group commit of decode steps. ``single(cache, token)`` runs a lone step (the exact
+    ``generate`` call); ``many(caches, tokens)`` a batched one. ``max_batch=1`` turns batching off."""
+
+    def __init__(
+        self,
+        single: Callable[[object, int], torch.Tensor],
+        many: Callable[[list, list[int]], torch.Tensor],
+        max_batch: int = 8,
+        gather_s: float = 0.004,
+        on_batch: Callable[[int], None] | None = None,
+    ):
+        self.single = single
+        self.many = many
+        self.max_batch = max(1, int(max_batch))
+        self.gather_s = gather_s
+        self.on_batch = on_batch
+        self.stats = BatchStats()
+        self._cv = threading.Condition()
+        self._queue: list[_Step] = []
+        self._running = False
+        self._generating = 0  # sessions inside a generation loop: the batch a leader waits for
+
+    # A generation loop announces itself so that a leader knows how many steps to wait for.
+    def __enter__(self):
+        with self._cv:
+            self._generating += 1
+        return self
+
+    def __exit__(self, *exc):
+        with self._cv:
+            self._generating -= 1
+            self._cv.notify_all()
+
+    def step(self, cache, token: int, batchable: bool = True) -> torch.Tensor:
+        if self.max_batch == 1 or not batchable:
+            return self.single(cache, token)
+        me = _Step(cache, token)
+        with self._cv:
+            self._queue.append(me)
+            self._cv.notify_all()
+            while not me.done:
+                if self._running:
+                    self._cv.wait()
+                    continue
+                # Lead: wait briefly for the other generating sessions to queue their steps.
+                self._running = True
+                deadline = time.monotonic() + self.gather_s
+                while len(self._queue) < min(self._generating, self.max_batch):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cv.wait(left)
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+                self._cv.release()
+                try:
+                    self._run(batch)
+                finally:
+                    self._cv.acquire()
+                    self._running = False
+                    self._cv.notify_all()
+        if me.error is not None:
+            raise me.error
+        return me.logits
+
+    def _run(self, batch: list[_Step]) -> None:
+        try:
+            if len(batch) == 1:
+                logits = [self.single(batch[0].cache, batch[0].token)]
+            else:
+                out = self.many([s.cache for s in batch], [s.token for s in batch])
+                logits = [out[i].clone() for i in range(len(batch))]
+            for s, row in zip(batch, logits):
+                s.logits = row
+        except BaseException as exc:  # every waiting session gets the error, none hangs
+            for s in batch:
+                s.error = exc
+        for s in batch:
+            s.done = True
+        n = len(batch)
+        self.stats.batches += 1
+        self.stats.steps += n
+        self.stats.largest = max(self.stats.largest, n)
+        self.stats.sizes[n] = self.stats.sizes.get(n, 0) + 1
+        if self.on_batch is not None:
+            self.on_batch(n)
