@@ -13,7 +13,8 @@ In one run on one machine (issue 5):
   ``FusionOptions``), with a check that every configuration produced the same text;
 * memory: per-session KV bytes (in-process core) and a worker process's RSS before/after 100
   sessions opened, generated into and closed;
-* throughput with 1, 4, 8 concurrent clients.
+* throughput with 1, 4, 8 concurrent clients, and at the top level again with workers that do
+  not batch decode steps (``--max-batch 1``, item 6's switch).
 
 Prompts are open-ended so neither side stops early at EOS; fused generation still stops at EOS,
 so the tokens it actually produced are reported next to every time.
@@ -375,6 +376,20 @@ def run(args) -> dict:
         }
     finally:
         cluster.stop()
+    if not args.skip_unbatched and levels[-1] > 1:
+        # Item 6's switch: the same top concurrency with workers that never batch decode steps.
+        saved = os.environ.get("COOLFUSION_MAX_BATCH")
+        os.environ["COOLFUSION_MAX_BATCH"] = "1"
+        unbatched = LocalCluster(models)
+        try:
+            address = unbatched.start()
+            result["throughput_unbatched"] = asyncio.run(throughput(address, names, prompts, n, [levels[-1]], log))
+        finally:
+            unbatched.stop()
+            if saved is None:
+                os.environ.pop("COOLFUSION_MAX_BATCH", None)
+            else:
+                os.environ["COOLFUSION_MAX_BATCH"] = saved
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     result["bench_s"] = time.perf_counter() - t0
     return result
@@ -417,6 +432,8 @@ def summary(r: dict) -> str:
         lines.append(f"switch {label:28s} {s['s']:.2f} s  x{s['speedup_vs_none']:.2f} vs none  same output: {s['same_output_as_none']}")
     for c, t in r.get("throughput", {}).items():
         lines.append(f"throughput {c} clients: {t['tokens_per_s']:.1f} tokens/s (x{t['vs_first']:.2f})")
+    for c, t in r.get("throughput_unbatched", {}).items():
+        lines.append(f"throughput {c} clients, workers with --max-batch 1: {t['tokens_per_s']:.1f} tokens/s")
     return "\n".join(lines)
 
 
@@ -440,6 +457,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--concurrency", default="1,4,8")
     b.add_argument("--switch-prompts", type=int, default=1, help="prompts per switch configuration")
     b.add_argument("--skip-switches", action="store_true")
+    b.add_argument("--skip-unbatched", action="store_true", help="skip the top-concurrency run with step batching off")
     b.add_argument("--json", action="store_true", help="print the full JSON result")
     b.add_argument("--out", help="also write the JSON result to this file")
     b.add_argument("--quiet", action="store_true")
