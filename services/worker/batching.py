@@ -95,7 +95,6 @@ class _Step:
 class BatchStats:
     batches: int = 0
     steps: int = 0
-    largest: int = 0
     sizes: dict = field(default_factory=dict)  # batch size -> count
 
 
@@ -133,8 +132,8 @@ class StepBatcher:
             self._generating -= 1
             self._cv.notify_all()
 
-    def step(self, cache, token: int, batchable: bool = True) -> torch.Tensor:
-        if self.max_batch == 1 or not batchable:
+    def step(self, cache, token: int) -> torch.Tensor:
+        if self.max_batch == 1:
             return self.single(cache, token)
         me = _Step(cache, token)
         with self._cv:
@@ -181,7 +180,6 @@ class StepBatcher:
         n = len(batch)
         self.stats.batches += 1
         self.stats.steps += n
-        self.stats.largest = max(self.stats.largest, n)
         self.stats.sizes[n] = self.stats.sizes.get(n, 0) + 1
         if self.on_batch is not None:
             self.on_batch(n)

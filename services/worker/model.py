@@ -246,8 +246,9 @@ class WorkerCore:
         self._compute = threading.Lock()  # one forward at a time: each one uses every thread torch has
         from transformers import DynamicCache
 
-        self._batchable = batchable(DynamicCache(config=self.model.config))
-        self.batcher = StepBatcher(self._single_step, self._batched_step, max_batch if self._batchable else 1)
+        if not batchable(DynamicCache(config=self.model.config)):
+            max_batch = 1
+        self.batcher = StepBatcher(self._single_step, self._batched_step, max_batch)
 
     # ---- info ----------------------------------------------------------------------------
     def info(self) -> dict:
