@@ -39,6 +39,7 @@ from .workers import Proposal, Score, WorkerHandle
 log = logging.getLogger(__name__)
 
 MODES = ("cool", "cool-noalign", "rerank", "cool-rerank", "single:<model>")
+DRAFT_TOKENS = 4  # most greedy tokens the drafter keeps ahead of its candidate (speculate)
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,19 @@ class FusionOptions:
        text in each worker's single batched forward).
     4. ``reuse_lookahead``: the tokens a model generated past the boundary stay (KV, logits) for its
        next NextText after it commits its own state, instead of being recomputed.
+    5. ``speculate`` (needs ``reuse_lookahead``): the smallest model keeps up to ``DRAFT_TOKENS`` of
+       its greedy text ahead of its candidate; every other model checks that text, in its own
+       tokens, several tokens per forward inside its NextText (or in the forward that feeds a
+       committed candidate) and keeps the tokens that are its own greedy picks.
     """
 
     reuse_own_logprobs: bool = True
     skip_identical: bool = True
     dedup_candidates: bool = True
     reuse_lookahead: bool = True
+    speculate: bool = True
 
-    NAMES = ("reuse_own_logprobs", "skip_identical", "dedup_candidates", "reuse_lookahead")
+    NAMES = ("reuse_own_logprobs", "skip_identical", "dedup_candidates", "reuse_lookahead", "speculate")
 
     @classmethod
     def none(cls) -> "FusionOptions":
@@ -152,6 +158,9 @@ class Timings:
     scored_rows: int = 0  # candidate rows forwarded for scoring, over all workers
     reused_rows: int = 0  # candidate rows scored from generation log-probs (reuse_own_logprobs)
     reused_tokens: int = 0  # lookahead tokens replayed instead of recomputed (reuse_lookahead)
+    drafted_tokens: int = 0  # greedy steps the drafter spent past its candidates (speculate)
+    verified_tokens: int = 0  # draft tokens other models accepted as their own greedy picks
+    verify_forwards: int = 0  # multi-token forwards that checked draft tokens
 
 
 @dataclass
@@ -207,6 +216,7 @@ class FusionEngine:
     def __init__(self, workers: Sequence[WorkerHandle], options: FusionOptions | None = None):
         self.workers = {w.name: w for w in workers}
         self.options = options or FusionOptions()
+        self._parameters: dict[str, float] = {}  # model -> parameter count (drafter choice)
 
     # ---- request checks ------------------------------------------------------------------
     def resolve(self, request: FusionRequest) -> tuple[str, list[str]]:
@@ -309,6 +319,19 @@ class FusionEngine:
             names.remove(n)
         raise _Degraded([None if isinstance(r, BaseException) else r for r in results])
 
+    async def _drafter(self, names: list[str]) -> str | None:
+        """The model that drafts for speculation: the fewest parameters (config order on ties);
+        None with fewer than two models."""
+        if len(names) < 2:
+            return None
+        unknown = [n for n in names if n not in self._parameters]
+        infos = await asyncio.gather(*(self.workers[n].info() for n in unknown), return_exceptions=True)
+        for n, info in zip(unknown, infos):
+            size = getattr(info, "parameters", 0) if not isinstance(info, BaseException) else 0
+            if size:
+                self._parameters[n] = size  # a failed or silent Info is asked again next time
+        return min(names, key=lambda n: self._parameters.get(n, math.inf))
+
     async def _close(self, sessions: dict[str, str]) -> None:
         await asyncio.gather(*(self.workers[n].close(s) for n, s in sessions.items()), return_exceptions=True)
 
@@ -327,6 +350,9 @@ class FusionEngine:
         opts = request.options or self.options
         names = list(names)  # models still in the fusion (degraded fusion drops failed ones)
         gen_kwargs = {} if opts.reuse_lookahead else {"reuse_lookahead": False}
+        speculate = opts.speculate and opts.reuse_lookahead
+        drafter: str | None = None
+        draft = ""  # the drafter's greedy text past the committed output (its own state was committed)
         output = ""
         committed = {n: 0 for n in names}
         index = 0
@@ -335,20 +361,24 @@ class FusionEngine:
             if min(budget.values()) <= 0:
                 yield output, "length"
                 return
+            if speculate and drafter not in names:  # first segment, or the drafter was dropped
+                drafter, draft = await self._drafter(names), ""
+
+            def propose(i: int, n: str):
+                kwargs = dict(gen_kwargs)
+                if n == drafter:
+                    kwargs["draft_tokens"] = min(DRAFT_TOKENS, budget[n])
+                elif drafter is not None and draft:
+                    kwargs["draft_text"] = draft
+                limit = min(request.max_segment_tokens, budget[n])
+                return self.workers[n].next_text(sessions[n], boundary_names if align else [n], limit, **kwargs)
 
             # 1. Propose: each model generates up to a boundary common to all tokenizers
             #    (cool-noalign: to its own word boundary only).
             t0 = time.perf_counter()
             boundary_names = list(names)
             try:
-                proposals: list[Proposal] = await self._gather_live(
-                    names,
-                    lambda i, n: self.workers[n].next_text(
-                        sessions[n], boundary_names if align else [n], min(request.max_segment_tokens, budget[n]), **gen_kwargs
-                    ),
-                    request,
-                    dropped,
-                )
+                proposals: list[Proposal] = await self._gather_live(names, propose, request, dropped)
             except _Degraded:
                 continue  # propose again with the models left
             t1 = time.perf_counter()
@@ -359,6 +389,9 @@ class FusionEngine:
             for n, p in zip(names, proposals):
                 usage[n].generated_tokens += p.generated_tokens
                 timings.reused_tokens += p.reused_tokens
+                timings.drafted_tokens += p.drafted_tokens
+                timings.verified_tokens += p.verified_tokens
+                timings.verify_forwards += p.verify_forwards
 
             # 2. Score: every model scores every candidate in one batched call.
             candidates = [(p.text, p.eos) for p in proposals]
@@ -434,6 +467,10 @@ class FusionEngine:
                     continue
                 committed[n] = r.committed_tokens
                 usage[n].output_tokens = r.committed_tokens
+            # The drafter's text past s* is still its greedy continuation only if it kept its own state.
+            d = committing.index(drafter) if drafter in committing else -1
+            own = d >= 0 and results[d] is not None and state_for(d) == proposals[d].state_id
+            draft = proposals[d].draft if own else ""
 
             segment_text = winner.text
             stop_at = find_stop(output + segment_text, request.stop, len(output)) if request.stop else None

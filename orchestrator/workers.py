@@ -54,6 +54,10 @@ class Proposal:
     reused_tokens: int = 0  # replayed from kept lookahead (no forward)
     boundary_s: float = 0.0  # worker time in boundary checks
     compute_s: float = 0.0  # worker time otherwise
+    draft: str = ""  # greedy text known past the candidate (asked with draft_tokens)
+    drafted_tokens: int = 0  # forward steps spent on the draft
+    verified_tokens: int = 0  # draft_text tokens accepted as own greedy picks
+    verify_forwards: int = 0
 
 
 @dataclass
@@ -88,6 +92,7 @@ class WorkerInfo:
     eos_token_ids: list[int] = field(default_factory=list)
     has_chat_template: bool = False
     address: str = ""
+    parameters: int = 0
 
 
 class WorkerHandle(Protocol):
@@ -95,8 +100,8 @@ class WorkerHandle(Protocol):
 
     async def info(self) -> WorkerInfo: ...
     async def open(self, prompt: str | None, messages: list[dict] | None) -> Opened: ...
-    # Optional keywords (performance switches): next_text(..., reuse_lookahead=None),
-    # score(..., own_state_id="").
+    # Optional keywords (performance switches): next_text(..., reuse_lookahead=None,
+    # draft_text="", draft_tokens=0), score(..., own_state_id="").
     async def next_text(self, session_id: str, boundary_tokenizer_ids: Sequence[str], max_tokens: int) -> Proposal: ...
     async def score(self, session_id: str, candidates: Sequence[tuple[str, bool]]) -> list[Score]: ...
     async def update_state(self, session_id: str, state_id: str) -> Committed: ...
@@ -148,7 +153,8 @@ class RemoteWorker:
     async def info(self) -> WorkerInfo:
         r = await self._call(self.stub.Info, pb.InfoRequest())
         return WorkerInfo(
-            r.name, r.model_id, r.tokenizer_id, r.dtype, r.device, list(r.eos_token_ids), r.has_chat_template, self.address
+            r.name, r.model_id, r.tokenizer_id, r.dtype, r.device, list(r.eos_token_ids), r.has_chat_template, self.address,
+            r.parameters,
         )
 
     async def open(self, prompt: str | None, messages: list[dict] | None) -> Opened:
@@ -162,7 +168,13 @@ class RemoteWorker:
         return Opened(r.session_id, r.context_tokens, r.context_text)
 
     async def next_text(
-        self, session_id: str, boundary_tokenizer_ids: Sequence[str], max_tokens: int, reuse_lookahead: bool | None = None
+        self,
+        session_id: str,
+        boundary_tokenizer_ids: Sequence[str],
+        max_tokens: int,
+        reuse_lookahead: bool | None = None,
+        draft_text: str = "",
+        draft_tokens: int = 0,
     ) -> Proposal:
         r = await self._call(
             self.stub.NextText,
@@ -171,11 +183,13 @@ class RemoteWorker:
                 boundary_tokenizer_ids=list(boundary_tokenizer_ids),
                 max_tokens=max_tokens,
                 reuse_lookahead=reuse_lookahead,
+                draft_text=draft_text,
+                draft_tokens=draft_tokens,
             ),
         )
         return Proposal(
             r.state_id, r.text, list(r.token_ids), list(r.logprobs), r.eos, r.finish, r.generated_tokens, r.lookahead,
-            r.reused_tokens, r.boundary_s, r.compute_s,
+            r.reused_tokens, r.boundary_s, r.compute_s, r.draft, r.drafted_tokens, r.verified_tokens, r.verify_forwards,
         )
 
     async def score(self, session_id: str, candidates: Sequence[tuple[str, bool]], own_state_id: str = "") -> list[Score]:

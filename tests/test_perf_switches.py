@@ -25,6 +25,7 @@ N = 32
 CONFIGS = {
     "none": FusionOptions.none(),
     **{f"only:{n}": FusionOptions.parse(n) for n in FusionOptions.NAMES},
+    "speculate+reuse_lookahead": FusionOptions.parse("speculate,reuse_lookahead"),
     "all": FusionOptions(),
 }
 
@@ -86,6 +87,10 @@ async def test_switches_take_effect(engine):
     assert off.timings.scored_rows == 2 * 2 * off.segments  # 2 workers x 2 candidates
     cool, _ = await run(engine, PROMPTS[1], "cool", ["smollm2", "gemma3"], FusionOptions(skip_identical=False))
     assert cool.timings.reused_rows > 0
+    # speculate: the smaller SmolLM2 drafts, Gemma-3 verifies some of it; off: neither.
+    assert cool.timings.drafted_tokens > 0 and cool.timings.verified_tokens > 0 and cool.timings.verify_forwards > 0
+    plain, _ = await run(engine, PROMPTS[1], "cool", ["smollm2", "gemma3"], FusionOptions(speculate=False))
+    assert plain.timings.drafted_tokens == plain.timings.verified_tokens == plain.timings.verify_forwards == 0
     distinct = cool.segments - cool.timings.identical_segments  # identical ones: one row per worker (dedup)
     assert cool.timings.scored_rows + cool.timings.reused_rows == 2 * (2 * distinct + cool.timings.identical_segments)
 
@@ -99,7 +104,7 @@ def _core_own_row_and_lookahead_replay(core):
     sid, _, _ = core.open(PROMPTS[0])
     try:
         r = core.next_text(sid, [], 8)
-        scores = core.score_candidates(sid, [(r.text, r.eos), (" and", False)], own_state_id=r.state_id)
+        scores = core.score_candidates(sid, [(r.text, r.eos), (" zebra crossings", False)], own_state_id=r.state_id)
         assert scores[0].reused and scores[0].state_id == r.state_id and scores[0].logprobs == r.logprobs
         assert not scores[1].reused
         plain = core.score_candidates(sid, [(r.text, r.eos)])

@@ -391,3 +391,110 @@ def test_batching_off_is_the_plain_step(workers):
         assert w.batcher.stats.batches == before  # bypassed entirely
     finally:
         w.batcher.max_batch = saved
+
+
+# ---- speculative decoding: drafts verified in one forward, scores from the kept continuation ----
+def _segments_with_drafts(w: WorkerCore, sid: str, tokenizer_ids, n: int, drafts):
+    """greedy_segments, giving ``drafts(k, texts_so_far)`` as draft_text to the k-th NextText."""
+    ids, lps, texts, results = [], [], [], []
+    while len(ids) < n:
+        r = w.next_text(sid, tokenizer_ids, n - len(ids), draft_text=drafts(len(results), texts))
+        w.update_state(sid, r.state_id)
+        ids += r.token_ids
+        lps += r.logprobs
+        texts.append(r.text)
+        results.append(r)
+        if r.eos or r.finish != "boundary":
+            break
+    return ids, lps, texts, results
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_verified_drafts_keep_the_greedy_tokens(workers, registry, long_prompt, model):
+    """Oracle: the plain greedy segments. A perfect draft (the model's own future text) is mostly
+    verified several tokens per forward; the other model's greedy text is checked and partly
+    rejected. Either way the tokens are the greedy ones, log-probs equal to forward noise, also
+    past Gemma-3's 512-token window (rejections crop the cache without trimming sliding layers)."""
+    w = workers[model]
+    other = workers["gemma3" if model == "smollm2" else "smollm2"]
+    sid, _, _ = w.open(long_prompt)
+    try:
+        plain_ids, plain_lps, plain_texts, _ = greedy_segments(w, sid, registry.ids, N)[:4]
+    finally:
+        w.close(sid)
+    sid, _, _ = other.open(long_prompt)
+    try:
+        other_text = "".join(greedy_segments(other, sid, registry.ids, N)[2])
+    finally:
+        other.close(sid)
+
+    def perfect(k, texts):
+        return "".join(plain_texts[k:])
+
+    def from_other(k, texts):
+        done = "".join(texts)
+        return other_text[len(done) :] if other_text.startswith(done) else ""
+
+    for drafts, verified_min in ((perfect, N // 2), (from_other, 0)):
+        sid, _, _ = w.open(long_prompt)
+        try:
+            ids, lps, texts, results = _segments_with_drafts(w, sid, registry.ids, N, drafts)
+        finally:
+            w.close(sid)
+        assert ids == plain_ids and texts == plain_texts
+        assert lps == pytest.approx(plain_lps, abs=1e-4)
+        verified = sum(r.verified_tokens for r in results)
+        forwards = sum(r.verify_forwards for r in results)
+        assert verified >= verified_min and forwards > 0
+        if drafts is perfect:
+            assert verified > forwards  # several draft tokens per verifying forward
+
+
+def test_drafter_returns_its_continuation(workers, registry):
+    w = workers["smollm2"]
+    sid, _, _ = w.open(SHORT_PROMPT)
+    try:
+        first = w.next_text(sid, registry.ids, 16, draft_tokens=6)
+        assert 0 < first.drafted_tokens <= 2 and first.draft
+        w.update_state(sid, first.state_id)
+        later = "".join(greedy_segments(w, sid, registry.ids, 16, committed=len(first.token_ids))[2])
+        assert later.startswith(first.draft)  # the draft is the text greedy decoding goes on with
+        with pytest.raises(InvalidArgument):
+            w.next_text(sid, registry.ids, 4, draft_tokens=-1)
+    finally:
+        w.close(sid)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_scores_from_the_kept_continuation(workers, registry, model):
+    """A candidate whose tokens but the last follow the forwarded greedy continuation is scored
+    from its kept logits (no forward) like a forward would score it; committing it and going on
+    equals generate() from the context and its tokens."""
+    w = workers[model]
+    sid, _, _ = w.open(SHORT_PROMPT)
+    context = w.tokenizer.hf(SHORT_PROMPT)["input_ids"]
+    try:
+        own = w.next_text(sid, registry.ids, 16, draft_tokens=4)  # continuation past the candidate
+        s = w._sessions[sid]
+        cont = s.ahead_tokens[: len(s.ahead_logits)]
+        assert len(cont) > len(own.token_ids)
+        longer = w.tokenizer.decode(cont[: len(own.token_ids) + 1], prefix_ids=context)[0]
+        greedy_next = w.tokenizer.decode(cont[len(own.token_ids) : len(own.token_ids) + 1])[0]
+        forked = own.text + (" the" if greedy_next != " the" else " a")  # leaves the continuation
+        candidates = [(own.text, own.eos), (longer, False), (forked, False)]
+        plain = w.score_candidates(sid, candidates)
+        reused = w.score_candidates(sid, candidates, own_state_id=own.state_id)
+        for p, r in zip(plain, reused):
+            if r.token_ids[:-1] == cont[: len(r.token_ids) - 1]:
+                assert r.reused and not p.reused
+            assert r.token_ids == p.token_ids
+            assert r.logprobs == pytest.approx(p.logprobs, abs=1e-4)
+        chosen = reused[2]
+        assert chosen.reused and chosen.token_ids[:-1] == own.token_ids and chosen.token_ids[-1] != cont[len(own.token_ids)]
+        c = w.update_state(sid, chosen.state_id)
+        assert c.committed_tokens == len(chosen.token_ids)
+        ids, _, _, _, _ = greedy_segments(w, sid, registry.ids, 8, committed=c.committed_tokens)
+        expected, _ = oracle_generate(w, context + chosen.token_ids, 8)
+        assert ids[:6] == expected[:6]
+    finally:
+        w.close(sid)

@@ -177,7 +177,13 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
             raise InvalidArgument(f"max_tokens must be >= 0, got {request.max_tokens}")
         reuse = request.reuse_lookahead if request.HasField("reuse_lookahead") else None
         r = await self._run(
-            self.core.next_text, request.session_id, list(request.boundary_tokenizer_ids), request.max_tokens, reuse
+            self.core.next_text,
+            request.session_id,
+            list(request.boundary_tokenizer_ids),
+            request.max_tokens,
+            reuse,
+            request.draft_text,
+            request.draft_tokens,
         )
         return pb.NextTextResponse(**{k: getattr(r, k) for k in pb.NextTextResponse.DESCRIPTOR.fields_by_name})
 
