@@ -58,6 +58,8 @@ class FusionOptions:
        its greedy text ahead of its candidate; every other model checks that text, in its own
        tokens, several tokens per forward inside its NextText (or in the forward that feeds a
        committed candidate) and keeps the tokens that are its own greedy picks.
+    6. ``fold_commits``: each model's commit of s* (M4) travels with its next NextText instead of
+       a separate UpdateState round trip (segments are ~1-2 tokens, so round trips add up).
     """
 
     reuse_own_logprobs: bool = True
@@ -65,8 +67,9 @@ class FusionOptions:
     dedup_candidates: bool = True
     reuse_lookahead: bool = True
     speculate: bool = True
+    fold_commits: bool = True
 
-    NAMES = ("reuse_own_logprobs", "skip_identical", "dedup_candidates", "reuse_lookahead", "speculate")
+    NAMES = ("reuse_own_logprobs", "skip_identical", "dedup_candidates", "reuse_lookahead", "speculate", "fold_commits")
 
     @classmethod
     def none(cls) -> "FusionOptions":
@@ -355,6 +358,9 @@ class FusionEngine:
         draft = ""  # the drafter's greedy text past the committed output (its own state was committed)
         output = ""
         committed = {n: 0 for n in names}
+        # Each segment's commit (M4) rides on the next NextText (one round trip less per segment);
+        # the last segment's is never sent (the sessions close).
+        to_commit: dict[str, str] = {}
         index = 0
         while True:
             budget = {n: request.max_new_tokens - committed[n] for n in names}
@@ -370,6 +376,8 @@ class FusionEngine:
                     kwargs["draft_tokens"] = min(DRAFT_TOKENS, budget[n])
                 elif drafter is not None and draft:
                     kwargs["draft_text"] = draft
+                if n in to_commit:
+                    kwargs["commit_state_id"] = to_commit[n]
                 limit = min(request.max_segment_tokens, budget[n])
                 return self.workers[n].next_text(sessions[n], boundary_names if align else [n], limit, **kwargs)
 
@@ -380,7 +388,9 @@ class FusionEngine:
             try:
                 proposals: list[Proposal] = await self._gather_live(names, propose, request, dropped)
             except _Degraded:
+                to_commit.clear()  # the models left committed s* with their NextText
                 continue  # propose again with the models left
+            to_commit.clear()
             t1 = time.perf_counter()
             timings.generate_s += t1 - t0
             slowest = max(proposals, key=lambda p: p.compute_s + p.boundary_s)
@@ -452,32 +462,34 @@ class FusionEngine:
                     return own.state_id
                 return scores[j][w].state_id
 
-            committing = list(names)
-            try:
-                results = await self._gather_live(
-                    names, lambda j, n: self.workers[n].update_state(sessions[n], state_for(j)), request, dropped
-                )
-            except _Degraded as degraded:
-                # The others committed s*: the segment stands without the dropped models.
-                results = degraded.args[0]
-            timings.commit_s += time.perf_counter() - t2
-            timings.worker_commit_s += max(getattr(r, "compute_s", 0.0) for r in results if r is not None)
-            for n, r in zip(committing, results):
-                if r is None:
-                    continue
-                committed[n] = r.committed_tokens
-                usage[n].output_tokens = r.committed_tokens
+            aligned = list(names)  # names[i] proposed proposals[i] (a failed commit may drop a model)
+            for j, n in enumerate(aligned):
+                to_commit[n] = state_for(j)
+                own_tokens = proposals[j].token_ids if to_commit[n] == proposals[j].state_id else scores[j][w].token_ids
+                committed[n] += len(own_tokens)
+                usage[n].output_tokens = committed[n]
+            if not opts.fold_commits:
+                t3 = time.perf_counter()
+                try:
+                    results = await self._gather_live(
+                        names, lambda j, n: self.workers[n].update_state(sessions[n], to_commit[n]), request, dropped
+                    )
+                except _Degraded as degraded:
+                    # The others committed s*: the segment stands without the dropped models.
+                    results = degraded.args[0]
+                to_commit.clear()
+                timings.commit_s += time.perf_counter() - t3
+                timings.worker_commit_s += max(getattr(r, "compute_s", 0.0) for r in results if r is not None)
             # The drafter's text past s* is still its greedy continuation only if it kept its own state.
-            d = committing.index(drafter) if drafter in committing else -1
-            own = d >= 0 and results[d] is not None and state_for(d) == proposals[d].state_id
-            draft = proposals[d].draft if own else ""
+            d = aligned.index(drafter) if drafter in names else -1
+            draft = proposals[d].draft if d >= 0 and state_for(d) == proposals[d].state_id else ""
 
             segment_text = winner.text
             stop_at = find_stop(output + segment_text, request.stop, len(output)) if request.stop else None
             if stop_at is not None:
                 segment_text = (output + segment_text)[len(output) : stop_at]
             output += segment_text
-            yield Segment(index, segment_text, committing[w], winner.eos, winner.token_ids, reports)
+            yield Segment(index, segment_text, aligned[w], winner.eos, winner.token_ids, reports)
             index += 1
             if stop_at is not None:
                 yield output, "stop"

@@ -175,6 +175,7 @@ class RemoteWorker:
         reuse_lookahead: bool | None = None,
         draft_text: str = "",
         draft_tokens: int = 0,
+        commit_state_id: str = "",
     ) -> Proposal:
         r = await self._call(
             self.stub.NextText,
@@ -185,6 +186,7 @@ class RemoteWorker:
                 reuse_lookahead=reuse_lookahead,
                 draft_text=draft_text,
                 draft_tokens=draft_tokens,
+                commit_state_id=commit_state_id,
             ),
         )
         return Proposal(

@@ -15,6 +15,7 @@ import pytest_asyncio
 
 from coolfusion.orchestrator.fusion import FusionEngine, FusionOptions, FusionRequest, Segment
 from coolfusion.orchestrator.workers import RemoteWorker
+from coolfusion.services.worker.errors import StateError
 
 PROMPTS = [
     "Once upon a time, in a small village at the edge of a great forest, there lived",
@@ -91,6 +92,8 @@ async def test_switches_take_effect(engine):
     assert cool.timings.drafted_tokens > 0 and cool.timings.verified_tokens > 0 and cool.timings.verify_forwards > 0
     plain, _ = await run(engine, PROMPTS[1], "cool", ["smollm2", "gemma3"], FusionOptions(speculate=False))
     assert plain.timings.drafted_tokens == plain.timings.verified_tokens == plain.timings.verify_forwards == 0
+    # fold_commits: the commits ride on the next NextText, no UpdateState round trip is timed.
+    assert cool.timings.commit_s == 0 and off.timings.commit_s > 0
     distinct = cool.segments - cool.timings.identical_segments  # identical ones: one row per worker (dedup)
     assert cool.timings.scored_rows + cool.timings.reused_rows == 2 * (2 * distinct + cool.timings.identical_segments)
 
@@ -124,5 +127,18 @@ def _core_own_row_and_lookahead_replay(core):
         b = core.next_text(sid, [], 8, reuse_lookahead=False)
         assert b.reused_tokens == 0
         assert (a.token_ids, b.token_ids, b.logprobs) == (r.token_ids, r2.token_ids, r2.logprobs)
+    finally:
+        core.close(sid)
+    # The commit folded into the next NextText: the same tokens and replay; a bad id changes nothing.
+    sid, _, _ = core.open(PROMPTS[0])
+    try:
+        c = core.next_text(sid, [], 8)
+        with pytest.raises(StateError, match="unknown state"):
+            core.next_text(sid, [], 8, commit_state_id="no-such-state")
+        d = core.next_text(sid, [], 8, commit_state_id=c.state_id)
+        assert (c.token_ids, d.token_ids, d.logprobs, d.reused_tokens) == (r.token_ids, r2.token_ids, r2.logprobs, kept)
+        assert core._sessions[sid].text.endswith(c.text)
+        with pytest.raises(StateError, match="stale"):
+            core.next_text(sid, [], 8, commit_state_id=c.state_id)
     finally:
         core.close(sid)

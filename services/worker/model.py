@@ -444,6 +444,7 @@ class WorkerCore:
         reuse_lookahead: bool | None = None,
         draft_text: str = "",
         draft_tokens: int = 0,
+        commit_state_id: str = "",
     ) -> NextTextResult:
         """Greedy-generate from the committed state up to the first word boundary common to the tokenizers.
 
@@ -469,6 +470,9 @@ class WorkerCore:
           up to ``VERIFY_CHUNK - 1`` draft tokens after it are forwarded at once, and each draft
           token is kept only while it is this model's own argmax after the tokens before it. So
           the tokens are still this model's greedy ones; a mismatch costs nothing but the forward.
+
+        ``commit_state_id``: commit that temp state first, exactly as ``update_state`` would (the
+        fusion loop folds each segment's commit into the next NextText).
         """
         if not isinstance(max_tokens, int) or max_tokens < 0:
             raise InvalidArgument(f"max_tokens must be >= 0, got {max_tokens!r}")
@@ -485,6 +489,8 @@ class WorkerCore:
         boundary_s = 0.0
         with self._session(session_id) as s, torch.inference_mode(), self.batcher:
             t_start = time.perf_counter()
+            if commit_state_id:
+                self._commit(s, commit_state_id)
             if reuse:
                 self._drop_gen_states(s)
             else:
@@ -574,26 +580,14 @@ class WorkerCore:
 
     def _verify_draft(self, s: _Session, draft: list[int]) -> int:
         """One forward of the picked, not yet forwarded token ``ahead_tokens[-1]`` and the draft
-        tokens after it; the session keeps those that greedy decoding picks (argmax after the
-        ones before), their logits and log-probs, and the cache is cropped past them. Returns
-        the draft tokens kept."""
+        tokens after it (``_accept_draft`` keeps those greedy decoding picks). Returns the draft
+        tokens kept."""
         j = len(s.ahead_logits)  # == len(s.ahead_tokens) - 1
-        chunk = [s.ahead_tokens[j]] + draft[j + 1 : j + VERIFY_CHUNK]
-        logits = self._forward([chunk], s.cache, keep_last=False)[0].to(dtype=torch.float32)
-        picks = torch.argmax(logits, -1).tolist()
-        kept = 1  # chunk[0] is already a greedy pick
-        while kept < len(chunk) and picks[kept - 1] == chunk[kept]:
-            kept += 1
-        if kept < len(chunk):
-            self._crop_tail(s.cache, len(chunk) - kept)
-        logprobs = torch.log_softmax(logits[: kept - 1], -1) if kept > 1 else None
-        for i in range(kept):
-            s.ahead_logits.append(logits[i].clone())
-            if i + 1 < kept:
-                s.ahead_tokens.append(chunk[i + 1])
-                s.ahead_lps.append(float(logprobs[i, chunk[i + 1]]))
-        s.lookahead += kept
-        return kept - 1
+        proposed = draft[j + 1 : j + VERIFY_CHUNK]
+        logits = self._forward([[s.ahead_tokens[j]] + proposed], s.cache, keep_last=False)[0].to(dtype=torch.float32)
+        s.ahead_logits.append(logits[0].clone())
+        s.lookahead += 1
+        return self._accept_draft(s, logits, proposed)
 
     def _ready_verifying(self, s: _Session, draft: list[int]) -> int:
         """``_ready`` when committed tokens wait to be fed: the same forward also checks the first
@@ -602,21 +596,28 @@ class WorkerCore:
         unfed = s.ids[s.fed :]
         proposed = draft[: VERIFY_CHUNK - 1]
         logits = self._forward([unfed + proposed], s.cache, keep_last=False)[0, len(unfed) - 1 :].to(dtype=torch.float32)
-        picks = torch.argmax(logits, -1).tolist()
+        s.next_logits = logits[0].clone()
+        s.fed = len(s.ids)
+        return self._accept_draft(s, logits, proposed)
+
+    def _accept_draft(self, s: _Session, logits: torch.Tensor, proposed: list[int]) -> int:
+        """After a forward of ``proposed`` (just fed on top of the session's continuation, with
+        ``logits[i]`` the logits before ``proposed[i]``): keep the longest prefix that greedy
+        decoding picks (each token the argmax after the ones before it) as continuation tokens
+        with their log-probs and logits, and crop the rest from the cache. Returns tokens kept."""
+        picks = torch.argmax(logits[: len(proposed)], -1).tolist()
         kept = 0
         while kept < len(proposed) and picks[kept] == proposed[kept]:
             kept += 1
         if kept < len(proposed):
             self._crop_tail(s.cache, len(proposed) - kept)
-        s.next_logits = logits[0].clone()
-        s.fed = len(s.ids)
         if kept:
             logprobs = torch.log_softmax(logits[:kept], -1)
             for i in range(kept):
                 s.ahead_tokens.append(proposed[i])
                 s.ahead_lps.append(float(logprobs[i, proposed[i]]))
                 s.ahead_logits.append(logits[i + 1].clone())
-            s.lookahead = kept
+        s.lookahead += kept
         return kept
 
     @staticmethod
@@ -661,56 +662,65 @@ class WorkerCore:
         commit or a NextText without reuse crops them away.
         """
         with self._session(session_id) as s, torch.inference_mode():
-            state = self._state(s, state_id)
-            prefix = s.ids[s.n_context :]
-            if isinstance(state, _GenState):
-                n = len(state.tokens)
-                in_cache = min(n, len(s.ahead_logits))
-                if n == 0:
-                    next_logits = s.next_logits
-                else:
-                    next_logits = s.ahead_logits[n - 1] if n <= len(s.ahead_logits) else None
-                del s.ahead_tokens[:n], s.ahead_lps[:n], s.ahead_logits[:in_cache]
-                s.lookahead -= in_cache
-                s.fed += in_cache
-            elif isinstance(state, _AheadState):
-                if s.fed < len(s.ids):  # nothing of the continuation is in the cache
-                    self._drop_lookahead(s)
-                shared = 0
-                limit = min(len(state.tokens), len(s.ahead_logits))
-                while shared < limit and s.ahead_tokens[shared] == state.tokens[shared]:
-                    shared += 1
-                if s.lookahead > shared:
-                    self._crop_tail(s.cache, s.lookahead - shared)
-                s.lookahead = 0
-                whole = shared == len(state.tokens)
-                next_logits = s.ahead_logits[shared - 1] if whole and shared else (s.next_logits if whole else None)
-                s.fed = min(s.fed, len(s.ids)) + shared  # the tokens past ``shared`` get fed by the next call
-                self._clear_ahead(s)
-            elif state.batch is None:  # empty row: nothing to add
-                self._drop_lookahead(s)
+            return self._commit(s, state_id)
+
+    def _commit(self, s: _Session, state_id: str) -> CommitResult:
+        """``update_state`` on a locked session (also NextText's ``commit_state_id``)."""
+        state = self._state(s, state_id)
+        prefix = s.ids[s.n_context :]
+        if isinstance(state, _GenState):
+            n = len(state.tokens)
+            in_cache = min(n, len(s.ahead_logits))
+            if n == 0:
                 next_logits = s.next_logits
             else:
-                self._clear_ahead(s)
-                s.lookahead = 0  # the adopted copy holds no lookahead
-                batch = state.batch
-                cache = batch.cache
-                if batch.rows > 1:
-                    cache.batch_select_indices(torch.tensor([state.row], device=self.device))
-                pad = batch.width - len(state.tokens)
-                if pad:
-                    cache.crop(-pad)
-                s.cache = cache
-                s.fed = len(s.ids) + len(state.tokens)
-                next_logits = state.next_logits
-            self._trim(s)  # sliding layers back to their window (+ kept lookahead)
-            s.ids.extend(state.tokens)
-            s.next_logits = next_logits
-            s.epoch += 1
-            s.states.clear()
-            text, _pending = self.tokenizer.decode(state.tokens, prefix_ids=prefix)
-            s.text += text
-            return CommitResult(len(s.ids) - s.n_context, text)
+                next_logits = s.ahead_logits[n - 1] if n <= len(s.ahead_logits) else None
+            del s.ahead_tokens[:n], s.ahead_lps[:n], s.ahead_logits[:in_cache]
+            s.lookahead -= in_cache
+            s.fed += in_cache
+        elif isinstance(state, _AheadState):
+            if s.fed < len(s.ids):  # nothing of the continuation is in the cache
+                self._drop_lookahead(s)
+            shared = 0
+            limit = min(len(state.tokens), len(s.ahead_logits))
+            while shared < limit and s.ahead_tokens[shared] == state.tokens[shared]:
+                shared += 1
+            if s.lookahead > shared:
+                self._crop_tail(s.cache, s.lookahead - shared)
+            s.lookahead = 0
+            whole = shared == len(state.tokens)
+            if not whole:
+                next_logits = None  # the next call feeds the tokens past ``shared``
+            elif shared:
+                next_logits = s.ahead_logits[shared - 1]
+            else:
+                next_logits = s.next_logits
+            s.fed = min(s.fed, len(s.ids)) + shared  # the tokens past ``shared`` get fed by the next call
+            self._clear_ahead(s)
+        elif state.batch is None:  # empty row: nothing to add
+            self._drop_lookahead(s)
+            next_logits = s.next_logits
+        else:
+            self._clear_ahead(s)
+            s.lookahead = 0  # the adopted copy holds no lookahead
+            batch = state.batch
+            cache = batch.cache
+            if batch.rows > 1:
+                cache.batch_select_indices(torch.tensor([state.row], device=self.device))
+            pad = batch.width - len(state.tokens)
+            if pad:
+                cache.crop(-pad)
+            s.cache = cache
+            s.fed = len(s.ids) + len(state.tokens)
+            next_logits = state.next_logits
+        self._trim(s)  # sliding layers back to their window (+ kept lookahead)
+        s.ids.extend(state.tokens)
+        s.next_logits = next_logits
+        s.epoch += 1
+        s.states.clear()
+        text, _pending = self.tokenizer.decode(state.tokens, prefix_ids=prefix)
+        s.text += text
+        return CommitResult(len(s.ids) - s.n_context, text)
 
     # ---- close ---------------------------------------------------------------------------
     def close(self, session_id: str) -> bool:

@@ -184,6 +184,7 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
             reuse,
             request.draft_text,
             request.draft_tokens,
+            request.commit_state_id,
         )
         return pb.NextTextResponse(**{k: getattr(r, k) for k in pb.NextTextResponse.DESCRIPTOR.fields_by_name})
 
