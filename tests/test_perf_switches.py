@@ -98,6 +98,24 @@ async def test_switches_take_effect(engine):
     assert cool.timings.scored_rows + cool.timings.reused_rows == 2 * (2 * distinct + cool.timings.identical_segments)
 
 
+async def test_speculation_pauses_under_load(engine):
+    """With two generations at once (above speculate_max_active=1) segments do not speculate;
+    with speculate_max_active=0 none does. The text stays the same."""
+    models = ["smollm2", "gemma3"]
+    solo, _ = await run(engine, PROMPTS[1], "cool", models, FusionOptions())
+    assert solo.timings.drafted_tokens > 0
+    both = await asyncio.gather(*(run(engine, PROMPTS[1], "cool", models, FusionOptions()) for _ in range(2)))
+    assert [f.text for f, _ in both] == [solo.text, solo.text]
+    assert sum(f.timings.drafted_tokens for f, _ in both) < solo.timings.drafted_tokens
+    engine.speculate_max_active = 0
+    try:
+        never, _ = await run(engine, PROMPTS[1], "cool", models, FusionOptions())
+    finally:
+        engine.speculate_max_active = 1
+    assert never.text == solo.text
+    assert never.timings.drafted_tokens == never.timings.verified_tokens == never.timings.verify_forwards == 0
+
+
 async def test_core_own_row_and_lookahead_replay(cluster):
     # Off the event loop: the core's boundary checks call the tokenizer service served by this loop.
     await asyncio.to_thread(_core_own_row_and_lookahead_replay, cluster.cores["smollm2"])
