@@ -17,6 +17,7 @@ import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coolfusion.clients.cli import build_parser
+from coolfusion.orchestrator.fusion import FusionOptions
 from coolfusion.orchestrator.server import build_service as build_orchestrator
 from coolfusion.protos import fusion_pb2, fusion_pb2_grpc, worker_pb2 as wpb, worker_pb2_grpc
 from coolfusion.services.common.metrics import KV_BYTES, LIVE_SESSIONS
@@ -217,12 +218,21 @@ async def test_worker_calls_get_the_callers_remaining_time(cluster):
     try:
         request = fusion_pb2.GenerateRequest(prompt="1, 2, 3,", mode="cool", max_new_tokens=4)
         await stub.Generate(request, timeout=20)
-        assert {m for m, _ in seen} >= {"Open", "NextText", "UpdateState"}
+        # Commits ride on NextText by default; with fold_commits off they are UpdateState calls.
+        assert {m for m, _ in seen} >= {"Open", "NextText"} and "UpdateState" not in {m for m, _ in seen}
         timeouts = [t for _, t in seen]
         # grpc sends the deadline as a timeout rounded up (here to 100 ms units), so the server may
         # see slightly more than the caller's 20 s — never the 600 s default.
         assert all(t is not None and 0 < t <= 20.2 for t in timeouts), seen
         assert timeouts[-1] < timeouts[0]  # the remaining time shrinks
+        seen.clear()
+        engine.options = FusionOptions(fold_commits=False)
+        try:
+            await stub.Generate(request, timeout=20)
+        finally:
+            engine.options = FusionOptions()
+        assert "UpdateState" in {m for m, _ in seen}
+        assert all(t is not None and 0 < t <= 20.2 for _, t in seen), seen
         seen.clear()
         await stub.Generate(request)  # no caller deadline: the worker call default
         assert seen and all(t == 600.0 for _, t in seen), seen
