@@ -488,9 +488,6 @@ class FusionEngine:
             aligned = list(names)  # names[i] proposed proposals[i] (a failed commit may drop a model)
             for j, n in enumerate(aligned):
                 to_commit[n] = state_for(j)
-                own_tokens = proposals[j].token_ids if to_commit[n] == proposals[j].state_id else scores[j][w].token_ids
-                committed[n] += len(own_tokens)
-                usage[n].output_tokens = committed[n]
             if not opts.fold_commits:
                 t3 = time.perf_counter()
                 try:
@@ -503,6 +500,15 @@ class FusionEngine:
                 to_commit.clear()
                 timings.commit_s += time.perf_counter() - t3
                 timings.worker_commit_s += max(getattr(r, "compute_s", 0.0) for r in results if r is not None)
+            for j, n in enumerate(aligned):
+                if n not in names:  # dropped by a failed commit
+                    continue
+                if not opts.fold_commits:
+                    committed[n] = results[j].committed_tokens
+                else:  # counted here: the worker commits with the next NextText
+                    own = state_for(j) == proposals[j].state_id
+                    committed[n] += len(proposals[j].token_ids if own else scores[j][w].token_ids)
+                usage[n].output_tokens = committed[n]
             # The drafter's text past s* is still its greedy continuation only if it kept its own state.
             d = aligned.index(drafter) if drafter in names else -1
             draft = proposals[d].draft if d >= 0 and state_for(d) == proposals[d].state_id else ""

@@ -71,7 +71,8 @@ async def test_every_switch_gives_the_unoptimised_output(engine, mode, models):
         results = {}
         for label, options in CONFIGS.items():
             final, segments = await run(engine, prompt, mode, models, options)
-            results[label] = (final.text, final.finish_reason, [(s.text, s.model, s.eos) for s in segments])
+            output_tokens = {n: u.output_tokens for n, u in final.usage.items()}  # "none": the workers' counts
+            results[label] = (final.text, final.finish_reason, [(s.text, s.model, s.eos) for s in segments], output_tokens)
         ref = results["none"]
         assert ref[0] and len(ref[2]) >= 3
         for label, got in results.items():
