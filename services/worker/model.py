@@ -515,10 +515,7 @@ class WorkerCore:
                     token, lp = s.ahead_tokens[j], s.ahead_lps[j]
                     reused += j < kept
                 else:
-                    token = int(torch.argmax(logits))
-                    lp = float(torch.log_softmax(logits, -1)[token])
-                    s.ahead_tokens.append(token)
-                    s.ahead_lps.append(lp)
+                    token, lp = self._pick(s, logits)
                 tokens.append(token)
                 logprobs.append(lp)
                 grew = bool(decoder.push(token))
@@ -649,11 +646,17 @@ class WorkerCore:
                 s.ahead_logits.append(self.batcher.step(s.cache, s.ahead_tokens[-1]))
                 s.lookahead += 1
                 steps += 1
-            logits = s.ahead_logits[m - 1]
-            token = int(torch.argmax(logits))
-            s.ahead_tokens.append(token)
-            s.ahead_lps.append(float(torch.log_softmax(logits, -1)[token]))
+            self._pick(s, s.ahead_logits[m - 1])
         return steps
+
+    @staticmethod
+    def _pick(s: _Session, logits: torch.Tensor) -> tuple[int, float]:
+        """The greedy token after ``logits`` and its log-prob, appended to the continuation."""
+        token = int(torch.argmax(logits))
+        lp = float(torch.log_softmax(logits, -1)[token])
+        s.ahead_tokens.append(token)
+        s.ahead_lps.append(lp)
+        return token, lp
 
     # ---- M4 ------------------------------------------------------------------------------
     def update_state(self, session_id: str, state_id: str) -> CommitResult:
