@@ -486,8 +486,9 @@ class FusionEngine:
                 return scores[j][w].state_id
 
             aligned = list(names)  # names[i] proposed proposals[i] (a failed commit may drop a model)
-            for j, n in enumerate(aligned):
-                to_commit[n] = state_for(j)
+            chosen = [state_for(j) for j in range(len(aligned))]
+            kept_own = [state == p.state_id for state, p in zip(chosen, proposals)]
+            to_commit.update(zip(aligned, chosen))
             if not opts.fold_commits:
                 t3 = time.perf_counter()
                 try:
@@ -506,12 +507,11 @@ class FusionEngine:
                 if not opts.fold_commits:
                     committed[n] = results[j].committed_tokens
                 else:  # counted here: the worker commits with the next NextText
-                    own = state_for(j) == proposals[j].state_id
-                    committed[n] += len(proposals[j].token_ids if own else scores[j][w].token_ids)
+                    committed[n] += len(proposals[j].token_ids if kept_own[j] else scores[j][w].token_ids)
                 usage[n].output_tokens = committed[n]
             # The drafter's text past s* is still its greedy continuation only if it kept its own state.
             d = aligned.index(drafter) if drafter in names else -1
-            draft = proposals[d].draft if d >= 0 and state_for(d) == proposals[d].state_id else ""
+            draft = proposals[d].draft if d >= 0 and kept_own[d] else ""
 
             segment_text = winner.text
             stop_at = find_stop(output + segment_text, request.stop, len(output)) if request.stop else None
