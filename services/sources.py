@@ -153,9 +153,14 @@ def load_hf_tokenizer(spec: ModelSpec):
     return tokenizer
 
 
-def load_hf_model(spec: ModelSpec, device: str, dtype):
-    """transformers causal LM for a spec; dequantised GGUF weights are cached as safetensors."""
+def load_hf_model(spec: ModelSpec, device: str, dtype, pack: str = "all"):
+    """transformers causal LM for a spec; dequantised GGUF weights are cached as safetensors.
+
+    ``pack``: on CPU/float32, which linear weights get a oneDNN-packed copy for multi-row
+    products ("all", "head", "none"; ``worker/packing.py``)."""
     from transformers import AutoModelForCausalLM
+
+    from .worker.packing import pack_linears
 
     if spec.is_gguf:
         cached = converted_dir(spec, "model")
@@ -171,5 +176,6 @@ def load_hf_model(spec: ModelSpec, device: str, dtype):
         source = str(cached)
     else:
         source = spec.source
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    return model.to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).eval()
+    pack_linears(model, pack)
+    return model

@@ -226,6 +226,7 @@ class WorkerCore:
         max_sessions: int = 0,
         kv_budget_bytes: int = 0,
         max_batch: int = 8,
+        pack_weights: str = "all",
     ):
         """``reuse_lookahead``: NextText replays the greedy tokens kept past a committed NextText
         state instead of recomputing them (per-call override in ``next_text``).
@@ -238,7 +239,9 @@ class WorkerCore:
         A call on an expired or evicted session gets NOT_FOUND saying so.
 
         ``max_batch``: decode steps of up to this many sessions generating at the same time run as
-        one forward (``batching.py``); 1 turns batching off."""
+        one forward (``batching.py``); 1 turns batching off.
+        ``pack_weights``: which linear weights get a oneDNN-packed copy for multi-row forwards
+        when this core loads the model on CPU ("all", "head", "none"; ``packing.py``)."""
         self.session_ttl = session_ttl or None
         self.max_sessions = int(max_sessions or 0)
         self.kv_budget_bytes = int(kv_budget_bytes or 0)
@@ -255,7 +258,7 @@ class WorkerCore:
         self.dtype = dtype
         hf_tokenizer = hf_tokenizer if hf_tokenizer is not None else load_hf_tokenizer(spec)
         self.tokenizer = TokenizerCore(name, hf_tokenizer, spec.describe())
-        self.model = model if model is not None else load_hf_model(spec, str(self.device), dtype)
+        self.model = model if model is not None else load_hf_model(spec, str(self.device), dtype, pack_weights)
         self.boundary = boundary if boundary is not None else TokenizerRegistry([self.tokenizer]).common_boundary
         self.segment_cap = segment_cap
 
