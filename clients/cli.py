@@ -95,7 +95,7 @@ async def _serve_worker(args) -> None:
     print(f"{LOADING_PREFIX}{json.dumps({'service': 'worker', 'port': port})}", flush=True)
     limits = dict(
         session_ttl=args.session_ttl, max_sessions=args.max_sessions, kv_budget_bytes=int(args.kv_budget_mb * 2**20),
-        max_batch=args.max_batch, pack_weights=args.pack_weights,
+        max_batch=args.max_batch, pack_weights=args.pack_weights, fill_ahead=args.fill_ahead,
     )
     core = await asyncio.to_thread(load_core, args.model, args.tokenizer_service, args.device, **limits)
     servicer.set_core(core)
@@ -456,6 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=int(os.environ.get("COOLFUSION_MAX_BATCH", 8)),
         help="decode steps of up to this many concurrently generating sessions run as one forward (1: off)",
+    )
+    w.add_argument(
+        "--fill-ahead",
+        type=int,
+        default=int(os.environ.get("COOLFUSION_FILL_AHEAD", 4)),
+        help="batches of several sessions' steps also grow idle sessions' greedy continuations, up to N tokens ahead (0: off)",
     )
     w.add_argument(
         "--pack-weights",

@@ -378,6 +378,50 @@ def test_concurrent_sessions_share_batched_steps(workers, long_prompt, model):
         assert max(abs(a - b) for a, b in zip(lps_p, lps_s)) < 1e-3
 
 
+def test_batches_fill_idle_continuations(workers):
+    """While a session waits between NextText and its commit, batches of other sessions' steps
+    grow its greedy continuation (at most ``fill_ahead`` tokens past its candidate); its next
+    NextText replays those tokens and the output is still its own greedy text."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    w = workers["smollm2"]
+    prompt = "The history of the city is long and complicated. It began"
+    sid, _, _ = w.open(prompt)
+    want_ids, want_lps, *_ = greedy_segments(w, sid, [], 10)
+    w.close(sid)
+
+    sid, _, _ = w.open(prompt)
+    first = w.next_text(sid, [], 10)
+    session = w._sessions[sid]
+    ahead_before = len(session.ahead_tokens)
+    filled_before = w.batcher.stats.filled
+
+    def busy(p):  # two sessions generating at once: batches of two real steps
+        other, _, _ = w.open(p)
+        try:
+            greedy_segments(w, other, [], 12)
+        finally:
+            w.close(other)
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(busy, ["def fibonacci(n):", "Once upon a time, in a small village,"]))
+    grown = len(session.ahead_tokens) - ahead_before
+    assert w.batcher.stats.filled > filled_before, w.batcher.stats
+    assert 1 <= grown and len(session.ahead_tokens) <= len(first.token_ids) + w.fill_ahead
+
+    ids, lps = list(first.token_ids), list(first.logprobs)
+    second = w.next_text(sid, [], 10 - len(ids), commit_state_id=first.state_id)
+    assert second.reused_tokens >= min(grown, len(second.token_ids))  # replayed, not stepped
+    ids += second.token_ids
+    lps += second.logprobs
+    w.update_state(sid, second.state_id)
+    more, more_lps, *_ = greedy_segments(w, sid, [], 10 - len(ids), committed=len(ids))
+    w.close(sid)
+    ids, lps = ids + more, lps + more_lps
+    assert ids == want_ids
+    assert max(abs(a - b) for a, b in zip(lps, want_lps)) < 1e-3
+
+
 def test_batching_off_is_the_plain_step(workers):
     """max_batch=1: every step is the lone ``generate``-style forward."""
     w = workers["smollm2"]

@@ -10,6 +10,11 @@ usually between two steps, in a boundary check), then runs every queued step in 
 hands each thread its logits. Alone, a session never waits: a batch of one is the plain forward,
 so single-session output stays bitwise what ``generate`` gives.
 
+Filling: a batch of several sessions' steps costs little more with a few rows added (the weights
+are read once), so when ``fill`` is given the leader tops a batch of at least ``fill_min_rows`` real
+steps up with steps of idle sessions (``Fill``: sessions waiting for the other models, whose kept
+greedy continuation grows by one token; their next NextText replays it).
+
 ``forward_sessions`` builds the batch: each session's KV cache is copied, left-padded, into one
 ``DynamicCache`` (the layout of a batched ``generate`` with left padding: a 2-D attention mask,
 explicit position ids); after the forward each session's cache gets its own new key/value states
@@ -19,13 +24,15 @@ lone forward in the last bits of float rounding (different matrix shapes); greed
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
+log = logging.getLogger(__name__)
 
 def batchable(cache) -> bool:
     """Only plain dynamic layers (full attention, sliding window) can be stacked."""
@@ -91,10 +98,23 @@ class _Step:
     done: bool = False
 
 
+class Fill(Protocol):
+    """A step of an idle session added to a batch; ``release`` is always called, after ``done``
+    (only when the forward succeeded)."""
+
+    cache: object
+    token: int
+
+    def done(self, logits: torch.Tensor) -> None: ...
+
+    def release(self) -> None: ...
+
+
 @dataclass
 class BatchStats:
     batches: int = 0
     steps: int = 0
+    filled: int = 0  # idle sessions' steps added to batches (``fill``)
     sizes: dict = field(default_factory=dict)  # batch size -> count
 
 
@@ -109,12 +129,16 @@ class StepBatcher:
         max_batch: int = 8,
         gather_s: float = 0.004,
         on_batch: Callable[[int], None] | None = None,
+        fill: Callable[[int], list[Fill]] | None = None,
+        fill_min_rows: int = 2,
     ):
         self.single = single
         self.many = many
         self.max_batch = max(1, int(max_batch))
         self.gather_s = gather_s
         self.on_batch = on_batch
+        self.fill = fill
+        self.fill_min_rows = fill_min_rows
         self.stats = BatchStats()
         self._cv = threading.Condition()
         self._queue: list[_Step] = []
@@ -164,22 +188,39 @@ class StepBatcher:
         return me.logits
 
     def _run(self, batch: list[_Step]) -> None:
+        extras: list[Fill] = []
+        if self.fill is not None and self.fill_min_rows <= len(batch) < self.max_batch:
+            try:
+                extras = self.fill(self.max_batch - len(batch))
+            except Exception:  # filling is an optimisation: the real steps run regardless
+                log.exception("picking idle sessions to fill a batch failed")
+        logits: list[torch.Tensor] = []
         try:
-            if len(batch) == 1:
+            if len(batch) + len(extras) == 1:
                 logits = [self.single(batch[0].cache, batch[0].token)]
             else:
-                out = self.many([s.cache for s in batch], [s.token for s in batch])
-                logits = [out[i].clone() for i in range(len(batch))]
+                rows = [*batch, *extras]
+                out = self.many([r.cache for r in rows], [r.token for r in rows])
+                logits = [out[i].clone() for i in range(len(rows))]
             for s, row in zip(batch, logits):
                 s.logits = row
         except BaseException as exc:  # every waiting session gets the error, none hangs
+            logits = []
             for s in batch:
                 s.error = exc
+        for e, row in zip(extras, logits[len(batch) :]):
+            try:
+                e.done(row)
+            except Exception:
+                log.exception("a filled step could not be kept")
+        for e in extras:
+            e.release()
         for s in batch:
             s.done = True
-        n = len(batch)
+        n = len(batch) + len(extras)
         self.stats.batches += 1
-        self.stats.steps += n
+        self.stats.steps += len(batch)
+        self.stats.filled += len(extras)
         self.stats.sizes[n] = self.stats.sizes.get(n, 0) + 1
         if self.on_batch is not None:
             self.on_batch(n)

@@ -72,6 +72,9 @@ VERIFY_CHUNK = 3
 # 2 steps 1.26-1.50.
 DRAFT_STEPS_PER_CALL = 1
 MAX_DRAFT_TOKENS = 64
+# Filling batches (``batching.Fill``): an idle session's kept greedy continuation grows by a step
+# riding on a batch of other sessions' steps, up to this many tokens past its last candidate.
+FILL_AHEAD = 4
 
 
 # ---- results -----------------------------------------------------------------------------
@@ -200,6 +203,27 @@ class _Session:
     closed: bool = False
     closed_reason: str = "was closed"
     last_used: float = field(default_factory=time.monotonic)  # end of the last call (LRU, idle TTL)
+    fill_until: int = 0  # batches may grow ahead_tokens up to this length while the session is idle
+
+
+class _Fill:
+    """A step of an idle session's greedy continuation added to a batch (``batching.Fill``); the
+    session stays locked from ``_fill_rows`` until ``release``."""
+
+    def __init__(self, session: _Session, pick):
+        self.session = session
+        self.cache = session.cache
+        self.token = session.ahead_tokens[-1]
+        self._pick = pick
+
+    def done(self, logits: torch.Tensor) -> None:
+        s = self.session
+        s.ahead_logits.append(logits)
+        s.lookahead += 1
+        self._pick(s, logits)
+
+    def release(self) -> None:
+        self.session.lock.release()
 
 
 class WorkerCore:
@@ -227,6 +251,7 @@ class WorkerCore:
         kv_budget_bytes: int = 0,
         max_batch: int = 8,
         pack_weights: str = "all",
+        fill_ahead: int = FILL_AHEAD,
     ):
         """``reuse_lookahead``: NextText replays the greedy tokens kept past a committed NextText
         state instead of recomputing them (per-call override in ``next_text``).
@@ -240,6 +265,9 @@ class WorkerCore:
 
         ``max_batch``: decode steps of up to this many sessions generating at the same time run as
         one forward (``batching.py``); 1 turns batching off.
+        ``fill_ahead``: a batch of several sessions' decode steps is topped up with steps that
+        grow idle sessions' kept greedy continuations, up to this many tokens past their last
+        candidate (0: off).
         ``pack_weights``: which linear weights get a oneDNN-packed copy for multi-row forwards
         when this core loads the model on CPU ("all", "head", "none"; ``packing.py``)."""
         self.session_ttl = session_ttl or None
@@ -282,7 +310,10 @@ class WorkerCore:
 
         if not batchable(DynamicCache(config=self.model.config)):
             max_batch = 1
-        self.batcher = StepBatcher(self._single_step, self._batched_step, max_batch)
+        self.fill_ahead = max(0, int(fill_ahead))
+        self.batcher = StepBatcher(
+            self._single_step, self._batched_step, max_batch, fill=self._fill_rows if self.fill_ahead else None
+        )
 
     # ---- info ----------------------------------------------------------------------------
     def info(self) -> dict:
@@ -563,6 +594,8 @@ class WorkerCore:
                     decoder.push(token)
                 draft_out = decoder.text[len(text) :] if finish != "eos" else ""
             state_id = self._new_state(s, _GenState(s.epoch, s.gen, tokens[:n], logprobs[:n]))
+            # While the caller waits for the other models, batches may grow the continuation.
+            s.fill_until = n + self.fill_ahead if reuse and finish == "boundary" else 0
             return NextTextResult(
                 state_id=state_id,
                 text=text,
@@ -677,6 +710,7 @@ class WorkerCore:
         """``update_state`` on a locked session (also NextText's ``commit_state_id``)."""
         state = self._state(s, state_id)
         prefix = s.ids[s.n_context :]
+        s.fill_until = 0
         if isinstance(state, _GenState):
             n = len(state.tokens)
             in_cache = min(n, len(s.ahead_logits))
@@ -881,6 +915,33 @@ class WorkerCore:
         with self._compute:
             return self.model(**kwargs).logits
 
+    def _fill_rows(self, n: int) -> list[_Fill]:
+        """Up to ``n`` idle sessions whose greedy continuation may grow by a step (``_Fill``, locked).
+
+        Only right after a NextText (``fill_until``): every committed token is in the cache, the
+        continuation's last pick is not forwarded yet and is no EOS."""
+        with self._lock:
+            sessions = list(self._sessions.values())
+        fills = []
+        for s in sessions:
+            if len(fills) == n:
+                break
+            if len(s.ahead_tokens) >= s.fill_until or not s.lock.acquire(blocking=False):
+                continue
+            ready = (
+                not s.closed
+                and len(s.ahead_tokens) < s.fill_until
+                and s.fed == len(s.ids)
+                and len(s.ahead_tokens) == len(s.ahead_logits) + 1 == s.lookahead + 1
+                and s.ahead_tokens[-1] not in self._eos_set
+                and (not self.max_positions or len(s.ids) + s.lookahead + 1 < self.max_positions)
+            )
+            if ready:
+                fills.append(_Fill(s, self._pick))
+            else:
+                s.lock.release()
+        return fills
+
     def _single_step(self, cache, token: int) -> torch.Tensor:
         """A lone decode step, called exactly as ``generate`` calls it."""
         return self._forward([[token]], cache, keep_last=True)[0, -1].to(copy=True, dtype=torch.float32)
@@ -893,8 +954,11 @@ class WorkerCore:
         """Next logits of the committed state, forwarding a committed-but-unfed last token first."""
         if s.fed < len(s.ids):
             assert s.lookahead == 0, "unfed committed tokens with lookahead in the cache"
-            out = self._forward([s.ids[s.fed :]], s.cache, keep_last=True)
-            s.next_logits = out[0, -1].to(copy=True, dtype=torch.float32)
+            if s.fed == len(s.ids) - 1:  # a decode step: may share a batch with other sessions'
+                s.next_logits = self.batcher.step(s.cache, s.ids[-1])
+            else:
+                out = self._forward([s.ids[s.fed :]], s.cache, keep_last=True)
+                s.next_logits = out[0, -1].to(copy=True, dtype=torch.float32)
             s.fed = len(s.ids)
         return s.next_logits
 
