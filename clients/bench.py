@@ -14,7 +14,8 @@ In one run on one machine (issue 5):
 * memory: per-session KV bytes (in-process core) and a worker process's RSS before/after 100
   sessions opened, generated into and closed;
 * throughput with 1, 4, 8 concurrent clients, and at the top level again with workers that do
-  not batch decode steps (``--max-batch 1``, item 6's switch).
+  not batch decode steps (``--max-batch 1``, item 6's switch) and with workers that batch but do
+  not fill batches with idle sessions' steps (``--fill-ahead 0``).
 
 Prompts are open-ended so neither side stops early at EOS; fused generation still stops at EOS,
 so the tokens it actually produced are reported next to every time.
@@ -377,19 +378,22 @@ def run(args) -> dict:
     finally:
         cluster.stop()
     if not args.skip_unbatched and levels[-1] > 1:
-        # Item 6's switch: the same top concurrency with workers that never batch decode steps.
-        saved = os.environ.get("COOLFUSION_MAX_BATCH")
-        os.environ["COOLFUSION_MAX_BATCH"] = "1"
-        unbatched = LocalCluster(models)
-        try:
-            address = unbatched.start()
-            result["throughput_unbatched"] = asyncio.run(throughput(address, names, prompts, n, [levels[-1]], log))
-        finally:
-            unbatched.stop()
-            if saved is None:
-                os.environ.pop("COOLFUSION_MAX_BATCH", None)
-            else:
-                os.environ["COOLFUSION_MAX_BATCH"] = saved
+        # Item 6's switches at the top concurrency: workers that never batch decode steps, and
+        # workers that batch but do not fill batches with idle sessions' continuation steps.
+        for key, env in (("throughput_unbatched", {"COOLFUSION_MAX_BATCH": "1"}), ("throughput_unfilled", {"COOLFUSION_FILL_AHEAD": "0"})):
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            variant = LocalCluster(models)
+            try:
+                address = variant.start()
+                result[key] = asyncio.run(throughput(address, names, prompts, n, [levels[-1]], log))
+            finally:
+                variant.stop()
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     result["bench_s"] = time.perf_counter() - t0
     return result
@@ -434,6 +438,8 @@ def summary(r: dict) -> str:
         lines.append(f"throughput {c} clients: {t['tokens_per_s']:.1f} tokens/s (x{t['vs_first']:.2f})")
     for c, t in r.get("throughput_unbatched", {}).items():
         lines.append(f"throughput {c} clients, workers with --max-batch 1: {t['tokens_per_s']:.1f} tokens/s")
+    for c, t in r.get("throughput_unfilled", {}).items():
+        lines.append(f"throughput {c} clients, workers with --fill-ahead 0: {t['tokens_per_s']:.1f} tokens/s")
     return "\n".join(lines)
 
 
@@ -457,7 +463,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--concurrency", default="1,4,8")
     b.add_argument("--switch-prompts", type=int, default=1, help="prompts per switch configuration")
     b.add_argument("--skip-switches", action="store_true")
-    b.add_argument("--skip-unbatched", action="store_true", help="skip the top-concurrency run with step batching off")
+    b.add_argument("--skip-unbatched", action="store_true", help="skip the top-concurrency runs with step batching off and with batch filling off")
     b.add_argument("--json", action="store_true", help="print the full JSON result")
     b.add_argument("--out", help="also write the JSON result to this file")
     b.add_argument("--quiet", action="store_true")

@@ -56,8 +56,8 @@ def test_packed_rows_match_the_plain_product():
     pack_linears(packed, "all")
     assert set(packed.state_dict()) == set(plain.state_dict())  # the packed copy is never saved
     with torch.inference_mode():
-        one = torch.tensor([[7]])
-        assert torch.equal(packed(one), plain(one))  # one row: the plain path, bitwise
+        for few in ([[7]], [[7, 8, 9]]):  # fewer than PACK_MIN_ROWS rows: the plain path, bitwise
+            assert torch.equal(packed(torch.tensor(few)), plain(torch.tensor(few)))
         for shape in [(1, 5), (4, 1), (3, 6)]:
             ids = torch.randint(0, 300, shape)
             want, got = plain(ids), packed(ids)

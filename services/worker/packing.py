@@ -7,9 +7,9 @@ prompt) goes through MKL's general GEMM, which repacks the whole weight on every
 262k x 640 output layer costs 47 ms for one row but 100 ms for four and 160 ms for eight.
 
 ``pack_linears`` gives each ``nn.Linear`` a copy of its weight in oneDNN's blocked layout, made
-once at load time; rows > 1 multiply against that copy (four rows of the output layer: 47 ms,
-eight: 58 ms). One row still takes the plain ``F.linear`` path, so a lone decode step is bitwise
-the step ``generate`` takes with the same model object. The cost is memory: the packed copy is as
+once at load time; products of ``PACK_MIN_ROWS`` rows or more use that copy (four rows of the
+output layer: 47 ms, eight: 58 ms). Fewer rows take the plain ``F.linear`` path (MKL is faster
+there), so a lone decode step is bitwise the step ``generate`` takes with the same model object. The cost is memory: the packed copy is as
 large as the weight (Gemma-3 output layer: +0.6 GB). ``mode``: "all" linears, only the output
 "head", or "none".
 """
@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 PACK_MODES = ("all", "head", "none")
 # The row count oneDNN picks its blocking for; measured best for 2..16 rows on this CPU.
 PACK_ROWS_HINT = 8
+# Below this many rows MKL's own kernels win (Gemma-3 forward on 100 cached tokens, one thread:
+# 2 rows 104 ms plain vs 120 ms packed, 3 rows 113 vs 123; 4 rows 180 vs 123, 8 rows 261 vs 138).
+PACK_MIN_ROWS = 4
 
 
 def packing_supported(model: nn.Module) -> bool:
@@ -59,8 +62,8 @@ class PackedLinear(nn.Module):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_ROWS_HINT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One row (a decode step) or autograd: the plain path, bitwise what nn.Linear gives.
-        if x.numel() == x.shape[-1] or torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        # Few rows (a decode step: bitwise what nn.Linear gives) or autograd: the plain path.
+        if x.numel() < PACK_MIN_ROWS * x.shape[-1] or torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, self.in_features)
         if not rows.is_contiguous():
