@@ -422,6 +422,36 @@ def test_batches_fill_idle_continuations(workers):
     assert max(abs(a - b) for a, b in zip(lps, want_lps)) < 1e-3
 
 
+def test_scores_under_load_are_the_forward_scores(workers):
+    """Under load a short one-row score runs as batchable decode steps instead of one
+    multi-token forward: the same tokens, log-probs within float noise, and committing it
+    continues exactly like committing the forward's state."""
+    w = workers["smollm2"]
+    prompt, candidate = "The three primary colors are", [(" red, yellow", False)]
+
+    def score_commit_continue(load: bool):
+        sid, _, _ = w.open(prompt)
+        try:
+            if load:
+                with w.batcher, w.batcher:  # two generation loops announced: under load
+                    assert w.batcher.under_load
+                    (score,) = w.score_candidates(sid, candidate)
+            else:
+                assert not w.batcher.under_load
+                (score,) = w.score_candidates(sid, candidate)
+            w.update_state(sid, score.state_id)
+            return score, w.next_text(sid, [], 6)
+        finally:
+            w.close(sid)
+
+    forward, forward_next = score_commit_continue(load=False)
+    stepped, stepped_next = score_commit_continue(load=True)
+    assert len(forward.token_ids) >= 2 and stepped.token_ids == forward.token_ids
+    assert max(abs(a - b) for a, b in zip(stepped.logprobs, forward.logprobs)) < 1e-3
+    assert stepped_next.token_ids == forward_next.token_ids
+    assert stepped_next.text == forward_next.text
+
+
 def test_batching_off_is_the_plain_step(workers):
     """max_batch=1: every step is the lone ``generate``-style forward."""
     w = workers["smollm2"]
