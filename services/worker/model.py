@@ -963,10 +963,11 @@ class WorkerCore:
             if len(unfed) == 1 or len(unfed) <= STEP_FEED_TOKENS and self.batcher.under_load:
                 for token in unfed:  # decode steps: each may share a batch with other sessions'
                     s.next_logits = self.batcher.step(s.cache, token)
+                    s.fed += 1  # the cache holds this token now, even if a later step fails
             else:
-                out = self._forward([s.ids[s.fed :]], s.cache, keep_last=True)
+                out = self._forward([unfed], s.cache, keep_last=True)
                 s.next_logits = out[0, -1].to(copy=True, dtype=torch.float32)
-            s.fed = len(s.ids)
+                s.fed = len(s.ids)
         return s.next_logits
 
     def _drop_gen_states(self, s: _Session) -> None:
