@@ -461,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fill-ahead",
         type=int,
         default=int(os.environ.get("COOLFUSION_FILL_AHEAD", 4)),
-        help="batches of several sessions' steps also grow idle sessions' greedy continuations, up to N tokens ahead (0: off)",
+        help="batches of decode steps also grow idle sessions' greedy continuations, up to N tokens ahead (0: off)",
     )
     w.add_argument(
         "--pack-weights",

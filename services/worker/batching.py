@@ -35,6 +35,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
+
 def batchable(cache) -> bool:
     """Only plain dynamic layers (full attention, sliding window) can be stacked."""
     layers = getattr(cache, "layers", None)
@@ -131,7 +132,6 @@ class StepBatcher:
         gather_s: float = 0.020,
         on_batch: Callable[[int], None] | None = None,
         fill: Callable[[int], list[Fill]] | None = None,
-        fill_min_rows: int = 1,
     ):
         self.single = single
         self.many = many
@@ -139,7 +139,6 @@ class StepBatcher:
         self.gather_s = gather_s
         self.on_batch = on_batch
         self.fill = fill
-        self.fill_min_rows = fill_min_rows
         self.stats = BatchStats()
         self._cv = threading.Condition()
         self._queue: list[_Step] = []
@@ -195,7 +194,7 @@ class StepBatcher:
 
     def _run(self, batch: list[_Step]) -> None:
         extras: list[Fill] = []
-        if self.fill is not None and self.fill_min_rows <= len(batch) < self.max_batch:
+        if self.fill is not None and len(batch) < self.max_batch:
             try:
                 extras = self.fill(self.max_batch - len(batch))
             except Exception:  # filling is an optimisation: the real steps run regardless

@@ -270,8 +270,8 @@ class WorkerCore:
 
         ``max_batch``: decode steps of up to this many sessions generating at the same time run as
         one forward (``batching.py``); 1 turns batching off.
-        ``fill_ahead``: a batch of several sessions' decode steps is topped up with steps that
-        grow idle sessions' kept greedy continuations, up to this many tokens past their last
+        ``fill_ahead``: a batch of decode steps is topped up with steps that grow idle
+        sessions' kept greedy continuations, up to this many tokens past their last
         candidate (0: off).
         ``pack_weights``: which linear weights get a oneDNN-packed copy for multi-row forwards
         when this core loads the model on CPU ("all", "head", "none"; ``packing.py``)."""

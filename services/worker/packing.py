@@ -96,11 +96,3 @@ def pack_linears(model: nn.Module, mode: str = "all") -> int:
         log.info("packed %d linear weights for multi-row products (%s)", len(targets), mode)
     return len(targets)
 
-
-def packed_bytes(model: nn.Module) -> int:
-    """Memory held by the packed copies."""
-    total = 0
-    for module in model.modules():
-        if isinstance(module, PackedLinear):
-            total += module.weight.numel() * module.weight.element_size()
-    return total
