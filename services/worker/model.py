@@ -947,6 +947,11 @@ class WorkerCore:
                 s.lock.release()
         return fills
 
+    def _feed_by_steps(self, tokens: int) -> bool:
+        """Whether ``tokens`` tokens of one session go in as batchable decode steps rather than
+        one multi-token forward: short ones while other sessions generate (``STEP_FEED_TOKENS``)."""
+        return tokens <= STEP_FEED_TOKENS and self.batcher.under_load
+
     def _single_step(self, cache, token: int) -> torch.Tensor:
         """A lone decode step, called exactly as ``generate`` calls it."""
         return self._forward([[token]], cache, keep_last=True)[0, -1].to(copy=True, dtype=torch.float32)
@@ -960,7 +965,7 @@ class WorkerCore:
         if s.fed < len(s.ids):
             assert s.lookahead == 0, "unfed committed tokens with lookahead in the cache"
             unfed = s.ids[s.fed :]
-            if len(unfed) == 1 or len(unfed) <= STEP_FEED_TOKENS and self.batcher.under_load:
+            if len(unfed) == 1 or self._feed_by_steps(len(unfed)):
                 for token in unfed:  # decode steps: each may share a batch with other sessions'
                     s.next_logits = self.batcher.step(s.cache, token)
                     s.fed += 1  # the cache holds this token now, even if a later step fails
@@ -1035,7 +1040,7 @@ class WorkerCore:
             cache = self._committed_copy(s)
             if len(live) > 1:
                 cache.batch_repeat_interleave(len(live))
-            if len(live) == 1 and width <= STEP_FEED_TOKENS and self.batcher.under_load:
+            if len(live) == 1 and self._feed_by_steps(width):
                 logits = torch.stack([self.batcher.step(cache, t) for t in batch_rows[0]])[None]
             else:
                 logits = self._forward(batch_rows, cache, keep_last=False)
