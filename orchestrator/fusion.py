@@ -45,6 +45,7 @@ DRAFT_TOKENS = 4  # most greedy tokens the drafter keeps ahead of its candidate 
 # workers' batched decode steps do more per forward (bench, 2 cores, 8 clients: 16.0 tokens/s
 # without speculation, 14.3 with), so segments only speculate while at most this many run.
 SPECULATE_MAX_ACTIVE = 1
+FOLLOW_SEGMENTS = 8  # most following segments a NextText reports (follow_segments)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,11 @@ class FusionOptions:
        most ``speculate_max_active`` generations run in the engine (default 1).
     6. ``fold_commits``: each model's commit of s* (M4) travels with its next NextText instead of
        a separate UpdateState round trip (segments are ~1-2 tokens, so round trips add up).
+    7. ``follow_segments`` (needs ``reuse_lookahead``, ``skip_identical`` and ``fold_commits``):
+       each NextText also reports the segments past its candidate that its kept greedy
+       continuation already decides (drafted or verified tokens); when the candidates are
+       identical, the following segments every model decided alike are committed in the same
+       round (each is what the next NextTexts would have proposed, identically, and skipped).
     """
 
     reuse_own_logprobs: bool = True
@@ -74,8 +80,17 @@ class FusionOptions:
     reuse_lookahead: bool = True
     speculate: bool = True
     fold_commits: bool = True
+    follow_segments: bool = True
 
-    NAMES = ("reuse_own_logprobs", "skip_identical", "dedup_candidates", "reuse_lookahead", "speculate", "fold_commits")
+    NAMES = (
+        "reuse_own_logprobs",
+        "skip_identical",
+        "dedup_candidates",
+        "reuse_lookahead",
+        "speculate",
+        "fold_commits",
+        "follow_segments",
+    )
 
     @classmethod
     def none(cls) -> "FusionOptions":
@@ -170,6 +185,7 @@ class Timings:
     drafted_tokens: int = 0  # greedy steps the drafter spent past its candidates (speculate)
     verified_tokens: int = 0  # draft tokens other models accepted as their own greedy picks
     verify_forwards: int = 0  # multi-token forwards that checked draft tokens
+    followed_segments: int = 0  # segments committed from the following ones of a NextText (follow_segments)
 
 
 @dataclass
@@ -213,12 +229,32 @@ class _Degraded(Exception):
     """Internal: models were dropped in this phase; the caller redoes the segment with the rest."""
 
 
+def _ppl(logprobs: Sequence[float]) -> float:
+    return math.exp(-sum(logprobs) / len(logprobs)) if logprobs else math.inf
+
+
 def _own_score(p: Proposal, identical_text) -> Score:
     """A model's score of its own candidate from its generation log-probs (no scoring call)."""
     text, eos = identical_text
     logprobs = p.logprobs if (text or eos) else []
-    ppl = math.exp(-sum(logprobs) / len(logprobs)) if logprobs else math.inf
-    return Score(p.state_id, list(p.token_ids), list(logprobs), ppl, True)
+    return Score(p.state_id, list(p.token_ids), list(logprobs), _ppl(logprobs), True)
+
+
+def agreed_following(proposals: Sequence[Proposal], budgets: Sequence[int], max_segment_tokens: int) -> int:
+    """How many of the following segments (after identical candidates) every model decided alike,
+    each within the token cap that round would have had (its NextText stops at the cap first
+    when the segment took more tokens to decide); ``budgets``: each model's tokens left before this round."""
+    left = [budget - len(p.token_ids) for budget, p in zip(budgets, proposals)]
+    agreed = 0
+    while all(agreed < len(p.following) for p in proposals):
+        segs = [p.following[agreed] for p in proposals]
+        if len({f.text for f in segs}) != 1:
+            break
+        if any(f.generated_tokens > min(max_segment_tokens, room) for f, room in zip(segs, left)):
+            break
+        left = [room - len(f.token_ids) for room, f in zip(left, segs)]
+        agreed += 1
+    return agreed
 
 
 class FusionEngine:
@@ -375,6 +411,7 @@ class FusionEngine:
         names = list(names)  # models still in the fusion (degraded fusion drops failed ones)
         gen_kwargs = {} if opts.reuse_lookahead else {"reuse_lookahead": False}
         speculate = opts.speculate and opts.reuse_lookahead
+        follow = opts.follow_segments and opts.reuse_lookahead and opts.skip_identical and opts.fold_commits
         drafter: str | None = None
         draft = ""  # the drafter's greedy text past the committed output (its own state was committed)
         output = ""
@@ -401,6 +438,8 @@ class FusionEngine:
                     kwargs["draft_text"] = draft
                 if n in to_commit:
                     kwargs["commit_state_id"] = to_commit[n]
+                if follow:
+                    kwargs["follow_segments"] = FOLLOW_SEGMENTS
                 limit = min(request.max_segment_tokens, budget[n])
                 return self.workers[n].next_text(sessions[n], boundary_names if align else [n], limit, **kwargs)
 
@@ -476,18 +515,23 @@ class FusionEngine:
                 return
             w = pick_winner(means)
             winner = proposals[w]
+            # 5. Following segments decided alike by every model: the next rounds would propose them
+            #    identically and skip scoring; they are committed with this one.
+            followed = agreed_following(proposals, [budget[n] for n in names], request.max_segment_tokens) if follow and identical else 0
 
             # 4. Commit: each model keeps its own tokens when its candidate is s*, else the
             #    state it built while scoring s*.
             def state_for(j: int) -> str:
                 own = proposals[j]
+                if followed:
+                    return own.following[followed - 1].state_id
                 if (own.text, own.eos) == (winner.text, winner.eos):
                     return own.state_id
                 return scores[j][w].state_id
 
             aligned = list(names)  # names[i] proposed proposals[i] (a failed commit may drop a model)
             chosen = [state_for(j) for j in range(len(aligned))]
-            kept_own = [state == p.state_id for state, p in zip(chosen, proposals)]
+            kept_own = [bool(followed) or state == p.state_id for state, p in zip(chosen, proposals)]
             to_commit.update(zip(aligned, chosen))
             if not opts.fold_commits:
                 t3 = time.perf_counter()
@@ -508,10 +552,15 @@ class FusionEngine:
                     committed[n] = results[j].committed_tokens
                 else:  # counted here: the worker commits with the next NextText
                     committed[n] += len(proposals[j].token_ids if kept_own[j] else scores[j][w].token_ids)
+                    committed[n] += sum(len(f.token_ids) for f in proposals[j].following[:followed])
+                    usage[n].generated_tokens += sum(f.generated_tokens for f in proposals[j].following[:followed])
                 usage[n].output_tokens = committed[n]
             # The drafter's text past s* is still its greedy continuation only if it kept its own state.
             d = aligned.index(drafter) if drafter in names else -1
             draft = proposals[d].draft if d >= 0 and kept_own[d] else ""
+            if draft and followed:  # past the following segments committed too
+                past = "".join(f.text for f in proposals[d].following[:followed])
+                draft = draft[len(past) :] if draft.startswith(past) else ""
 
             segment_text = winner.text
             stop_at = find_stop(output + segment_text, request.stop, len(output)) if request.stop else None
@@ -526,6 +575,24 @@ class FusionEngine:
             if winner.eos:
                 yield output, "eos"
                 return
+            for k in range(followed):
+                timings.identical_segments += 1
+                timings.skipped_scores += 1
+                timings.followed_segments += 1
+                segs = [p.following[k] for p in proposals]
+                first = segs[0]
+                ppls = {v: (_ppl(f.logprobs), len(f.token_ids)) for v, f in zip(aligned, segs)}
+                reports = [CandidateReport(u, f.text, False, "boundary", ppls, f.lookahead) for u, f in zip(aligned, segs)]
+                segment_text = first.text
+                stop_at = find_stop(output + segment_text, request.stop, len(output)) if request.stop else None
+                if stop_at is not None:
+                    segment_text = (output + segment_text)[len(output) : stop_at]
+                output += segment_text
+                yield Segment(index, segment_text, aligned[0], False, first.token_ids, reports)
+                index += 1
+                if stop_at is not None:
+                    yield output, "stop"
+                    return
 
     # ---- rerank baselines ----------------------------------------------------------------
     async def _answer(self, request, names, usage, timings, align: bool) -> tuple[str, str]:

@@ -58,6 +58,20 @@ class Proposal:
     drafted_tokens: int = 0  # forward steps spent on the draft
     verified_tokens: int = 0  # draft_text tokens accepted as own greedy picks
     verify_forwards: int = 0
+    following: list["Following"] = field(default_factory=list)  # asked with follow_segments
+
+
+@dataclass
+class Following:
+    """A segment past the candidate that the model's kept continuation already decides (what its
+    next NextText would return once the candidate is committed); ``state_id`` commits through it."""
+
+    state_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    generated_tokens: int
+    lookahead: str = ""
 
 
 @dataclass
@@ -101,7 +115,7 @@ class WorkerHandle(Protocol):
     async def info(self) -> WorkerInfo: ...
     async def open(self, prompt: str | None, messages: list[dict] | None) -> Opened: ...
     # Optional keywords (performance switches): next_text(..., reuse_lookahead=None,
-    # draft_text="", draft_tokens=0, commit_state_id=""), score(..., own_state_id="").
+    # draft_text="", draft_tokens=0, commit_state_id="", follow_segments=0), score(..., own_state_id="").
     async def next_text(self, session_id: str, boundary_tokenizer_ids: Sequence[str], max_tokens: int) -> Proposal: ...
     async def score(self, session_id: str, candidates: Sequence[tuple[str, bool]]) -> list[Score]: ...
     async def update_state(self, session_id: str, state_id: str) -> Committed: ...
@@ -176,6 +190,7 @@ class RemoteWorker:
         draft_text: str = "",
         draft_tokens: int = 0,
         commit_state_id: str = "",
+        follow_segments: int = 0,
     ) -> Proposal:
         r = await self._call(
             self.stub.NextText,
@@ -187,11 +202,14 @@ class RemoteWorker:
                 draft_text=draft_text,
                 draft_tokens=draft_tokens,
                 commit_state_id=commit_state_id,
+                follow_segments=follow_segments,
             ),
         )
+        following = [Following(f.state_id, f.text, list(f.token_ids), list(f.logprobs), f.generated_tokens, f.lookahead) for f in r.following]
         return Proposal(
             r.state_id, r.text, list(r.token_ids), list(r.logprobs), r.eos, r.finish, r.generated_tokens, r.lookahead,
             r.reused_tokens, r.boundary_s, r.compute_s, r.draft, r.drafted_tokens, r.verified_tokens, r.verify_forwards,
+            following,
         )
 
     async def score(self, session_id: str, candidates: Sequence[tuple[str, bool]], own_state_id: str = "") -> list[Score]:

@@ -27,6 +27,8 @@ CONFIGS = {
     "none": FusionOptions.none(),
     **{f"only:{n}": FusionOptions.parse(n) for n in FusionOptions.NAMES},
     "speculate+reuse_lookahead": FusionOptions.parse("speculate,reuse_lookahead"),
+    "follow_segments+needs": FusionOptions.parse("follow_segments,reuse_lookahead,skip_identical,fold_commits"),
+    "all-but-follow_segments": FusionOptions.parse("-follow_segments"),
     "all": FusionOptions(),
 }
 
@@ -93,10 +95,42 @@ async def test_switches_take_effect(engine):
     assert cool.timings.drafted_tokens > 0 and cool.timings.verified_tokens > 0 and cool.timings.verify_forwards > 0
     plain, _ = await run(engine, PROMPTS[1], "cool", ["smollm2", "gemma3"], FusionOptions(speculate=False))
     assert plain.timings.drafted_tokens == plain.timings.verified_tokens == plain.timings.verify_forwards == 0
+    # follow_segments: identical rounds commit the following segments decided alike; off: none.
+    # (Two copies: the drafter's continuation is verified whole, so runs of segments follow.)
+    unfollowed, _ = await run(engine, PROMPTS[0], "cool", ["smollm2", "smollm2b"], FusionOptions(follow_segments=False))
+    assert on.timings.followed_segments > 0 and on.segments == unfollowed.segments
+    assert off.timings.followed_segments == unfollowed.timings.followed_segments == cool.timings.followed_segments == 0
     # fold_commits: the commits ride on the next NextText, no UpdateState round trip is timed.
     assert cool.timings.commit_s == 0 and off.timings.commit_s > 0
     distinct = cool.segments - cool.timings.identical_segments  # identical ones: one row per worker (dedup)
     assert cool.timings.scored_rows + cool.timings.reused_rows == 2 * (2 * distinct + cool.timings.identical_segments)
+
+
+@pytest.mark.parametrize("cut", ["stop", "budget"])
+async def test_following_segments_keep_stops_and_budgets(engine, cut):
+    """A stop sequence inside a following segment, and token budgets that end inside a run of
+    following segments, cut the output exactly where the unoptimised loop cuts it."""
+    models = ["smollm2", "gemma3"]
+    ref, ref_segments = await run(engine, PROMPTS[0], "cool", models, FusionOptions.none())
+    words = ref.text.split()
+    for k in (3, 7, 12):
+        if cut == "stop":
+            request = dict(stop=[" " + words[min(k, len(words) - 1)]], max_new_tokens=N)
+        else:
+            request = dict(max_new_tokens=k)
+        results = {}
+        for label in ("none", "-follow_segments", "all"):
+            segments, final = [], None
+            async for item in engine.generate(
+                FusionRequest(prompt=PROMPTS[0], mode="cool", models=models, options=FusionOptions.parse(label), **request)
+            ):
+                if isinstance(item, Segment):
+                    segments.append((item.text, item.model))
+                else:
+                    final = item
+            results[label] = (final.text, final.finish_reason, segments, {n: u.output_tokens for n, u in final.usage.items()})
+        assert results["all"] == results["none"] == results["-follow_segments"], (cut, k)
+        assert results["none"][1] == ("stop" if cut == "stop" else "length")
 
 
 async def test_speculation_pauses_under_load(engine):

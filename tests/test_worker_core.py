@@ -20,6 +20,7 @@ import torch
 from coolfusion.services.common.errors import status_for
 from coolfusion.services.sources import parse_specs
 from coolfusion.services.tokenizer.loading import load_registry
+from coolfusion.services.worker import model as worker_model
 from coolfusion.services.worker.errors import InvalidArgument, SessionNotFound, StateError
 from coolfusion.services.worker.model import WorkerCore, perplexity
 
@@ -540,10 +541,52 @@ def test_drafter_returns_its_continuation(workers, registry):
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_scores_from_the_kept_continuation(workers, registry, model):
+def test_following_segments_are_the_next_candidates(workers, registry, model, monkeypatch):
+    """NextText's following segments (decided by the kept continuation, no forward) are what the
+    next NextTexts return after one commit each; committing one commits through it, and the
+    session goes on as greedy decoding (generate) does."""
+    monkeypatch.setattr(worker_model, "DRAFT_CALL_FORWARDS", 12)  # a long continuation to follow
+    w = workers[model]
+    context = w.tokenizer.hf(SHORT_PROMPT)["input_ids"]
+    a, _, _ = w.open(SHORT_PROMPT)
+    b, _, _ = w.open(SHORT_PROMPT)
+    try:
+        first = w.next_text(a, registry.ids, 16, draft_tokens=10, follow_segments=8)
+        assert first.finish == "boundary" and len(first.following) >= 2
+        sequential = []  # the oracle: NextText + UpdateState, one segment at a time
+        for _ in range(1 + len(first.following)):
+            r = w.next_text(b, registry.ids, 16)
+            w.update_state(b, r.state_id)
+            sequential.append(r)
+        assert (sequential[0].text, sequential[0].token_ids) == (first.text, first.token_ids)
+        for f, r in zip(first.following, sequential[1:]):
+            assert (f.text, f.token_ids, f.lookahead, f.generated_tokens) == (r.text, r.token_ids, r.lookahead, r.generated_tokens)
+            assert f.logprobs == pytest.approx(r.logprobs, abs=1e-5)
+        c = w.update_state(a, first.following[-1].state_id)
+        ids = first.token_ids + [t for f in first.following for t in f.token_ids]
+        assert c.committed_tokens == len(ids)
+        assert c.committed_text == "".join(r.text for r in sequential)
+        expected, _ = oracle_generate(w, context, len(ids) + 6)
+        assert ids == expected[: len(ids)]
+        # Going on from there: the same as the one-commit-at-a-time session, and generate.
+        nxt = w.next_text(a, registry.ids, 16, follow_segments=8)
+        ref = w.next_text(b, registry.ids, 16)
+        assert (nxt.text, nxt.token_ids) == (ref.text, ref.token_ids)
+        assert (ids + nxt.token_ids)[: len(expected)] == expected[: len(ids) + len(nxt.token_ids)]
+        for bad in (-1, worker_model.MAX_FOLLOW_SEGMENTS + 1):
+            with pytest.raises(InvalidArgument):
+                w.next_text(a, registry.ids, 16, follow_segments=bad)
+    finally:
+        w.close(a)
+        w.close(b)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_scores_from_the_kept_continuation(workers, registry, model, monkeypatch):
     """A candidate whose tokens but the last follow the forwarded greedy continuation is scored
     from its kept logits (no forward) like a forward would score it; committing it and going on
     equals generate() from the context and its tokens."""
+    monkeypatch.setattr(worker_model, "DRAFT_CALL_FORWARDS", 8)  # a continuation past the candidate
     w = workers[model]
     sid, _, _ = w.open(SHORT_PROMPT)
     context = w.tokenizer.hf(SHORT_PROMPT)["input_ids"]

@@ -66,12 +66,15 @@ EVICTED_MEMORY = 4096  # ids of expired/evicted sessions remembered for a precis
 # (bench, 2 cores, two prompts) fused 27.1 s with 3, 27.2 s with 2, 28.2-28.8 s with 8, and as many
 # draft tokens verified with 3 as with 8 (41 + 42).
 VERIFY_CHUNK = 3
-# Drafting (NextText ``draft_tokens``): extra greedy steps past the candidate per call. The drafter
-# loses its whole lead whenever another model's candidate wins, so a long lead is mostly wasted
-# steps on the drafter's critical path: measured (bench, 2 cores) 1 step/call T_fused/ΣT 1.18,
-# 2 steps 1.26-1.50.
-DRAFT_STEPS_PER_CALL = 1
+# Drafting (NextText ``draft_tokens``): the drafter's call spends at most this many forwards in
+# all, its own generation included, so drafting fills the calls that replayed their candidate and
+# a call that first has to feed another model's winning candidate (the segment's slowest) drafts
+# nothing. Measured (2 cores, the two bench prompts, following segments on, same-run pairs): a
+# budget of 2 forwards 28.3 s vs a fixed 1 draft step per call 31.1 s; 2 forwards 26.6 s vs 3
+# forwards 28.4 s (the drafter loses its lead whenever another model's candidate wins).
+DRAFT_CALL_FORWARDS = 2
 MAX_DRAFT_TOKENS = 64
+MAX_FOLLOW_SEGMENTS = 64
 # Under load (other sessions generating), a forward of at most this many tokens of one session
 # (feeding a committed candidate, scoring one) runs as that many decode steps instead, each
 # sharing a batch: a batch row costs a fraction of a lone multi-token forward (Gemma-3, one
@@ -109,6 +112,19 @@ class CandidateScore(NamedTuple):
     reused: bool = False  # log-probs taken from the session's own NextText (no forward)
 
 
+class FollowingSegment(NamedTuple):
+    """A segment that the next NextText would return once the one before it is committed, already
+    decided by the kept greedy continuation (no forward); committing ``state_id`` commits it and
+    every segment before it, one after the other."""
+
+    state_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    generated_tokens: int  # tokens that decided it, lookahead included (that NextText's generated_tokens)
+    lookahead: str  # complete text decided past it
+
+
 class CommitResult(NamedTuple):
     committed_tokens: int  # output tokens committed so far (after the context)
     committed_text: str  # text this commit appended
@@ -135,6 +151,8 @@ class NextTextResult:
     # the multi-token forwards that checked them.
     verified_tokens: int = 0
     verify_forwards: int = 0
+    # ``follow_segments``: the next segments the kept continuation already decides (FollowingSegment).
+    following: list = field(default_factory=list)
 
 
 def perplexity(logprobs: Sequence[float]) -> float:
@@ -153,6 +171,7 @@ class _GenState:
     gen: int
     tokens: list[int]
     logprobs: list[float]  # of ``tokens``, from the generation steps (reused by score_candidates)
+    parts: tuple = ()  # following segments: the _GenStates committed one after the other
 
 
 @dataclass
@@ -209,6 +228,54 @@ class _Session:
     closed_reason: str = "was closed"
     last_used: float = field(default_factory=time.monotonic)  # end of the last call (LRU, idle TTL)
     fill_until: int = 0  # batches may grow ahead_tokens up to this length while the session is idle
+
+
+class _Following(NamedTuple):
+    state_id: str
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    generated_tokens: int
+    lookahead: str
+    boundary_s: float
+
+
+class _SegmentScan:
+    """NextText's candidate search over picked tokens, decoded from the committed text ``text`` on:
+    ``push`` returns ``(n, text, finish)`` at the first word boundary common to the tokenizers
+    (``n`` candidate tokens), at an EOS token, or at the ``limit``-th token (cut at the last
+    complete character; ``cap_finish``), else None."""
+
+    def __init__(self, core: "WorkerCore", text: str, tokenizer_ids: list, limit: int, cap_finish: str):
+        self.core = core
+        self.tail = text[-CONTEXT_TAIL_CHARS:]
+        self.tokenizer_ids = tokenizer_ids
+        self.limit = limit
+        self.cap_finish = cap_finish
+        self.decoder = IncrementalDecoder(core.tokenizer)
+        self.pushed = 0
+        self.boundary_s = 0.0
+
+    def push(self, token: int) -> tuple[int, str, str] | None:
+        decoder = self.decoder
+        self.pushed += 1
+        grew = bool(decoder.push(token))
+        if token in self.core._eos_set:
+            return self.pushed, decoder.text, "eos"
+        # A boundary can only change when text grew; it must be a token end (0 < b < len).
+        ends = [e for e in decoder.token_ends if 0 < e < len(decoder.text)] if grew else []
+        if ends:
+            t_b = time.perf_counter()
+            b = self.core.boundary(self.tail, decoder.text, self.tokenizer_ids, ends)
+            self.boundary_s += time.perf_counter() - t_b
+            if b is not None:
+                if b not in decoder.token_ends:
+                    raise RuntimeError(f"boundary {b} is not a token end (allowed: {ends})")
+                return decoder.token_ends.index(b) + 1, decoder.text[:b], "boundary"
+        if self.pushed >= self.limit:
+            n = max((i + 1 for i, e in enumerate(decoder.token_ends) if e >= 0), default=0)
+            return n, decoder.text[: decoder.token_ends[n - 1]] if n else "", self.cap_finish
+        return None
 
 
 class _Fill:
@@ -487,6 +554,7 @@ class WorkerCore:
         draft_text: str = "",
         draft_tokens: int = 0,
         commit_state_id: str = "",
+        follow_segments: int = 0,
     ) -> NextTextResult:
         """Greedy-generate from the committed state up to the first word boundary common to the tokenizers.
 
@@ -504,8 +572,8 @@ class WorkerCore:
         Speculative decoding across tokenizers (both need ``reuse_lookahead``):
 
         * ``draft_tokens`` (drafter): after the candidate, extend the kept greedy continuation
-          towards ``draft_tokens`` tokens past it (at most ``DRAFT_STEPS_PER_CALL`` extra steps per
-          call) and return its complete text as ``draft``.
+          towards ``draft_tokens`` tokens past it (with what is left of ``DRAFT_CALL_FORWARDS``
+          forwards in this call) and return its complete text as ``draft``.
         * ``draft_text`` (verifier): another model's greedy continuation of the committed text.
           Encoded with this tokenizer, its tokens stand in for single decode steps: when generation
           needs a forward and the draft agrees with every token picked so far, the picked token and
@@ -515,6 +583,12 @@ class WorkerCore:
 
         ``commit_state_id``: commit that temp state first, exactly as ``update_state`` would (the
         fusion loop folds each segment's commit into the next NextText).
+
+        ``follow_segments`` (needs ``reuse_lookahead``): also return up to this many segments past a
+        boundary candidate that the next NextTexts would return after committing it, as far as the
+        kept greedy continuation decides them without a forward (``following``; each with the
+        same ``max_tokens`` cap). Committing a following segment's state commits the candidate and
+        every segment up to it, exactly as one commit after the other would.
         """
         if not isinstance(max_tokens, int) or max_tokens < 0:
             raise InvalidArgument(f"max_tokens must be >= 0, got {max_tokens!r}")
@@ -522,6 +596,8 @@ class WorkerCore:
             raise InvalidArgument(f"draft_tokens must be in [0, {MAX_DRAFT_TOKENS}], got {draft_tokens!r}")
         if not isinstance(draft_text, str):
             raise InvalidArgument("draft_text must be a string")
+        if not isinstance(follow_segments, int) or not 0 <= follow_segments <= MAX_FOLLOW_SEGMENTS:
+            raise InvalidArgument(f"follow_segments must be in [0, {MAX_FOLLOW_SEGMENTS}], got {follow_segments!r}")
         reuse = self.reuse_lookahead if reuse_lookahead is None else bool(reuse_lookahead)
         draft = self.tokenizer.encode_ids(draft_text, continuation=True) if draft_text and reuse else []
         verified = verify_forwards = 0
@@ -538,12 +614,12 @@ class WorkerCore:
             else:
                 self._drop_lookahead(s)
             s.gen += 1
+            forwards = int(s.fed < len(s.ids))  # feeding a committed candidate
             if draft and s.fed < len(s.ids):
                 verified += self._ready_verifying(s, draft)
                 verify_forwards += 1
             logits = self._ready(s)
-            tail = s.text[-CONTEXT_TAIL_CHARS:]
-            decoder = IncrementalDecoder(self.tokenizer)
+            scan = _SegmentScan(self, s.text, tokenizer_ids, limit, cap_finish)
             tokens: list[int] = []
             logprobs: list[float] = []
             reused = 0
@@ -557,25 +633,9 @@ class WorkerCore:
                     token, lp = self._pick(s, logits)
                 tokens.append(token)
                 logprobs.append(lp)
-                grew = bool(decoder.push(token))
-                if token in self._eos_set:
-                    n, text, finish = len(tokens), decoder.text, "eos"
-                    break
-                # A boundary can only change when text grew; it must be a token end (0 < b < len).
-                ends = [e for e in decoder.token_ends if 0 < e < len(decoder.text)] if grew else []
-                if ends:
-                    t_b = time.perf_counter()
-                    b = self.boundary(tail, decoder.text, tokenizer_ids, ends)
-                    boundary_s += time.perf_counter() - t_b
-                    if b is not None:
-                        if b not in decoder.token_ends:
-                            raise RuntimeError(f"boundary {b} is not a token end (allowed: {ends})")
-                        n, text, finish = decoder.token_ends.index(b) + 1, decoder.text[:b], "boundary"
-                        break
-                if len(tokens) >= limit:
-                    n = max((i + 1 for i, e in enumerate(decoder.token_ends) if e >= 0), default=0)
-                    text = decoder.text[: decoder.token_ends[n - 1]] if n else ""
-                    finish = cap_finish
+                found = scan.push(token)
+                if found:
+                    n, text, finish = found
                     break
                 # Like generate(): a picked token is forwarded only when generation goes on.
                 if j < len(s.ahead_logits):
@@ -588,19 +648,27 @@ class WorkerCore:
                         draft = []  # diverged: the rest of the draft cannot be this model's greedy text
                         s.ahead_logits.append(self.batcher.step(s.cache, token))
                         s.lookahead += 1
+                    forwards += 1
                     logits = s.ahead_logits[j]
                 j += 1
             drafted, draft_out = 0, ""
+            decoder = scan.decoder
             if draft_tokens and reuse:
-                drafted = self._extend_draft(s, n, draft_tokens)
+                drafted = self._extend_draft(s, n, draft_tokens, DRAFT_CALL_FORWARDS - forwards)
                 for token in s.ahead_tokens[len(tokens) :]:
                     if token in self._eos_set:
                         break
                     decoder.push(token)
                 draft_out = decoder.text[len(text) :] if finish != "eos" else ""
-            state_id = self._new_state(s, _GenState(s.epoch, s.gen, tokens[:n], logprobs[:n]))
+            state = _GenState(s.epoch, s.gen, tokens[:n], logprobs[:n])
+            state_id = self._new_state(s, state)
+            following = []
+            if follow_segments and reuse and finish == "boundary":
+                following = self._following(s, state, tokenizer_ids, limit, follow_segments)
+            boundary_s += scan.boundary_s + sum(f.boundary_s for f in following)
             # While the caller waits for the other models, batches may grow the continuation.
-            s.fill_until = n + self.fill_ahead if reuse and finish == "boundary" else 0
+            ahead = n + sum(len(f.token_ids) for f in following)
+            s.fill_until = ahead + self.fill_ahead if reuse and finish == "boundary" else 0
             return NextTextResult(
                 state_id=state_id,
                 text=text,
@@ -617,7 +685,42 @@ class WorkerCore:
                 drafted_tokens=drafted,
                 verified_tokens=verified,
                 verify_forwards=verify_forwards,
+                following=[FollowingSegment(*f[:-1]) for f in following],
             )
+
+    def _following(self, s: _Session, state: _GenState, tokenizer_ids: list, limit: int, count: int) -> list:
+        """Up to ``count`` segments past ``state`` (a boundary candidate) that the kept continuation
+        decides: each is what NextText would return, with the same cap, after committing the ones
+        before it (same committed text and boundary context). Each gets a commit-through state."""
+        out = []
+        prefix = s.ids[s.n_context :] + state.tokens
+        text = s.text + self.tokenizer.decode(state.tokens, prefix_ids=s.ids[s.n_context :])[0]
+        parts = [state]
+        start = len(state.tokens)
+        while len(out) < count:
+            scan = _SegmentScan(self, text, tokenizer_ids, limit, "cap")
+            found, j = None, start
+            while not found:
+                if j == len(s.ahead_tokens):
+                    if len(s.ahead_logits) < j:
+                        break  # the last pick is not forwarded yet
+                    self._pick(s, s.ahead_logits[j - 1])  # the pick the next NextText makes from kept logits
+                found = scan.push(s.ahead_tokens[j])
+                j += 1
+            if not found or found[2] != "boundary":
+                break  # undecided without a forward, EOS or the cap: the next NextText's to find
+            n = found[0]
+            tokens, logprobs = s.ahead_tokens[start : start + n], s.ahead_lps[start : start + n]
+            parts.append(_GenState(s.epoch, s.gen, tokens, logprobs))
+            whole = _GenState(
+                s.epoch, s.gen, [t for p in parts for t in p.tokens], [x for p in parts for x in p.logprobs], tuple(parts)
+            )
+            lookahead = scan.decoder.text[len(found[1]) :]
+            out.append(_Following(self._new_state(s, whole), found[1], tokens, logprobs, scan.pushed, lookahead, scan.boundary_s))
+            text += self.tokenizer.decode(tokens, prefix_ids=prefix)[0]
+            prefix = prefix + tokens
+            start += n
+        return out
 
     def _verify_draft(self, s: _Session, draft: list[int]) -> int:
         """One forward of the picked, not yet forwarded token ``ahead_tokens[-1]`` and the draft
@@ -675,14 +778,14 @@ class WorkerCore:
             else:
                 layer.crop(-tokens)
 
-    def _extend_draft(self, s: _Session, n: int, want: int) -> int:
+    def _extend_draft(self, s: _Session, n: int, want: int, max_steps: int) -> int:
         """Grow the kept greedy continuation towards ``want`` tokens past the first ``n`` (the
-        candidate), with at most ``DRAFT_STEPS_PER_CALL`` forwards; stops at EOS. Returns forwards."""
+        candidate), with at most ``max_steps`` forwards; stops at EOS. Returns forwards."""
         steps = 0
         while len(s.ahead_tokens) - n < want and s.ahead_tokens[-1] not in self._eos_set:
             m = len(s.ahead_tokens)
             if len(s.ahead_logits) < m:
-                if steps == DRAFT_STEPS_PER_CALL:
+                if steps >= max_steps:
                     break
                 s.ahead_logits.append(self.batcher.step(s.cache, s.ahead_tokens[-1]))
                 s.lookahead += 1
@@ -714,6 +817,12 @@ class WorkerCore:
     def _commit(self, s: _Session, state_id: str) -> CommitResult:
         """``update_state`` on a locked session (also NextText's ``commit_state_id``)."""
         state = self._state(s, state_id)
+        if isinstance(state, _GenState) and state.parts:  # a following segment: one commit per segment
+            committed = [self._commit_state(s, part) for part in state.parts]
+            return CommitResult(committed[-1].committed_tokens, "".join(c.committed_text for c in committed))
+        return self._commit_state(s, state)
+
+    def _commit_state(self, s: _Session, state) -> CommitResult:
         prefix = s.ids[s.n_context :]
         s.fill_until = 0
         if isinstance(state, _GenState):

@@ -185,8 +185,11 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
             request.draft_text,
             request.draft_tokens,
             request.commit_state_id,
+            request.follow_segments,
         )
-        return pb.NextTextResponse(**{k: getattr(r, k) for k in pb.NextTextResponse.DESCRIPTOR.fields_by_name})
+        fields = {k: getattr(r, k) for k in pb.NextTextResponse.DESCRIPTOR.fields_by_name if k != "following"}
+        following = [pb.FollowingSegment(**f._asdict()) for f in r.following]
+        return pb.NextTextResponse(**fields, following=following)
 
     async def ScoreCandidates(self, request, context):
         if not request.candidates:
