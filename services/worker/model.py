@@ -75,6 +75,7 @@ VERIFY_CHUNK = 3
 DRAFT_CALL_FORWARDS = 2
 MAX_DRAFT_TOKENS = 64
 MAX_FOLLOW_SEGMENTS = 64
+BOUNDARY_MEMO = 1024  # boundary checks remembered (following-segment scans ask them again)
 # Under load (other sessions generating), a forward of at most this many tokens of one session
 # (feeding a committed candidate, scoring one) runs as that many decode steps instead, each
 # sharing a batch: a batch row costs a fraction of a lone multi-token forward (Gemma-3, one
@@ -266,7 +267,7 @@ class _SegmentScan:
         ends = [e for e in decoder.token_ends if 0 < e < len(decoder.text)] if grew else []
         if ends:
             t_b = time.perf_counter()
-            b = self.core.boundary(self.tail, decoder.text, self.tokenizer_ids, ends)
+            b = self.core._boundary(self.tail, decoder.text, self.tokenizer_ids, ends)
             self.boundary_s += time.perf_counter() - t_b
             if b is not None:
                 if b not in decoder.token_ends:
@@ -360,6 +361,8 @@ class WorkerCore:
         self.tokenizer = TokenizerCore(name, hf_tokenizer, spec.describe())
         self.model = model if model is not None else load_hf_model(spec, str(self.device), dtype, pack_weights)
         self.boundary = boundary if boundary is not None else TokenizerRegistry([self.tokenizer]).common_boundary
+        self._boundaries: OrderedDict = OrderedDict()  # memo of boundary checks (``_boundary``)
+        self._boundaries_lock = threading.Lock()
         self.segment_cap = segment_cap
 
         eos = self.model.generation_config.eos_token_id
@@ -687,6 +690,22 @@ class WorkerCore:
                 verify_forwards=verify_forwards,
                 following=[FollowingSegment(*f[:-1]) for f in following],
             )
+
+    def _boundary(self, tail: str, text: str, tokenizer_ids: list, ends: list) -> int | None:
+        """``boundary`` with a small memo (it is a pure function of its arguments): a following-
+        segment scan asks what the next NextText's candidate search asks again when the segment
+        is not committed with the candidate (same committed tail, same tokens)."""
+        key = (tail, text, tuple(tokenizer_ids), tuple(ends))
+        with self._boundaries_lock:
+            if key in self._boundaries:
+                self._boundaries.move_to_end(key)
+                return self._boundaries[key]
+        b = self.boundary(tail, text, tokenizer_ids, ends)
+        with self._boundaries_lock:
+            self._boundaries[key] = b
+            while len(self._boundaries) > BOUNDARY_MEMO:
+                self._boundaries.popitem(last=False)
+        return b
 
     def _following(self, s: _Session, state: _GenState, tokenizer_ids: list, limit: int, count: int) -> list:
         """Up to ``count`` segments past ``state`` (a boundary candidate) that the kept continuation
