@@ -567,36 +567,27 @@ class FusionEngine:
                 past = "".join(f.text for f in proposals[d].following[:followed])
                 draft = draft[len(past) :] if draft.startswith(past) else ""
 
-            segment_text = winner.text
-            stop_at = find_stop(output + segment_text, request.stop, len(output)) if request.stop else None
-            if stop_at is not None:
-                segment_text = (output + segment_text)[len(output) : stop_at]
-            output += segment_text
-            yield Segment(index, segment_text, aligned[w], winner.eos, winner.token_ids, reports)
-            index += 1
-            if stop_at is not None:
-                yield output, "stop"
-                return
-            if winner.eos:
-                yield output, "eos"
-                return
-            for k in range(followed):
-                timings.identical_segments += 1
-                timings.skipped_scores += 1
-                timings.followed_segments += 1
+            emit = [Segment(index, winner.text, aligned[w], winner.eos, winner.token_ids, reports)]
+            for k in range(followed):  # identical candidates: each model's PPL is its own generation's
                 segs = [p.following[k] for p in proposals]
-                first = segs[0]
                 ppls = {v: (_ppl(f.logprobs), len(f.token_ids)) for v, f in zip(aligned, segs)}
                 reports = [CandidateReport(u, f.text, False, "boundary", ppls, f.lookahead) for u, f in zip(aligned, segs)]
-                segment_text = first.text
-                stop_at = find_stop(output + segment_text, request.stop, len(output)) if request.stop else None
+                emit.append(Segment(index + 1 + k, segs[0].text, aligned[0], False, segs[0].token_ids, reports))
+            timings.identical_segments += followed
+            timings.skipped_scores += followed
+            timings.followed_segments += followed
+            for segment in emit:
+                stop_at = find_stop(output + segment.text, request.stop, len(output)) if request.stop else None
                 if stop_at is not None:
-                    segment_text = (output + segment_text)[len(output) : stop_at]
-                output += segment_text
-                yield Segment(index, segment_text, aligned[0], False, first.token_ids, reports)
+                    segment.text = (output + segment.text)[len(output) : stop_at]
+                output += segment.text
+                yield segment
                 index += 1
                 if stop_at is not None:
                     yield output, "stop"
+                    return
+                if segment.eos:
+                    yield output, "eos"
                     return
 
     # ---- rerank baselines ----------------------------------------------------------------

@@ -71,7 +71,7 @@ VERIFY_CHUNK = 3
 # a call that first has to feed another model's winning candidate (the segment's slowest) drafts
 # nothing. Measured (2 cores, the two bench prompts, following segments on, same-run pairs): a
 # budget of 2 forwards 28.3 s vs a fixed 1 draft step per call 31.1 s; 2 forwards 26.6 s vs 3
-# forwards 28.4 s (the drafter loses its lead whenever another model's candidate wins).
+# (with 4-token verifies) 28.4 s (the drafter loses its lead whenever another model's candidate wins).
 DRAFT_CALL_FORWARDS = 2
 MAX_DRAFT_TOKENS = 64
 MAX_FOLLOW_SEGMENTS = 64
@@ -229,16 +229,6 @@ class _Session:
     closed_reason: str = "was closed"
     last_used: float = field(default_factory=time.monotonic)  # end of the last call (LRU, idle TTL)
     fill_until: int = 0  # batches may grow ahead_tokens up to this length while the session is idle
-
-
-class _Following(NamedTuple):
-    state_id: str
-    text: str
-    token_ids: list[int]
-    logprobs: list[float]
-    generated_tokens: int
-    lookahead: str
-    boundary_s: float
 
 
 class _SegmentScan:
@@ -665,10 +655,10 @@ class WorkerCore:
                 draft_out = decoder.text[len(text) :] if finish != "eos" else ""
             state = _GenState(s.epoch, s.gen, tokens[:n], logprobs[:n])
             state_id = self._new_state(s, state)
-            following = []
+            following, follow_boundary_s = [], 0.0
             if follow_segments and reuse and finish == "boundary":
-                following = self._following(s, state, tokenizer_ids, limit, follow_segments)
-            boundary_s += scan.boundary_s + sum(f.boundary_s for f in following)
+                following, follow_boundary_s = self._following(s, state, tokenizer_ids, limit, follow_segments)
+            boundary_s += scan.boundary_s + follow_boundary_s
             # While the caller waits for the other models, batches may grow the continuation.
             ahead = n + sum(len(f.token_ids) for f in following)
             s.fill_until = ahead + self.fill_ahead if reuse and finish == "boundary" else 0
@@ -688,7 +678,7 @@ class WorkerCore:
                 drafted_tokens=drafted,
                 verified_tokens=verified,
                 verify_forwards=verify_forwards,
-                following=[FollowingSegment(*f[:-1]) for f in following],
+                following=following,
             )
 
     def _boundary(self, tail: str, text: str, tokenizer_ids: list, ends: list) -> int | None:
@@ -707,11 +697,14 @@ class WorkerCore:
                 self._boundaries.popitem(last=False)
         return b
 
-    def _following(self, s: _Session, state: _GenState, tokenizer_ids: list, limit: int, count: int) -> list:
+    def _following(
+        self, s: _Session, state: _GenState, tokenizer_ids: list, limit: int, count: int
+    ) -> tuple[list[FollowingSegment], float]:
         """Up to ``count`` segments past ``state`` (a boundary candidate) that the kept continuation
         decides: each is what NextText would return, with the same cap, after committing the ones
-        before it (same committed text and boundary context). Each gets a commit-through state."""
-        out = []
+        before it (same committed text and boundary context). Each gets a commit-through state.
+        Returns them and the seconds spent in boundary checks."""
+        out, boundary_s = [], 0.0
         prefix = s.ids[s.n_context :] + state.tokens
         text = s.text + self.tokenizer.decode(state.tokens, prefix_ids=s.ids[s.n_context :])[0]
         parts = [state]
@@ -726,6 +719,7 @@ class WorkerCore:
                     self._pick(s, s.ahead_logits[j - 1])  # the pick the next NextText makes from kept logits
                 found = scan.push(s.ahead_tokens[j])
                 j += 1
+            boundary_s += scan.boundary_s
             if not found or found[2] != "boundary":
                 break  # undecided without a forward, EOS or the cap: the next NextText's to find
             n = found[0]
@@ -735,11 +729,11 @@ class WorkerCore:
                 s.epoch, s.gen, [t for p in parts for t in p.tokens], [x for p in parts for x in p.logprobs], tuple(parts)
             )
             lookahead = scan.decoder.text[len(found[1]) :]
-            out.append(_Following(self._new_state(s, whole), found[1], tokens, logprobs, scan.pushed, lookahead, scan.boundary_s))
+            out.append(FollowingSegment(self._new_state(s, whole), found[1], tokens, logprobs, scan.pushed, lookahead))
             text += self.tokenizer.decode(tokens, prefix_ids=prefix)[0]
             prefix = prefix + tokens
             start += n
-        return out
+        return out, boundary_s
 
     def _verify_draft(self, s: _Session, draft: list[int]) -> int:
         """One forward of the picked, not yet forwarded token ``ahead_tokens[-1]`` and the draft
