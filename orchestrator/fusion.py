@@ -50,6 +50,9 @@ SPECULATE_MAX_ACTIVE = 1
 # costs boundary checks. Asked only while speculating: under load (8 clients) following segments
 # measured 19.8-21.5 tokens/s against 21.7-21.9 without, with more tokenizer-service CPU.
 FOLLOW_SEGMENTS = 2
+# Looked-up tokens a model checks per forward (lookup_draft): each costs a row of the forward
+# (Gemma-3's 262k-row output layer included); measured below in the README's Performance section.
+LOOKUP_TOKENS = 2
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,12 @@ class FusionOptions:
        identical, the following segments every model decided alike are committed in the same
        round (each is what the next NextTexts would have proposed, identically, and skipped).
        Only while speculating (the drafter's and the verifiers' continuations are what decide them).
+    8. ``lookup_draft``: prompt-lookup decoding inside each model. Whenever a forward is due and
+       no draft from another model applies, the ``LOOKUP_TOKENS`` tokens that followed the latest
+       earlier occurrence of the last few ids of its own text (prompt and output) go into the same
+       forward and are kept while they are its greedy picks. Repeated names, numbers and phrases
+       (and a small model's loops) cost one forward for several tokens. Like ``speculate``, only
+       while at most ``speculate_max_active`` generations run (batched steps carry one token).
     """
 
     reuse_own_logprobs: bool = True
@@ -86,6 +95,7 @@ class FusionOptions:
     speculate: bool = True
     fold_commits: bool = True
     follow_segments: bool = True
+    lookup_draft: bool = True
 
     NAMES = (
         "reuse_own_logprobs",
@@ -95,6 +105,7 @@ class FusionOptions:
         "speculate",
         "fold_commits",
         "follow_segments",
+        "lookup_draft",
     )
 
     @classmethod
@@ -191,6 +202,8 @@ class Timings:
     verified_tokens: int = 0  # draft tokens other models accepted as their own greedy picks
     verify_forwards: int = 0  # multi-token forwards that checked draft tokens
     followed_segments: int = 0  # segments committed from the following ones of a NextText (follow_segments)
+    lookup_accepted: int = 0  # looked-up tokens the models accepted as their own greedy picks (lookup_draft)
+    lookup_forwards: int = 0  # forwards that checked looked-up tokens
 
 
 @dataclass
@@ -445,6 +458,8 @@ class FusionEngine:
                     kwargs["commit_state_id"] = to_commit[n]
                 if follow and drafting:
                     kwargs["follow_segments"] = FOLLOW_SEGMENTS
+                if opts.lookup_draft and self._fusing <= self.speculate_max_active:
+                    kwargs["lookup_tokens"] = LOOKUP_TOKENS
                 limit = min(request.max_segment_tokens, budget[n])
                 return self.workers[n].next_text(sessions[n], boundary_names if align else [n], limit, **kwargs)
 
@@ -469,6 +484,8 @@ class FusionEngine:
                 timings.drafted_tokens += p.drafted_tokens
                 timings.verified_tokens += p.verified_tokens
                 timings.verify_forwards += p.verify_forwards
+                timings.lookup_accepted += p.lookup_accepted
+                timings.lookup_forwards += p.lookup_forwards
 
             # 2. Score: every model scores every candidate in one batched call.
             candidates = [(p.text, p.eos) for p in proposals]

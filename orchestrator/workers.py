@@ -59,6 +59,8 @@ class Proposal:
     verified_tokens: int = 0  # draft_text tokens accepted as own greedy picks
     verify_forwards: int = 0
     following: list["Following"] = field(default_factory=list)  # asked with follow_segments
+    lookup_accepted: int = 0  # looked-up tokens accepted as own greedy picks (asked with lookup_tokens)
+    lookup_forwards: int = 0
 
 
 @dataclass
@@ -115,7 +117,7 @@ class WorkerHandle(Protocol):
     async def info(self) -> WorkerInfo: ...
     async def open(self, prompt: str | None, messages: list[dict] | None) -> Opened: ...
     # Optional keywords (performance switches): next_text(..., reuse_lookahead=None,
-    # draft_text="", draft_tokens=0, commit_state_id="", follow_segments=0), score(..., own_state_id="").
+    # draft_text="", draft_tokens=0, commit_state_id="", follow_segments=0, lookup_tokens=0), score(..., own_state_id="").
     async def next_text(self, session_id: str, boundary_tokenizer_ids: Sequence[str], max_tokens: int) -> Proposal: ...
     async def score(self, session_id: str, candidates: Sequence[tuple[str, bool]]) -> list[Score]: ...
     async def update_state(self, session_id: str, state_id: str) -> Committed: ...
@@ -191,6 +193,7 @@ class RemoteWorker:
         draft_tokens: int = 0,
         commit_state_id: str = "",
         follow_segments: int = 0,
+        lookup_tokens: int = 0,
     ) -> Proposal:
         r = await self._call(
             self.stub.NextText,
@@ -203,13 +206,14 @@ class RemoteWorker:
                 draft_tokens=draft_tokens,
                 commit_state_id=commit_state_id,
                 follow_segments=follow_segments,
+                lookup_tokens=lookup_tokens,
             ),
         )
         following = [Following(f.state_id, f.text, list(f.token_ids), list(f.logprobs), f.generated_tokens, f.lookahead) for f in r.following]
         return Proposal(
             r.state_id, r.text, list(r.token_ids), list(r.logprobs), r.eos, r.finish, r.generated_tokens, r.lookahead,
             r.reused_tokens, r.boundary_s, r.compute_s, r.draft, r.drafted_tokens, r.verified_tokens, r.verify_forwards,
-            following,
+            following, r.lookup_accepted, r.lookup_forwards,
         )
 
     async def score(self, session_id: str, candidates: Sequence[tuple[str, bool]], own_state_id: str = "") -> list[Score]:

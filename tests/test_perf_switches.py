@@ -29,6 +29,7 @@ CONFIGS = {
     "speculate+reuse_lookahead": FusionOptions.parse("speculate,reuse_lookahead"),
     "follow_segments+needs": FusionOptions.parse("follow_segments,reuse_lookahead,skip_identical,fold_commits"),
     "all-but-follow_segments": FusionOptions.parse("-follow_segments"),
+    "all-but-lookup_draft": FusionOptions.parse("-lookup_draft"),
     "all": FusionOptions(),
 }
 
@@ -100,6 +101,11 @@ async def test_switches_take_effect(engine):
     unfollowed, _ = await run(engine, PROMPTS[0], "cool", ["smollm2", "smollm2b"], FusionOptions(follow_segments=False))
     assert on.timings.followed_segments > 0 and on.segments == unfollowed.segments
     assert off.timings.followed_segments == unfollowed.timings.followed_segments == cool.timings.followed_segments == 0
+    # lookup_draft: the story's repeated words are looked up and some are greedy picks; off: none.
+    unlooked, _ = await run(engine, PROMPTS[0], "cool", ["smollm2", "gemma3"], FusionOptions(lookup_draft=False))
+    looked, _ = await run(engine, PROMPTS[0], "cool", ["smollm2", "gemma3"], FusionOptions())
+    assert looked.timings.lookup_accepted > 0 and looked.timings.lookup_forwards > 0
+    assert unlooked.timings.lookup_accepted == unlooked.timings.lookup_forwards == off.timings.lookup_forwards == 0
     # fold_commits: the commits ride on the next NextText, no UpdateState round trip is timed.
     assert cool.timings.commit_s == 0 and off.timings.commit_s > 0
     distinct = cool.segments - cool.timings.identical_segments  # identical ones: one row per worker (dedup)
@@ -149,6 +155,7 @@ async def test_speculation_pauses_under_load(engine):
         engine.speculate_max_active = 1
     assert never.text == solo.text
     assert never.timings.drafted_tokens == never.timings.verified_tokens == never.timings.verify_forwards == 0
+    assert never.timings.lookup_forwards == 0 < solo.timings.lookup_forwards
 
 
 async def test_core_own_row_and_lookahead_replay(cluster):

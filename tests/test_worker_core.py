@@ -525,6 +525,61 @@ def test_verified_drafts_keep_the_greedy_tokens(workers, registry, long_prompt, 
             assert verified > forwards  # several draft tokens per verifying forward
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_looked_up_tokens_keep_the_greedy_tokens(workers, registry, long_prompt, model):
+    """Oracle: the plain greedy segments. With lookup_tokens, tokens that followed earlier
+    occurrences of the last ids (GSM8K answers repeat the question's names and numbers) are checked
+    several per forward: in generation, in the forward that feeds a committed last token (no
+    lookahead kept) and in the drafter's extension. The tokens stay the greedy ones, past Gemma-3's
+    512-token window too."""
+    w = workers[model]
+    sid, _, _ = w.open(long_prompt)
+    try:
+        plain_ids, plain_lps, plain_texts, _, _ = greedy_segments(w, sid, registry.ids, N)
+    finally:
+        w.close(sid)
+    for options in (dict(), dict(reuse_lookahead=False), dict(draft_tokens=4)):
+        sid, _, _ = w.open(long_prompt)
+        ids, lps, texts, accepted, forwards = [], [], [], 0, 0
+        try:
+            while len(ids) < N:
+                r = w.next_text(sid, registry.ids, N - len(ids), lookup_tokens=2, **options)
+                assert w.update_state(sid, r.state_id).committed_tokens == len(ids) + len(r.token_ids)
+                ids += r.token_ids
+                lps += r.logprobs
+                texts.append(r.text)
+                accepted += r.lookup_accepted
+                forwards += r.lookup_forwards
+                if r.eos or r.finish != "boundary":
+                    break
+        finally:
+            w.close(sid)
+        assert (ids, texts) == (plain_ids, plain_texts), options
+        assert lps == pytest.approx(plain_lps, abs=1e-4)
+        assert accepted > 0 and forwards > 0, options
+    sid, _, _ = w.open(SHORT_PROMPT)
+    try:
+        for bad in (-1, worker_model.MAX_LOOKUP_TOKENS + 1):
+            with pytest.raises(InvalidArgument):
+                w.next_text(sid, registry.ids, 8, lookup_tokens=bad)
+    finally:
+        w.close(sid)
+
+
+def test_lookup_finds_the_latest_longest_match(workers):
+    w = workers["smollm2"]
+    eos = sorted(w._eos_set)[0]
+
+    def lookup(ids, count):  # ids written small, kept clear of special tokens
+        return [t - 100 for t in w._lookup([t + 100 for t in ids], count)]
+
+    assert lookup([1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3], 2) == [7, 8]  # the latest "2 3"
+    assert lookup([5, 6, 7, 1, 2, 8, 2, 4, 4, 1, 2], 3) == [8, 2, 4]  # "1 2" before the latest "2"
+    assert lookup([4, 5, 6, 5, 6], 4) == [5, 6]  # stops at the end of the ids
+    assert lookup([1, 2, 3], 2) == [] and w._lookup([], 2) == []
+    assert w._lookup([104, 105, eos, 107, 104, 105], 3) == [eos]  # cut after an EOS
+
+
 def test_drafter_returns_its_continuation(workers, registry):
     w = workers["smollm2"]
     sid, _, _ = w.open(SHORT_PROMPT)

@@ -75,6 +75,11 @@ VERIFY_CHUNK = 3
 DRAFT_CALL_FORWARDS = 2
 MAX_DRAFT_TOKENS = 64
 MAX_FOLLOW_SEGMENTS = 64
+# Lookup drafting (NextText ``lookup_tokens``, prompt-lookup decoding): the tokens that followed the
+# latest earlier occurrence of the last LOOKUP_NGRAM tokens (longest first, down to 1) in the
+# session's own ids stand in as a draft, checked with the picked token in one forward.
+LOOKUP_NGRAM = 3
+MAX_LOOKUP_TOKENS = 16
 BOUNDARY_MEMO = 1024  # boundary checks remembered (following-segment scans ask them again)
 # Under load (other sessions generating), a forward of at most this many tokens of one session
 # (feeding a committed candidate, scoring one) runs as that many decode steps instead, each
@@ -152,6 +157,10 @@ class NextTextResult:
     # the multi-token forwards that checked them.
     verified_tokens: int = 0
     verify_forwards: int = 0
+    # ``lookup_tokens``: tokens looked up in the session's own ids and accepted as greedy picks,
+    # and the forwards that checked them.
+    lookup_accepted: int = 0
+    lookup_forwards: int = 0
     # ``follow_segments``: the next segments the kept continuation already decides (FollowingSegment).
     following: list = field(default_factory=list)
 
@@ -548,6 +557,7 @@ class WorkerCore:
         draft_tokens: int = 0,
         commit_state_id: str = "",
         follow_segments: int = 0,
+        lookup_tokens: int = 0,
     ) -> NextTextResult:
         """Greedy-generate from the committed state up to the first word boundary common to the tokenizers.
 
@@ -582,6 +592,13 @@ class WorkerCore:
         kept greedy continuation decides them without a forward (``following``; each with the
         same ``max_tokens`` cap). Committing a following segment's state commits the candidate and
         every segment up to it, exactly as one commit after the other would.
+
+        ``lookup_tokens`` (prompt-lookup decoding): whenever a forward is due and no ``draft_text``
+        applies, up to this many tokens that followed the latest earlier occurrence of the last few
+        ids (``_lookup``: prompt, committed output, continuation) go into the same forward and are
+        kept while they are this model's greedy picks, as draft tokens are. Repeated names,
+        numbers and phrases then cost one forward for several tokens. Skipped while other sessions
+        generate (their decode steps share batched forwards, one token per session).
         """
         if not isinstance(max_tokens, int) or max_tokens < 0:
             raise InvalidArgument(f"max_tokens must be >= 0, got {max_tokens!r}")
@@ -591,9 +608,12 @@ class WorkerCore:
             raise InvalidArgument("draft_text must be a string")
         if not isinstance(follow_segments, int) or not 0 <= follow_segments <= MAX_FOLLOW_SEGMENTS:
             raise InvalidArgument(f"follow_segments must be in [0, {MAX_FOLLOW_SEGMENTS}], got {follow_segments!r}")
+        if not isinstance(lookup_tokens, int) or not 0 <= lookup_tokens <= MAX_LOOKUP_TOKENS:
+            raise InvalidArgument(f"lookup_tokens must be in [0, {MAX_LOOKUP_TOKENS}], got {lookup_tokens!r}")
         reuse = self.reuse_lookahead if reuse_lookahead is None else bool(reuse_lookahead)
         draft = self.tokenizer.encode_ids(draft_text, continuation=True) if draft_text and reuse else []
         verified = verify_forwards = 0
+        looked = lookup_forwards = 0
         limit = self.segment_cap if max_tokens == 0 else min(max_tokens, self.segment_cap)
         cap_finish = "budget" if 0 < max_tokens <= self.segment_cap else "segment_cap"
         tokenizer_ids = list(boundary_tokenizer_ids) or [self.tokenizer.id]
@@ -608,9 +628,13 @@ class WorkerCore:
                 self._drop_lookahead(s)
             s.gen += 1
             forwards = int(s.fed < len(s.ids))  # feeding a committed candidate
+            lookup = lookup_tokens if not self.batcher.under_load else 0
             if draft and s.fed < len(s.ids):
-                verified += self._ready_verifying(s, draft)
+                verified += self._ready_verifying(s, draft[: VERIFY_CHUNK - 1])
                 verify_forwards += 1
+            elif lookup and s.fed < len(s.ids) and (proposed := self._lookup(s.ids, lookup)):
+                looked += self._ready_verifying(s, proposed)
+                lookup_forwards += 1
             logits = self._ready(s)
             scan = _SegmentScan(self, s.text, tokenizer_ids, limit, cap_finish)
             tokens: list[int] = []
@@ -635,19 +659,26 @@ class WorkerCore:
                     logits = s.ahead_logits[j]
                 else:
                     if draft and len(draft) > j + 1 and draft[: j + 1] == s.ahead_tokens[: j + 1]:
-                        verified += self._verify_draft(s, draft)
+                        verified += self._verify_draft(s, draft[j + 1 : j + VERIFY_CHUNK])
                         verify_forwards += 1
                     else:
                         draft = []  # diverged: the rest of the draft cannot be this model's greedy text
-                        s.ahead_logits.append(self.batcher.step(s.cache, token))
-                        s.lookahead += 1
+                        proposed = self._lookup(s.ids + s.ahead_tokens, lookup) if lookup else []
+                        if proposed:
+                            looked += self._verify_draft(s, proposed)
+                            lookup_forwards += 1
+                        else:
+                            s.ahead_logits.append(self.batcher.step(s.cache, token))
+                            s.lookahead += 1
                     forwards += 1
                     logits = s.ahead_logits[j]
                 j += 1
             drafted, draft_out = 0, ""
             decoder = scan.decoder
             if draft_tokens and reuse:
-                drafted = self._extend_draft(s, n, draft_tokens, DRAFT_CALL_FORWARDS - forwards)
+                drafted, accepted, checks = self._extend_draft(s, n, draft_tokens, DRAFT_CALL_FORWARDS - forwards, lookup)
+                looked += accepted
+                lookup_forwards += checks
                 for token in s.ahead_tokens[len(tokens) :]:
                     if token in self._eos_set:
                         break
@@ -678,6 +709,8 @@ class WorkerCore:
                 drafted_tokens=drafted,
                 verified_tokens=verified,
                 verify_forwards=verify_forwards,
+                lookup_accepted=looked,
+                lookup_forwards=lookup_forwards,
                 following=following,
             )
 
@@ -735,23 +768,36 @@ class WorkerCore:
             start += n
         return out, boundary_s
 
-    def _verify_draft(self, s: _Session, draft: list[int]) -> int:
-        """One forward of the picked, not yet forwarded token ``ahead_tokens[-1]`` and the draft
-        tokens after it (``_accept_draft`` keeps those greedy decoding picks). Returns the draft
-        tokens kept."""
+    def _lookup(self, ids: list[int], count: int) -> list[int]:
+        """Prompt-lookup draft: up to ``count`` tokens that followed the latest earlier occurrence
+        of the last n ids (n = ``LOOKUP_NGRAM`` down to 1), cut after an EOS; [] when none."""
+        last = len(ids)
+        for n in range(min(LOOKUP_NGRAM, last - 1), 0, -1):
+            tail = ids[last - n :]
+            for start in range(last - n - 1, -1, -1):
+                if ids[start] == tail[0] and ids[start : start + n] == tail:
+                    proposed = ids[start + n : start + n + count]
+                    for i, token in enumerate(proposed):
+                        if token in self._eos_set:
+                            return proposed[: i + 1]
+                    return proposed
+        return []
+
+    def _verify_draft(self, s: _Session, proposed: list[int]) -> int:
+        """One forward of the picked, not yet forwarded token ``ahead_tokens[-1]`` and the
+        ``proposed`` tokens after it (``_accept_draft`` keeps those greedy decoding picks).
+        Returns the proposed tokens kept."""
         j = len(s.ahead_logits)  # == len(s.ahead_tokens) - 1
-        proposed = draft[j + 1 : j + VERIFY_CHUNK]
         logits = self._forward([[s.ahead_tokens[j]] + proposed], s.cache, keep_last=False)[0].to(dtype=torch.float32)
         s.ahead_logits.append(logits[0].clone())
         s.lookahead += 1
         return self._accept_draft(s, logits, proposed)
 
-    def _ready_verifying(self, s: _Session, draft: list[int]) -> int:
-        """``_ready`` when committed tokens wait to be fed: the same forward also checks the first
-        draft tokens after them (as ``_verify_draft``). Returns the draft tokens kept."""
+    def _ready_verifying(self, s: _Session, proposed: list[int]) -> int:
+        """``_ready`` when committed tokens wait to be fed: the same forward also checks the
+        ``proposed`` tokens after them (as ``_verify_draft``). Returns the proposed tokens kept."""
         assert s.lookahead == 0 and not s.ahead_tokens, "unfed committed tokens with a continuation"
         unfed = s.ids[s.fed :]
-        proposed = draft[: VERIFY_CHUNK - 1]
         logits = self._forward([unfed + proposed], s.cache, keep_last=False)[0, len(unfed) - 1 :].to(dtype=torch.float32)
         s.next_logits = logits[0].clone()
         s.fed = len(s.ids)
@@ -791,20 +837,27 @@ class WorkerCore:
             else:
                 layer.crop(-tokens)
 
-    def _extend_draft(self, s: _Session, n: int, want: int, max_steps: int) -> int:
+    def _extend_draft(self, s: _Session, n: int, want: int, max_steps: int, lookup: int = 0) -> tuple[int, int, int]:
         """Grow the kept greedy continuation towards ``want`` tokens past the first ``n`` (the
-        candidate), with at most ``max_steps`` forwards; stops at EOS. Returns forwards."""
-        steps = 0
+        candidate), with at most ``max_steps`` forwards (each may check ``lookup`` looked-up
+        tokens); stops at EOS. Returns forwards, looked-up tokens kept, forwards that checked some."""
+        steps = accepted = checks = 0
         while len(s.ahead_tokens) - n < want and s.ahead_tokens[-1] not in self._eos_set:
-            m = len(s.ahead_tokens)
-            if len(s.ahead_logits) < m:
+            if len(s.ahead_logits) < len(s.ahead_tokens):
                 if steps >= max_steps:
                     break
-                s.ahead_logits.append(self.batcher.step(s.cache, s.ahead_tokens[-1]))
-                s.lookahead += 1
+                proposed = self._lookup(s.ids + s.ahead_tokens, lookup) if lookup else []
+                if proposed:
+                    accepted += self._verify_draft(s, proposed)
+                    checks += 1
+                else:
+                    s.ahead_logits.append(self.batcher.step(s.cache, s.ahead_tokens[-1]))
+                    s.lookahead += 1
                 steps += 1
-            self._pick(s, s.ahead_logits[m - 1])
-        return steps
+                if s.ahead_tokens[-1] in self._eos_set:
+                    break
+            self._pick(s, s.ahead_logits[len(s.ahead_tokens) - 1])
+        return steps, accepted, checks
 
     @staticmethod
     def _pick(s: _Session, logits: torch.Tensor) -> tuple[int, float]:

@@ -186,6 +186,7 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
             request.draft_tokens,
             request.commit_state_id,
             request.follow_segments,
+            request.lookup_tokens,
         )
         fields = {k: getattr(r, k) for k in pb.NextTextResponse.DESCRIPTOR.fields_by_name if k != "following"}
         following = [pb.FollowingSegment(**f._asdict()) for f in r.following]
