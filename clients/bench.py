@@ -207,6 +207,12 @@ def breakdown(rows: list[dict]) -> dict:
         "scored_rows": t["scored_rows"],
         "reused_rows": t["reused_rows"],
         "reused_tokens": t["reused_tokens"],
+        # Tokens that came several per forward (speculate, lookup_draft) and segments committed
+        # without a round of their own (follow_segments).
+        "speculation": {
+            k: t[k]
+            for k in ("drafted_tokens", "verified_tokens", "verify_forwards", "lookup_accepted", "lookup_forwards", "followed_segments")
+        },
     }
 
 
