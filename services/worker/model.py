@@ -663,13 +663,9 @@ class WorkerCore:
                         verify_forwards += 1
                     else:
                         draft = []  # diverged: the rest of the draft cannot be this model's greedy text
-                        proposed = self._lookup(s.ids + s.ahead_tokens, lookup) if lookup else []
-                        if proposed:
-                            looked += self._verify_draft(s, proposed)
-                            lookup_forwards += 1
-                        else:
-                            s.ahead_logits.append(self.batcher.step(s.cache, token))
-                            s.lookahead += 1
+                        accepted, checked = self._advance(s, lookup)
+                        looked += accepted
+                        lookup_forwards += checked
                     forwards += 1
                     logits = s.ahead_logits[j]
                 j += 1
@@ -783,6 +779,17 @@ class WorkerCore:
                     return proposed
         return []
 
+    def _advance(self, s: _Session, lookup: int) -> tuple[int, int]:
+        """Forward the continuation's last pick: with up to ``lookup`` looked-up tokens checked in
+        the same forward when ``_lookup`` finds some, else as a (batchable) decode step.
+        Returns the looked-up tokens kept and 1 if some were checked, else (0, 0)."""
+        proposed = self._lookup(s.ids + s.ahead_tokens, lookup) if lookup else []
+        if proposed:
+            return self._verify_draft(s, proposed), 1
+        s.ahead_logits.append(self.batcher.step(s.cache, s.ahead_tokens[-1]))
+        s.lookahead += 1
+        return 0, 0
+
     def _verify_draft(self, s: _Session, proposed: list[int]) -> int:
         """One forward of the picked, not yet forwarded token ``ahead_tokens[-1]`` and the
         ``proposed`` tokens after it (``_accept_draft`` keeps those greedy decoding picks).
@@ -846,13 +853,9 @@ class WorkerCore:
             if len(s.ahead_logits) < len(s.ahead_tokens):
                 if steps >= max_steps:
                     break
-                proposed = self._lookup(s.ids + s.ahead_tokens, lookup) if lookup else []
-                if proposed:
-                    accepted += self._verify_draft(s, proposed)
-                    checks += 1
-                else:
-                    s.ahead_logits.append(self.batcher.step(s.cache, s.ahead_tokens[-1]))
-                    s.lookahead += 1
+                kept, checked = self._advance(s, lookup)
+                accepted += kept
+                checks += checked
                 steps += 1
                 if s.ahead_tokens[-1] in self._eos_set:
                     break
