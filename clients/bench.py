@@ -93,8 +93,8 @@ def floor(models: list[str], prompts: list[str], n: int, repeats: int, log) -> t
     KV bytes measured on an in-process WorkerCore with the same weights."""
     import torch
 
-    from ..services.sources import load_hf_model, load_hf_tokenizer, parse_spec
     from ..orchestrator.fusion import LOOKUP_TOKENS
+    from ..services.sources import load_hf_model, load_hf_tokenizer, parse_spec
     from ..services.worker.model import WorkerCore
 
     torch.set_num_threads(os.cpu_count() or 1)
