@@ -449,7 +449,7 @@ class FusionEngine:
 
             quiet = self._fusing <= self.speculate_max_active  # else batched steps do more per forward
             drafting = drafter is not None and quiet
-            lookup = LOOKUP_TOKENS if opts.lookup_draft and quiet else 0
+            lookup = LOOKUP_TOKENS if opts.lookup_draft else 0
 
             def propose(i: int, n: str):
                 kwargs = dict(gen_kwargs)

@@ -53,84 +53,111 @@ ROWS_ATTENTION = "coolfusion_session_rows"
 
 
 class _RowStates:
-    """The key (or value) states of a batch's rows, one tensor per session: what the attention
-    of a lone step of that session would get."""
+    """The key (or value) states of a batch's rows, one tensor per session (what the attention of
+    that session's lone forward would get), with each row's span of the flattened tokens and its
+    attention mask (None for one token: it sees every state it is given)."""
 
-    __slots__ = ("tensors",)
+    __slots__ = ("tensors", "spans", "masks")
 
-    def __init__(self, tensors: list[torch.Tensor]):
-        self.tensors = tensors
+    def __init__(self, tensors: list[torch.Tensor], spans: list[tuple[int, int]], masks: list):
+        self.tensors, self.spans, self.masks = tensors, spans, masks
 
 
 def _rows_attention(module, query, key, value, attention_mask, **kwargs):
-    """Attention of each row on its own session's states: the lone step's sdpa call, row by row."""
+    """Attention of each row's tokens on its own session's states: the sdpa call of that
+    session's lone forward, row by row, over the flattened tokens (query: [1, heads, T, dim])."""
     outputs = [
-        sdpa_attention_forward(module, query[b : b + 1], k, v, None, **kwargs)[0]
-        for b, (k, v) in enumerate(zip(key.tensors, value.tensors))
+        sdpa_attention_forward(module, query[:, :, start : start + count], k, v, mask, **kwargs)[0]
+        for (start, count), k, v, mask in zip(key.spans, key.tensors, value.tensors, key.masks)
     ]
-    return torch.cat(outputs, 0), None
+    return torch.cat(outputs, 1), None
 
 
 AttentionInterface.register(ROWS_ATTENTION, _rows_attention)
 
 
-class _SessionRows(Cache):
-    """The cache of a batched step: ``update`` hands row b's new states to session b's own cache
-    layer (the update its lone step would make) and returns every row's states."""
+def _row_mask(states: int, count: int, window: int | None, device) -> torch.Tensor | None:
+    """Bool mask [1, 1, count, states] of ``count`` new tokens at the end of ``states`` states:
+    causal, and within ``window`` positions on a sliding layer (what the model's own mask gives)."""
+    if count == 1:
+        return None
+    q = torch.arange(states - count, states, device=device)[:, None]
+    kv = torch.arange(states, device=device)[None, :]
+    allowed = kv <= q
+    if window:
+        allowed &= kv > q - window
+    return allowed[None, None]
 
-    def __init__(self, caches: list):
+
+class _SessionRows(Cache):
+    """The cache of a batched forward: ``update`` hands each row's new states to its session's own
+    cache layer (the update its lone forward would make) and returns every row's states."""
+
+    def __init__(self, caches: list, spans: list[tuple[int, int]]):
         super().__init__(layers=caches[0].layers)  # layer facts (sliding or not) for the model
-        self.caches = caches
+        self.caches, self.spans = caches, spans
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        keys, values = [], []
-        for b, cache in enumerate(self.caches):
-            k, v = cache.layers[layer_idx].update(key_states[b : b + 1], value_states[b : b + 1])
+        keys, values, masks = [], [], []
+        for cache, (start, count) in zip(self.caches, self.spans):
+            layer = cache.layers[layer_idx]
+            k, v = layer.update(key_states[:, :, start : start + count], value_states[:, :, start : start + count])
             keys.append(k)
             values.append(v)
-        return _RowStates(keys), _RowStates(values)
+            window = getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
+            masks.append(_row_mask(k.shape[-2], count, window, k.device))
+        return _RowStates(keys, self.spans, masks), _RowStates(values, self.spans, masks)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0  # positions are given per row
+        return 0  # positions are given per token
 
 
-def forward_sessions(model, caches: list, tokens: list[int], device) -> torch.Tensor:
-    """One decode step of ``tokens[i]`` on ``caches[i]`` for every i, as one batched forward.
+def forward_sessions(model, caches: list, rows: list[list[int]], logits_from: list[int], device) -> list[torch.Tensor]:
+    """One forward of ``rows[i]`` (one or more tokens) on ``caches[i]`` for every i, as one batch.
 
-    Returns float32 next-token logits, one row per session; each cache has its step appended.
-    The caller holds the model for itself (the attention implementation is switched for the call)."""
-    rows = len(caches)
+    The rows' tokens go in flattened (no padding); returns, per row, float32 logits after each of
+    its tokens from index ``logits_from[i]`` on. Each cache has its row's tokens appended. The
+    caller holds the model for itself (the attention implementation is switched for the call)."""
+    ids, positions, keep, spans = [], [], [], []
+    for cache, tokens, first in zip(caches, rows, logits_from):
+        start, past = len(ids), cache.get_seq_length()
+        ids += tokens
+        positions += range(past, past + len(tokens))
+        keep += range(start + first, start + len(tokens))
+        spans.append((start, len(tokens)))
     config = model.config
     saved = config._attn_implementation
     config._attn_implementation = ROWS_ATTENTION
     try:
         out = model(
-            input_ids=torch.tensor([[t] for t in tokens], dtype=torch.long, device=device),
-            # A 4-D mask is taken as prepared: the model builds none (each row sees its whole cache).
-            attention_mask=torch.ones((rows, 1, 1, 1), dtype=torch.bool, device=device),
-            position_ids=torch.tensor([[c.get_seq_length()] for c in caches], dtype=torch.long, device=device),
-            past_key_values=_SessionRows(caches),
+            input_ids=torch.tensor([ids], dtype=torch.long, device=device),
+            # A 4-D mask is taken as prepared: the model builds none (rows get theirs in attention).
+            attention_mask=torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device),
+            position_ids=torch.tensor([positions], dtype=torch.long, device=device),
+            past_key_values=_SessionRows(caches, spans),
             use_cache=True,
             return_dict=True,
-            logits_to_keep=1,
+            logits_to_keep=torch.tensor(keep, dtype=torch.long, device=device),
         )
     finally:
         config._attn_implementation = saved
-    return out.logits[:, -1].to(dtype=torch.float32)
+    logits = out.logits[0].to(dtype=torch.float32)
+    return list(logits.split([len(r) - f for r, f in zip(rows, logits_from)]))
 
 
 @dataclass
 class _Step:
     cache: object
-    token: int
+    tokens: list[int]
+    logits_from: int
     logits: torch.Tensor | None = None
     error: BaseException | None = None
     done: bool = False
 
 
 class Fill(Protocol):
-    """A step of an idle session added to a batch; ``release`` is always called, after ``done``
-    (only when the forward succeeded)."""
+    """A one-token step of an idle session added to a batch; ``release`` is always called, after
+    ``done`` (only when the forward succeeded)."""
 
     cache: object
     token: int
@@ -144,18 +171,20 @@ class Fill(Protocol):
 class BatchStats:
     batches: int = 0
     steps: int = 0
+    tokens: int = 0  # tokens of the real steps (a row may carry several)
     filled: int = 0  # idle sessions' steps added to batches (``fill``)
     sizes: dict = field(default_factory=dict)  # batch size -> count
 
 
 class StepBatcher:
-    """Group commit of decode steps. ``single(cache, token)`` runs a lone step (the exact
-    ``generate`` call); ``many(caches, tokens)`` a batched one. ``max_batch=1`` turns batching off."""
+    """Group commit of forwards of sessions. ``single(cache, tokens, logits_from)`` runs one
+    session's forward alone (the exact ``generate`` call); ``many(caches, rows, logits_from)`` a
+    batched one (``forward_sessions``). ``max_batch=1`` turns batching off."""
 
     def __init__(
         self,
-        single: Callable[[object, int], torch.Tensor],
-        many: Callable[[list, list[int]], torch.Tensor],
+        single: Callable[[object, list[int], int], torch.Tensor],
+        many: Callable[[list, list[list[int]], list[int]], list[torch.Tensor]],
         max_batch: int = 8,
         gather_s: float = 0.020,
         on_batch: Callable[[int], None] | None = None,
@@ -190,9 +219,16 @@ class StepBatcher:
         return self.max_batch > 1 and self._generating >= 2
 
     def step(self, cache, token: int) -> torch.Tensor:
+        """A decode step: the logits after ``token``."""
+        return self.run(cache, [token])[0]
+
+    def run(self, cache, tokens: list[int], logits_from: int | None = None) -> torch.Tensor:
+        """Forward ``tokens`` on ``cache``, alone or in a batch with other sessions' forwards;
+        returns float32 logits after each token from index ``logits_from`` (default: the last)."""
+        first = len(tokens) - 1 if logits_from is None else logits_from
         if self.max_batch == 1:
-            return self.single(cache, token)
-        me = _Step(cache, token)
+            return self.single(cache, tokens, first)
+        me = _Step(cache, list(tokens), first)
         with self._cv:
             self._queue.append(me)
             self._cv.notify_all()
@@ -230,11 +266,12 @@ class StepBatcher:
         logits: list[torch.Tensor] = []
         try:
             if len(batch) + len(extras) == 1:
-                logits = [self.single(batch[0].cache, batch[0].token)]
+                logits = [self.single(batch[0].cache, batch[0].tokens, batch[0].logits_from)]
             else:
-                rows = [*batch, *extras]
-                out = self.many([r.cache for r in rows], [r.token for r in rows])
-                logits = [out[i].clone() for i in range(len(rows))]
+                caches = [r.cache for r in batch] + [e.cache for e in extras]
+                rows = [r.tokens for r in batch] + [[e.token] for e in extras]
+                firsts = [r.logits_from for r in batch] + [0] * len(extras)
+                logits = [t.clone() for t in self.many(caches, rows, firsts)]
             for s, row in zip(batch, logits):
                 s.logits = row
         except BaseException as exc:  # every waiting session gets the error, none hangs
@@ -243,7 +280,7 @@ class StepBatcher:
                 s.error = exc
         for e, row in zip(extras, logits[len(batch) :]):
             try:
-                e.done(row)
+                e.done(row[0])
             except Exception:
                 log.exception("a filled step could not be kept")
         for e in extras:
@@ -253,6 +290,7 @@ class StepBatcher:
         n = len(batch) + len(extras)
         self.stats.batches += 1
         self.stats.steps += len(batch)
+        self.stats.tokens += sum(len(r.tokens) for r in batch)
         self.stats.filled += len(extras)
         self.stats.sizes[n] = self.stats.sizes.get(n, 0) + 1
         if self.on_batch is not None:

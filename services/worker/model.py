@@ -81,11 +81,6 @@ MAX_FOLLOW_SEGMENTS = 64
 LOOKUP_NGRAM = 3
 MAX_LOOKUP_TOKENS = 16
 BOUNDARY_MEMO = 1024  # boundary checks remembered (following-segment scans ask them again)
-# Under load (other sessions generating), a forward of at most this many tokens of one session
-# (feeding a committed candidate, scoring one) runs as that many decode steps instead, each
-# sharing a batch: a batch row costs a fraction of a lone multi-token forward (Gemma-3, one
-# thread: 8 rows 138 ms, a 2-token forward 104 ms).
-STEP_FEED_TOKENS = 3
 # Filling batches (``batching.Fill``): an idle session's kept greedy continuation grows by a step
 # riding on a batch of other sessions' steps, up to this many tokens past its last candidate.
 FILL_AHEAD = 4
@@ -597,8 +592,8 @@ class WorkerCore:
         applies, up to this many tokens that followed the latest earlier occurrence of the last few
         ids (``_lookup``: prompt, committed output, continuation) go into the same forward and are
         kept while they are this model's greedy picks, as draft tokens are. Repeated names,
-        numbers and phrases then cost one forward for several tokens. Skipped while other sessions
-        generate (their decode steps share batched forwards, one token per session).
+        numbers and phrases then cost one forward for several tokens. Under load the checking
+        forward shares a batch with other sessions' forwards (rows of any length).
         """
         if not isinstance(max_tokens, int) or max_tokens < 0:
             raise InvalidArgument(f"max_tokens must be >= 0, got {max_tokens!r}")
@@ -628,7 +623,7 @@ class WorkerCore:
                 self._drop_lookahead(s)
             s.gen += 1
             forwards = int(s.fed < len(s.ids))  # feeding a committed candidate
-            lookup = lookup_tokens if not self.batcher.under_load else 0
+            lookup = lookup_tokens
             if draft and s.fed < len(s.ids):
                 verified += self._ready_verifying(s, draft[: VERIFY_CHUNK - 1])
                 verify_forwards += 1
@@ -781,31 +776,27 @@ class WorkerCore:
 
     def _advance(self, s: _Session, lookup: int) -> tuple[int, int]:
         """Forward the continuation's last pick: with up to ``lookup`` looked-up tokens checked in
-        the same forward when ``_lookup`` finds some, else as a (batchable) decode step.
+        the same forward when ``_lookup`` finds some, else as a plain decode step.
         Returns the looked-up tokens kept and 1 if some were checked, else (0, 0)."""
         proposed = self._lookup(s.ids + s.ahead_tokens, lookup) if lookup else []
-        if proposed:
-            return self._verify_draft(s, proposed), 1
-        s.ahead_logits.append(self.batcher.step(s.cache, s.ahead_tokens[-1]))
-        s.lookahead += 1
-        return 0, 0
+        return self._verify_draft(s, proposed), int(bool(proposed))
 
     def _verify_draft(self, s: _Session, proposed: list[int]) -> int:
-        """One forward of the picked, not yet forwarded token ``ahead_tokens[-1]`` and the
-        ``proposed`` tokens after it (``_accept_draft`` keeps those greedy decoding picks).
-        Returns the proposed tokens kept."""
+        """One forward (alone or in a batch) of the picked, not yet forwarded token
+        ``ahead_tokens[-1]`` and the ``proposed`` tokens after it (``_accept_draft`` keeps those
+        greedy decoding picks; none proposed: a decode step). Returns the proposed tokens kept."""
         j = len(s.ahead_logits)  # == len(s.ahead_tokens) - 1
-        logits = self._forward([[s.ahead_tokens[j]] + proposed], s.cache, keep_last=False)[0].to(dtype=torch.float32)
-        s.ahead_logits.append(logits[0].clone())
+        logits = self.batcher.run(s.cache, [s.ahead_tokens[j]] + proposed, 0)
+        s.ahead_logits.append(logits[0].clone() if proposed else logits[0])
         s.lookahead += 1
-        return self._accept_draft(s, logits, proposed)
+        return self._accept_draft(s, logits, proposed) if proposed else 0
 
     def _ready_verifying(self, s: _Session, proposed: list[int]) -> int:
         """``_ready`` when committed tokens wait to be fed: the same forward also checks the
         ``proposed`` tokens after them (as ``_verify_draft``). Returns the proposed tokens kept."""
         assert s.lookahead == 0 and not s.ahead_tokens, "unfed committed tokens with a continuation"
         unfed = s.ids[s.fed :]
-        logits = self._forward([unfed + proposed], s.cache, keep_last=False)[0, len(unfed) - 1 :].to(dtype=torch.float32)
+        logits = self.batcher.run(s.cache, unfed + proposed, len(unfed) - 1)
         s.next_logits = logits[0].clone()
         s.fed = len(s.ids)
         return self._accept_draft(s, logits, proposed)
@@ -1125,32 +1116,24 @@ class WorkerCore:
                 s.lock.release()
         return fills
 
-    def _feed_by_steps(self, tokens: int) -> bool:
-        """Whether ``tokens`` tokens of one session go in as batchable decode steps rather than
-        one multi-token forward: short ones while other sessions generate (``STEP_FEED_TOKENS``)."""
-        return tokens <= STEP_FEED_TOKENS and self.batcher.under_load
+    def _single_step(self, cache, tokens: list[int], logits_from: int) -> torch.Tensor:
+        """One session's forward alone, called exactly as ``generate`` calls it: float32 logits
+        after each token from index ``logits_from``."""
+        if logits_from == len(tokens) - 1:
+            return self._forward([tokens], cache, keep_last=True)[0, -1:].to(copy=True, dtype=torch.float32)
+        return self._forward([tokens], cache, keep_last=False)[0, logits_from:].to(copy=True, dtype=torch.float32)
 
-    def _single_step(self, cache, token: int) -> torch.Tensor:
-        """A lone decode step, called exactly as ``generate`` calls it."""
-        return self._forward([[token]], cache, keep_last=True)[0, -1].to(copy=True, dtype=torch.float32)
-
-    def _batched_step(self, caches: list, tokens: list[int]) -> torch.Tensor:
+    def _batched_step(self, caches: list, rows: list[list[int]], logits_from: list[int]) -> list[torch.Tensor]:
         with self._compute:
-            return forward_sessions(self.model, caches, tokens, self.device)
+            return forward_sessions(self.model, caches, rows, logits_from, self.device)
 
     def _ready(self, s: _Session) -> torch.Tensor:
         """Next logits of the committed state, forwarding a committed-but-unfed last token first."""
         if s.fed < len(s.ids):
             assert s.lookahead == 0, "unfed committed tokens with lookahead in the cache"
-            unfed = s.ids[s.fed :]
-            if len(unfed) == 1 or self._feed_by_steps(len(unfed)):
-                for token in unfed:  # decode steps: each may share a batch with other sessions'
-                    s.next_logits = self.batcher.step(s.cache, token)
-                    s.fed += 1  # the cache holds this token now, even if a later step fails
-            else:
-                out = self._forward([unfed], s.cache, keep_last=True)
-                s.next_logits = out[0, -1].to(copy=True, dtype=torch.float32)
-                s.fed = len(s.ids)
+            # One forward, alone or sharing a batch with other sessions' forwards.
+            s.next_logits = self.batcher.run(s.cache, s.ids[s.fed :])[0]
+            s.fed = len(s.ids)
         return s.next_logits
 
     def _drop_gen_states(self, s: _Session) -> None:
@@ -1218,8 +1201,8 @@ class WorkerCore:
             cache = self._committed_copy(s)
             if len(live) > 1:
                 cache.batch_repeat_interleave(len(live))
-            if len(live) == 1 and self._feed_by_steps(width):
-                logits = torch.stack([self.batcher.step(cache, t) for t in batch_rows[0]])[None]
+            if len(live) == 1:  # one row may share a batch with other sessions' forwards
+                logits = self.batcher.run(cache, batch_rows[0], 0)[None]
             else:
                 logits = self._forward(batch_rows, cache, keep_last=False)
             batch = _Batch(cache, width, len(live))
