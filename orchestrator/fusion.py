@@ -85,8 +85,8 @@ class FusionOptions:
        no draft from another model applies, the ``LOOKUP_TOKENS`` tokens that followed the latest
        earlier occurrence of the last few ids of its own text (prompt and output) go into the same
        forward and are kept while they are its greedy picks. Repeated names, numbers and phrases
-       (and a small model's loops) cost one forward for several tokens. Like ``speculate``, only
-       while at most ``speculate_max_active`` generations run (batched steps carry one token).
+       (and a small model's loops) cost one forward for several tokens. Also under load: a
+       worker's batched forward takes rows of any length, so the checked tokens ride along.
     """
 
     reuse_own_logprobs: bool = True

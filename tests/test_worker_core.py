@@ -379,6 +379,46 @@ def test_concurrent_sessions_share_batched_steps(workers, long_prompt, model):
         assert max(abs(a - b) for a, b in zip(lps_p, lps_s)) < 1e-3
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_batched_rows_are_the_lone_forwards(workers, model):
+    """``forward_sessions``: rows of 1-4 tokens of sessions with different cache lengths (one past
+    Gemma-3's 512-token sliding window) in one flattened forward give each row the logits of its
+    own lone forward (float noise, same argmax), and leave each cache as its lone forward would."""
+    import copy
+
+    from transformers import DynamicCache
+
+    from coolfusion.services.worker.batching import forward_sessions
+
+    w = workers[model]
+    lengths, rows, firsts = [12, 57, 530, 31], [[5], [7, 8, 9], [11, 12], [14, 15, 16, 17]], [0, 0, 1, 3]
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        caches = []
+        for n in lengths:
+            cache = DynamicCache(config=w.model.config)
+            cache.activate_past_recording()
+            w.model(input_ids=torch.randint(100, 1000, (1, n)), past_key_values=cache, use_cache=True)
+            caches.append(cache)
+        lone_caches = [copy.deepcopy(c) for c in caches]
+        lone = [
+            w.model(input_ids=torch.tensor([r]), past_key_values=c, use_cache=True).logits[0, f:].float()
+            for c, r, f in zip(lone_caches, rows, firsts)
+        ]
+        batched = forward_sessions(w.model, caches, rows, firsts, "cpu")
+        assert w.model.config._attn_implementation == "sdpa"  # switched back after the call
+        for got, want in zip(batched, lone):
+            assert got.shape == want.shape
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+            assert (got - want).abs().max() < 1e-3
+        for cache, lone_cache, n, r in zip(caches, lone_caches, lengths, rows):
+            assert cache.get_seq_length() == lone_cache.get_seq_length() == n + len(r)
+            step = torch.tensor([[42]])
+            after = w.model(input_ids=step, past_key_values=cache, use_cache=True).logits[0, -1]
+            want = w.model(input_ids=step, past_key_values=lone_cache, use_cache=True).logits[0, -1]
+            assert (after - want).abs().max() < 1e-3
+
+
 def test_batches_fill_idle_continuations(workers):
     """While a session waits between NextText and its commit, batches of other sessions' steps
     grow its greedy continuation (at most ``fill_ahead`` tokens past its candidate); its next
@@ -424,9 +464,9 @@ def test_batches_fill_idle_continuations(workers):
 
 
 def test_scores_under_load_are_the_forward_scores(workers):
-    """Under load a short one-row score runs as batchable decode steps instead of one
-    multi-token forward: the same tokens, log-probs within float noise, and committing it
-    continues exactly like committing the forward's state."""
+    """Under load a one-row score goes through the step batcher (where it may share a forward
+    with other sessions' rows): the same tokens, log-probs within float noise, and committing it
+    continues exactly like committing the lone forward's state."""
     w = workers["smollm2"]
     prompt, candidate = "The three primary colors are", [(" red, yellow", False)]
 
