@@ -28,7 +28,9 @@ invalidated state raises :class:`StateError`.
 Greedy decoding calls the model exactly like ``transformers`` ``generate`` does (same
 ``input_ids`` slices, all-ones 2-D ``attention_mask``, ``use_cache=True``, ``logits_to_keep=1``,
 a lazily-fed last token), so the committed output of repeated ``next_text``/``update_state`` is
-bitwise what ``model.generate(do_sample=False)`` produces.
+bitwise what ``model.generate(do_sample=False)`` produces. Every forward of a session goes through
+the step batcher (``batching.py``): alone it is that exact call; while other sessions of the worker
+are generating it may share one batched forward with theirs (same greedy picks, float noise).
 """
 
 from __future__ import annotations
