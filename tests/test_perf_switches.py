@@ -141,7 +141,7 @@ async def test_following_segments_keep_stops_and_budgets(engine, cut):
 
 async def test_speculation_pauses_under_load(engine):
     """With two generations at once (above speculate_max_active=1) segments do not speculate;
-    with speculate_max_active=0 none does. The text stays the same."""
+    with speculate_max_active=0 none does (prompt lookup still runs). The text stays the same."""
     models = ["smollm2", "gemma3"]
     solo, _ = await run(engine, PROMPTS[1], "cool", models, FusionOptions())
     assert solo.timings.drafted_tokens > 0
@@ -155,7 +155,8 @@ async def test_speculation_pauses_under_load(engine):
         engine.speculate_max_active = 1
     assert never.text == solo.text
     assert never.timings.drafted_tokens == never.timings.verified_tokens == never.timings.verify_forwards == 0
-    assert never.timings.lookup_forwards == 0 < solo.timings.lookup_forwards
+    # Prompt lookup does not pause: batched forwards take its checking rows too.
+    assert never.timings.lookup_forwards > 0 and solo.timings.lookup_forwards > 0
 
 
 async def test_core_own_row_and_lookahead_replay(cluster):

@@ -66,6 +66,8 @@ class _RowStates:
 def _rows_attention(module, query, key, value, attention_mask, **kwargs):
     """Attention of each row's tokens on its own session's states: the sdpa call of that
     session's lone forward, row by row, over the flattened tokens (query: [1, heads, T, dim])."""
+    if not isinstance(key, _RowStates):  # not a batched forward: plain sdpa
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     outputs = [
         sdpa_attention_forward(module, query[:, :, start : start + count], k, v, mask, **kwargs)[0]
         for (start, count), k, v, mask in zip(key.spans, key.tensors, value.tensors, key.masks)

@@ -295,6 +295,21 @@ class _Fill:
         self.session.lock.release()
 
 
+_COMPUTE_LOCKS_GUARD = threading.Lock()
+
+
+def _compute_lock(model) -> threading.Lock:
+    """The lock of one model object, shared by every core that holds it (in-process replicas get
+    the cached model): a batched forward switches the model's attention implementation for its
+    call, so no other forward of that model may run meanwhile."""
+    with _COMPUTE_LOCKS_GUARD:
+        lock = model.__dict__.get("_coolfusion_compute_lock")
+        if lock is None:
+            lock = threading.Lock()
+            model.__dict__["_coolfusion_compute_lock"] = lock
+        return lock
+
+
 class WorkerCore:
     """One loaded model and its sessions.
 
@@ -376,7 +391,7 @@ class WorkerCore:
         self._logits_to_keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         self._sessions: dict[str, _Session] = {}
         self._lock = threading.Lock()
-        self._compute = threading.Lock()  # one forward at a time: each one uses every thread torch has
+        self._compute = _compute_lock(self.model)  # one forward at a time: each uses every thread torch has
         from transformers import DynamicCache
 
         if not batchable(DynamicCache(config=self.model.config)):
