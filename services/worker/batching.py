@@ -98,6 +98,7 @@ class _SessionRows(Cache):
     def __init__(self, caches: list, spans: list[tuple[int, int]]):
         super().__init__(layers=caches[0].layers)  # layer facts (sliding or not) for the model
         self.caches, self.spans = caches, spans
+        self._masks: dict = {}  # (states, tokens, window) -> mask: the same for every layer of a kind
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values, masks = [], [], []
@@ -107,7 +108,10 @@ class _SessionRows(Cache):
             keys.append(k)
             values.append(v)
             window = getattr(layer, "sliding_window", None) if getattr(layer, "is_sliding", False) else None
-            masks.append(_row_mask(k.shape[-2], count, window, k.device))
+            key = (k.shape[-2], count, window)
+            if key not in self._masks:
+                self._masks[key] = _row_mask(*key, k.device)
+            masks.append(self._masks[key])
         return _RowStates(keys, self.spans, masks), _RowStates(values, self.spans, masks)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -219,10 +223,6 @@ class StepBatcher:
     def under_load(self) -> bool:
         """Other sessions are generating: a step queued now is likely to share a batch."""
         return self.max_batch > 1 and self._generating >= 2
-
-    def step(self, cache, token: int) -> torch.Tensor:
-        """A decode step: the logits after ``token``."""
-        return self.run(cache, [token])[0]
 
     def run(self, cache, tokens: list[int], logits_from: int | None = None) -> torch.Tensor:
         """Forward ``tokens`` on ``cache``, alone or in a batch with other sessions' forwards;

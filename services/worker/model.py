@@ -1136,9 +1136,9 @@ class WorkerCore:
     def _single_step(self, cache, tokens: list[int], logits_from: int) -> torch.Tensor:
         """One session's forward alone, called exactly as ``generate`` calls it: float32 logits
         after each token from index ``logits_from``."""
-        if logits_from == len(tokens) - 1:
-            return self._forward([tokens], cache, keep_last=True)[0, -1:].to(copy=True, dtype=torch.float32)
-        return self._forward([tokens], cache, keep_last=False)[0, logits_from:].to(copy=True, dtype=torch.float32)
+        keep_last = logits_from == len(tokens) - 1
+        out = self._forward([tokens], cache, keep_last=keep_last)[0]
+        return out[-1:].to(copy=True, dtype=torch.float32) if keep_last else out[logits_from:].to(copy=True, dtype=torch.float32)
 
     def _batched_step(self, caches: list, rows: list[list[int]], logits_from: list[int]) -> list[torch.Tensor]:
         with self._compute:
