@@ -7,9 +7,15 @@ generating at once, their next-token steps run as one forward with a row per ses
 ``StepBatcher`` is a group commit: a thread that needs a step queues it; if no batch is running it
 becomes the leader, waits up to ``gather_s`` (20 ms) for the other sessions that are generating
 (each is usually between two steps, in a boundary check; measured at 8 clients, 2 cores: 4 ms
-24.5-26.2 tokens/s, 10 ms 26.8-27.0, 20 ms 26.8-28.4), then runs every queued step in one forward and
-hands each thread its logits. Alone, a session never waits: a batch of one (with no idle session
-to fill it) is the plain forward, so single-session output stays bitwise what ``generate`` gives.
+24.5-26.2 tokens/s, 10 ms 26.8-27.0, 20 ms 26.8-28.4) and for those that queued a forward in the
+last ``recent_s`` (0.5 s): under load a session spends much of a segment outside its generation
+loop (scoring, commit, RPCs, waiting for the other models) and is back within a forward's time.
+Waiting only for generating sessions left 21-46 of ~230 batches at one row at 8 clients, each
+costing a whole forward (Gemma-3: ~110 ms for one row, ~180 ms for eight); waiting for recent
+ones too: 8 clients 25.6 / 26.2 -> 28.7 / 28.3 tokens/s (same-run pairs). Then it runs every queued
+step in one forward and hands each thread its logits. Alone, a session never waits: a batch of
+one (with no idle session to fill it) is the plain forward, so single-session output stays
+bitwise what ``generate`` gives.
 
 Filling: a batch costs little more with a few rows added (the weights are read once), so when
 ``fill`` is given the leader tops a batch of real steps up with steps of idle sessions (``Fill``:
@@ -193,6 +199,7 @@ class StepBatcher:
         many: Callable[[list, list[list[int]], list[int]], list[torch.Tensor]],
         max_batch: int = 8,
         gather_s: float = 0.020,
+        recent_s: float = 0.5,
         on_batch: Callable[[int], None] | None = None,
         fill: Callable[[int], list[Fill]] | None = None,
     ):
@@ -200,6 +207,7 @@ class StepBatcher:
         self.many = many
         self.max_batch = max(1, int(max_batch))
         self.gather_s = gather_s
+        self.recent_s = recent_s
         self.on_batch = on_batch
         self.fill = fill
         self.stats = BatchStats()
@@ -207,6 +215,7 @@ class StepBatcher:
         self._queue: list[_Step] = []
         self._running = False
         self._generating = 0  # sessions inside a generation loop: the batch a leader waits for
+        self._last_step: dict = {}  # owner -> monotonic time of its last queued forward
 
     # A generation loop announces itself so that a leader knows how many steps to wait for.
     def __enter__(self):
@@ -224,14 +233,27 @@ class StepBatcher:
         """Other sessions are generating: a step queued now is likely to share a batch."""
         return self.max_batch > 1 and self._generating >= 2
 
-    def run(self, cache, tokens: list[int], logits_from: int | None = None) -> torch.Tensor:
+    def _expected(self, now: float) -> int:
+        """How many forwards a leader waits for: every session in a generation loop, and every
+        session that queued one in the last ``recent_s`` (under load a session spends most of a
+        segment outside the generation loop, in scoring, commits and RPCs, and comes back within
+        a forward's time)."""
+        horizon = now - self.recent_s
+        for owner in [o for o, t in self._last_step.items() if t < horizon]:
+            del self._last_step[owner]
+        return min(max(self._generating, len(self._last_step)), self.max_batch)
+
+    def run(self, cache, tokens: list[int], logits_from: int | None = None, owner=None) -> torch.Tensor:
         """Forward ``tokens`` on ``cache``, alone or in a batch with other sessions' forwards;
-        returns float32 logits after each token from index ``logits_from`` (default: the last)."""
+        returns float32 logits after each token from index ``logits_from`` (default: the last).
+        ``owner`` names the session (a leader waits for sessions that stepped recently)."""
         first = len(tokens) - 1 if logits_from is None else logits_from
         if self.max_batch == 1:
             return self.single(cache, tokens, first)
         me = _Step(cache, list(tokens), first)
         with self._cv:
+            if owner is not None:
+                self._last_step[owner] = time.monotonic()
             self._queue.append(me)
             self._cv.notify_all()
             while not me.done:
@@ -240,8 +262,9 @@ class StepBatcher:
                     continue
                 # Lead: wait briefly for the other generating sessions to queue their steps.
                 self._running = True
-                deadline = time.monotonic() + self.gather_s
-                while len(self._queue) < min(self._generating, self.max_batch):
+                now = time.monotonic()
+                deadline, expected = now + self.gather_s, self._expected(now)
+                while len(self._queue) < expected:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break

@@ -803,7 +803,7 @@ class WorkerCore:
         ``ahead_tokens[-1]`` and the ``proposed`` tokens after it (``_accept_draft`` keeps those
         greedy decoding picks; none proposed: a decode step). Returns the proposed tokens kept."""
         j = len(s.ahead_logits)  # == len(s.ahead_tokens) - 1
-        logits = self.batcher.run(s.cache, [s.ahead_tokens[j]] + proposed, 0)
+        logits = self.batcher.run(s.cache, [s.ahead_tokens[j]] + proposed, 0, owner=s.id)
         s.ahead_logits.append(logits[0].clone() if proposed else logits[0])
         s.lookahead += 1
         return self._accept_draft(s, logits, proposed) if proposed else 0
@@ -813,7 +813,7 @@ class WorkerCore:
         ``proposed`` tokens after them (as ``_verify_draft``). Returns the proposed tokens kept."""
         assert s.lookahead == 0 and not s.ahead_tokens, "unfed committed tokens with a continuation"
         unfed = s.ids[s.fed :]
-        logits = self.batcher.run(s.cache, unfed + proposed, len(unfed) - 1)
+        logits = self.batcher.run(s.cache, unfed + proposed, len(unfed) - 1, owner=s.id)
         s.next_logits = logits[0].clone()
         s.fed = len(s.ids)
         return self._accept_draft(s, logits, proposed)
@@ -1149,7 +1149,7 @@ class WorkerCore:
         if s.fed < len(s.ids):
             assert s.lookahead == 0, "unfed committed tokens with lookahead in the cache"
             # One forward, alone or sharing a batch with other sessions' forwards.
-            s.next_logits = self.batcher.run(s.cache, s.ids[s.fed :])[0]
+            s.next_logits = self.batcher.run(s.cache, s.ids[s.fed :], owner=s.id)[0]
             s.fed = len(s.ids)
         return s.next_logits
 
@@ -1219,7 +1219,7 @@ class WorkerCore:
             if len(live) > 1:
                 cache.batch_repeat_interleave(len(live))
             if len(live) == 1:  # one row may share a batch with other sessions' forwards
-                logits = self.batcher.run(cache, batch_rows[0], 0)[None]
+                logits = self.batcher.run(cache, batch_rows[0], 0, owner=s.id)[None]
             else:
                 logits = self._forward(batch_rows, cache, keep_last=False)
             batch = _Batch(cache, width, len(live))
