@@ -327,15 +327,26 @@ async def throughput(address: str, names: list[str], prompts: list[str], n: int,
     out = {}
     async with FusionClient(address) as client:
         for c in levels:
+            # Every level runs the same mix of prompts: a client sends its requests one after
+            # another, as many rounds as it takes for every prompt to run at least once (one client
+            # runs all of them in turn; with one prompt per level, a slow prompt would flatter or
+            # spoil a level).
+            rounds = -(-len(prompts) // c)
+
             async def one(i):
-                reply = await client.generate(prompts[i % len(prompts)], mode="cool", models=names, max_new_tokens=n)
-                return max(u.output_tokens for u in reply.usage), len(reply.text)
+                tokens = chars = 0
+                for r in range(rounds):
+                    prompt = prompts[(i + r * c) % len(prompts)]
+                    reply = await client.generate(prompt, mode="cool", models=names, max_new_tokens=n)
+                    tokens += max(u.output_tokens for u in reply.usage)
+                    chars += len(reply.text)
+                return tokens, chars
 
             t0 = time.perf_counter()
             done = await asyncio.gather(*(one(i) for i in range(c)))
             wall = time.perf_counter() - t0
             tokens = sum(t for t, _ in done)
-            out[str(c)] = {"clients": c, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall}
+            out[str(c)] = {"clients": c, "requests": c * rounds, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall}
             log(f"throughput c={c}: {tokens / wall:.1f} tokens/s")
     base = out[str(levels[0])]["tokens_per_s"]
     for row in out.values():
