@@ -89,3 +89,14 @@ def test_every_waiting_session_gets_the_error_of_a_failed_forward():
         for t in threads:
             t.join(10)
     assert errors == ["forward failed", "forward failed"]
+
+
+def test_a_forgotten_session_is_not_waited_for():
+    """A closed session (``forget``) holds up no batch, however recently it stepped."""
+    batcher, rec = _batcher(gather_s=5.0, recent_s=30.0)
+    batcher.run(object(), [1], owner="b")
+    batcher.forget("b")
+    started = time.monotonic()
+    batcher.run(object(), [2], owner="a")
+    assert time.monotonic() - started < 2.0
+    assert rec.batches[-1] == [[2]]

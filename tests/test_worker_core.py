@@ -252,6 +252,18 @@ def test_next_token_and_feed_without_change(workers):
         w.close(sid)
 
 
+def test_closed_sessions_hold_up_no_batch(workers):
+    """A session's forwards make batch leaders wait for it for a while; closing it ends that."""
+    w = workers["smollm2"]
+    sid, _, _ = w.open(SHORT_PROMPT)
+    try:
+        w.next_text(sid, max_tokens=2)
+        assert sid in w.batcher._last_step
+    finally:
+        w.close(sid)
+    assert sid not in w.batcher._last_step
+
+
 def test_open_messages(workers):
     smol, gemma = workers["smollm2"], workers["gemma3"]
     messages = [{"role": "user", "content": "Say hi."}]

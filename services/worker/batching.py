@@ -243,6 +243,11 @@ class StepBatcher:
             del self._last_step[owner]
         return min(max(self._generating, len(self._last_step)), self.max_batch)
 
+    def forget(self, owner) -> None:
+        """``owner`` will queue no more forwards (its session closed): no leader waits for it."""
+        with self._cv:
+            self._last_step.pop(owner, None)
+
     def run(self, cache, tokens: list[int], logits_from: int | None = None, owner=None) -> torch.Tensor:
         """Forward ``tokens`` on ``cache``, alone or in a batch with other sessions' forwards;
         returns float32 logits after each token from index ``logits_from`` (default: the last).

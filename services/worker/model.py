@@ -968,6 +968,7 @@ class WorkerCore:
             s.cache = None
             s.next_logits = None
             s.states.clear()
+        self.batcher.forget(session_id)  # no batch waits for a closed session
         return True
 
     def session_ids(self) -> list[str]:
@@ -1056,6 +1057,7 @@ class WorkerCore:
             s.next_logits = None
             s.states.clear()
             self._clear_ahead(s)
+            self.batcher.forget(s.id)
             log.info("session %s on %s %s", s.id, self.name, reason)
             return True
         finally:
