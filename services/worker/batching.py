@@ -10,9 +10,10 @@ becomes the leader, waits up to ``gather_s`` (20 ms) for the other sessions that
 24.5-26.2 tokens/s, 10 ms 26.8-27.0, 20 ms 26.8-28.4) and for those that queued a forward in the
 last ``recent_s`` (0.5 s): under load a session spends much of a segment outside its generation
 loop (scoring, commit, RPCs, waiting for the other models) and is back within a forward's time.
-Waiting only for generating sessions left 21-46 of ~230 batches at one row at 8 clients, each
-costing a whole forward (Gemma-3: ~110 ms for one row, ~180 ms for eight); waiting for recent
-ones too: 8 clients 25.6 / 26.2 -> 28.7 / 28.3 tokens/s (same-run pairs). Then it runs every queued
+At 8 clients, waiting only for generating sessions left 124 of 239 SmolLM2 batches and 45 of
+176 Gemma-3 ones at one real row, each a whole forward for one session (Gemma-3: ~110 ms for one
+row, ~180 ms for eight); waiting for recent ones too: 46 of 190 and 21 of 168, and 8 clients
+25.6 / 26.2 -> 28.7 / 28.3 tokens/s (same-run pairs). Then it runs every queued
 step in one forward and hands each thread its logits. Alone, a session never waits: a batch of
 one (with no idle session to fill it) is the plain forward, so single-session output stays
 bitwise what ``generate`` gives.
