@@ -13,10 +13,10 @@ loop (scoring, commit, RPCs, waiting for the other models) and is back within a 
 At 8 clients, waiting only for generating sessions left 124 of 239 SmolLM2 batches and 45 of
 176 Gemma-3 ones at one real row, each a whole forward for one session (Gemma-3: ~110 ms for one
 row, ~180 ms for eight); waiting for recent ones too: 46 of 190 and 21 of 168, and 8 clients
-25.6 / 26.2 -> 28.7 / 28.3 tokens/s (same-run pairs). Then it runs every queued
-step in one forward and hands each thread its logits. Alone, a session never waits: a batch of
-one (with no idle session to fill it) is the plain forward, so single-session output stays
-bitwise what ``generate`` gives.
+25.6 / 26.2 -> 28.7 / 28.3 tokens/s (same-run pairs). Then it runs every queued step in one
+forward and hands each thread its logits. Alone, a session never waits: a batch of one (with no
+idle session to fill it) is the plain forward, so single-session output stays bitwise what
+``generate`` gives.
 
 Filling: a batch costs little more with a few rows added (the weights are read once), so when
 ``fill`` is given the leader tops a batch of real steps up with steps of idle sessions (``Fill``:
@@ -266,7 +266,7 @@ class StepBatcher:
                 if self._running:
                     self._cv.wait()
                     continue
-                # Lead: wait briefly for the other generating sessions to queue their steps.
+                # Lead: wait briefly for the other generating or recently stepping sessions.
                 self._running = True
                 now = time.monotonic()
                 deadline, expected = now + self.gather_s, self._expected(now)
