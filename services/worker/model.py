@@ -1140,7 +1140,7 @@ class WorkerCore:
         after each token from index ``logits_from``."""
         keep_last = logits_from == len(tokens) - 1
         out = self._forward([tokens], cache, keep_last=keep_last)[0]
-        return out[-1:].to(copy=True, dtype=torch.float32) if keep_last else out[logits_from:].to(copy=True, dtype=torch.float32)
+        return (out[-1:] if keep_last else out[logits_from:]).to(copy=True, dtype=torch.float32)
 
     def _batched_step(self, caches: list, rows: list[list[int]], logits_from: list[int]) -> list[torch.Tensor]:
         with self._compute:
