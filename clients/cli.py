@@ -129,8 +129,15 @@ def cmd_orchestrator(args) -> int:
 
         tokens = args.auth_token or tokens_from_env()
         return build_service(
-            workers, address, max_concurrent=args.max_concurrent, max_queue=args.max_queue, auth_tokens=tokens
+            workers,
+            address,
+            max_concurrent=args.max_concurrent,
+            max_queue=args.max_queue,
+            auth_tokens=tokens,
+            score_rule=rule,
         )[0]
+
+    rule = rule_from_args(args) or default_rule()
 
     asyncio.run(_serve(make, "orchestrator", args.grace, args.metrics_port))
     return 0
@@ -235,6 +242,7 @@ async def _generate(address: str, args) -> int:
         max_new_tokens=args.max_new_tokens,
         stop=args.stop or [],
         max_segment_tokens=args.max_segment_tokens,
+        score_rule=rule_from_args(args),
     )
     messages = json.loads(args.messages) if args.messages else None
     prompt = None if messages else args.prompt
@@ -404,6 +412,44 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ---- scoring rules ---------------------------------------------------------------------------
+def add_rule_args(parser: argparse.ArgumentParser, default: str = "") -> None:
+    parser.add_argument(
+        "--score-rule",
+        default=default,
+        help="how candidates are chosen: mean-ppl (paper eq. 3) | mean-nll | product | calibrated | gated, "
+        "or a rule JSON file (default: the server's)",
+    )
+    parser.add_argument("--rule-weights", default="", help="per-model weights: m1=2,m2=1 or a JSON file")
+    parser.add_argument("--rule-primary", default="", help="gated: the trusted model (default: the first)")
+    parser.add_argument("--rule-threshold", type=float, default=None, help="gated: the primary's smallest posterior")
+
+
+def rule_from_args(args):
+    """The rule the flags describe; None when no flag names one. A bad rule exits 2."""
+    from ..orchestrator.rules import RuleError, ScoreRule
+
+    if not (args.score_rule or args.rule_weights or args.rule_primary or args.rule_threshold is not None):
+        return None
+    try:
+        return ScoreRule.parse(args.score_rule, args.rule_weights, args.rule_primary, args.rule_threshold)
+    except RuleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def default_rule():
+    """The engine's rule: $COOLFUSION_SCORE_RULE (a name or a rule JSON file), else the shipped default."""
+    from ..orchestrator.rules import RuleError, ScoreRule, default_rule as shipped
+
+    spec = os.environ.get("COOLFUSION_SCORE_RULE", "")
+    try:
+        return ScoreRule.parse(spec) if spec else shipped()
+    except RuleError as exc:
+        print(f"error: COOLFUSION_SCORE_RULE: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 # ---- parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coolfusion", description="Fuse LLMs with different tokenizers, without training.")
@@ -426,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     g.add_argument("--connect", help="HOST:PORT of a running orchestrator")
     g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    add_rule_args(g)
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("serve", help="start all services and stay up")
@@ -500,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--max-concurrent", type=int, default=16, help="generations running at once")
     o.add_argument("--max-queue", type=int, default=64, help="generations waiting; beyond: RESOURCE_EXHAUSTED")
     o.add_argument("--grace", type=float, default=30.0)
+    add_rule_args(o)
     o.set_defaults(func=cmd_orchestrator)
 
     for service_parser in (t, w, o):

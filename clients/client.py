@@ -17,6 +17,7 @@ import grpc
 from coolfusion.protos import fusion_pb2 as pb
 from coolfusion.protos import fusion_pb2_grpc as pb_grpc
 
+from ..orchestrator.rules import ScoreRule
 from ..services.common.security import ClientTls, aio_channel, sync_channel, token_metadata
 from ..services.common.server import CHANNEL_OPTIONS
 
@@ -31,8 +32,10 @@ def build_request(
     stop: Sequence[str] = (),
     max_segment_tokens: int = 0,
     request_id: str = "",
+    score_rule: ScoreRule | str | None = None,
 ) -> pb.GenerateRequest:
     return pb.GenerateRequest(
+        score_rule=rule_to_proto(score_rule),
         prompt=prompt or "",
         messages=[pb.Message(role=m["role"], content=m["content"]) for m in (messages or ())],
         models=list(models),
@@ -42,6 +45,15 @@ def build_request(
         max_segment_tokens=max_segment_tokens,
         request_id=request_id,
     )
+
+
+def rule_to_proto(rule: ScoreRule | str | None) -> pb.ScoreRule | None:
+    """A rule (or a rule name) as the request field; None leaves the server's default."""
+    if rule is None or rule == "":
+        return None
+    if isinstance(rule, str):
+        rule = ScoreRule(name=rule)
+    return pb.ScoreRule(name=rule.name, weights=dict(rule.weights), primary=rule.primary, threshold=rule.threshold)
 
 
 class FusionClient:
@@ -88,9 +100,16 @@ class FusionClient:
         return await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata)
 
     async def score(
-        self, prompt: str | None, texts: Sequence[str], messages=None, models: Sequence[str] = (), eos: Sequence[bool] = ()
+        self,
+        prompt: str | None,
+        texts: Sequence[str],
+        messages=None,
+        models: Sequence[str] = (),
+        eos: Sequence[bool] = (),
+        score_rule: ScoreRule | str | None = None,
     ) -> pb.ScoreResponse:
         request = pb.ScoreRequest(
+            score_rule=rule_to_proto(score_rule),
             prompt=prompt or "",
             messages=[pb.Message(role=m["role"], content=m["content"]) for m in (messages or ())],
             texts=list(texts),

@@ -9,7 +9,8 @@ One iteration produces one fused text segment:
 2. Score (2.3): every model v scores every candidate with its own tokenizer on top of its KV
    cache, PPL_v(s_u) = exp(mean NLL); an EOS candidate is scored with v's own EOS appended.
    One batched call per worker.
-3. Choose: s* = argmin_u (1/k) sum_v PPL_v(s_u) (eq. 3); ties go to the first model.
+3. Choose: s* by the request's scoring rule (``rules.py``); the paper's is ``mean-ppl``,
+   s* = argmin_u (1/k) sum_v PPL_v(s_u) (eq. 3); ties go to the first model.
 4. Commit (M4): every model adopts the state that holds exactly s* - its own generated tokens
    when its candidate is s*, otherwise the state it built while scoring s*. Nothing is
    re-encoded from the start.
@@ -34,6 +35,7 @@ from typing import AsyncIterator, Sequence
 import grpc
 
 from ..services.common.errors import InvalidArgument, Unavailable
+from .rules import RuleError, ScoreRule
 from .workers import Proposal, Score, WorkerHandle
 
 log = logging.getLogger(__name__)
@@ -147,6 +149,7 @@ class FusionRequest:
     options: FusionOptions | None = None  # None: the engine's
     # A worker failing mid-generation (UNAVAILABLE) is dropped and the others go on (cool modes).
     allow_degraded: bool = False
+    score_rule: ScoreRule | None = None  # None: the engine's
 
 
 @dataclass
@@ -157,10 +160,37 @@ class CandidateReport:
     finish: str
     ppl: dict[str, tuple[float, int]]  # scorer -> (ppl, tokens scored)
     lookahead: str = ""
+    logprob: dict[str, float] = field(default_factory=dict)  # scorer -> sum of its log-probs
+    score: float = 0.0  # fused log-likelihood under the request's rule
 
     @property
     def mean_ppl(self) -> float:
         return sum(p for p, _ in self.ppl.values()) / len(self.ppl)
+
+    def model_scores(self) -> dict[str, tuple[float, int]]:
+        """scorer -> (sum of log-probs, tokens): what a scoring rule reads."""
+        return {v: (self.logprob.get(v, 0.0), n) for v, (_, n) in self.ppl.items()}
+
+
+def scored_report(model: str, text: str, eos: bool, finish: str, scores: dict[str, Score], lookahead: str = "") -> CandidateReport:
+    """A candidate's report from each scorer's Score of it."""
+    return CandidateReport(
+        model=model,
+        text=text,
+        eos=eos,
+        finish=finish,
+        ppl={v: (s.ppl, len(s.token_ids)) for v, s in scores.items()},
+        lookahead=lookahead,
+        logprob={v: sum(s.logprobs) for v, s in scores.items()},
+    )
+
+
+def apply_rule(rule: ScoreRule, reports: Sequence[CandidateReport]) -> int:
+    """Sets each report's fused score; returns the index of the winner."""
+    table = [r.model_scores() for r in reports]
+    for r, value in zip(reports, rule.loglikelihood(table)):
+        r.score = value
+    return rule.choose(table)
 
 
 @dataclass
@@ -216,6 +246,7 @@ class Final:
     segments: int
     mode: str
     degraded_models: list[str] = field(default_factory=list)  # dropped after a worker failure
+    score_rule: str = ""  # label of the rule that chose the segments
 
 
 def pick_winner(mean_ppls: Sequence[float]) -> int:
@@ -282,9 +313,11 @@ class FusionEngine:
         workers: Sequence[WorkerHandle],
         options: FusionOptions | None = None,
         speculate_max_active: int = SPECULATE_MAX_ACTIVE,
+        score_rule: ScoreRule | None = None,
     ):
         self.workers = {w.name: w for w in workers}
         self.options = options or FusionOptions()
+        self.score_rule = score_rule or ScoreRule()
         self.speculate_max_active = speculate_max_active
         self._parameters: dict[str, float] = {}  # model -> parameter count (drafter choice)
         self._fusing = 0  # fusion loops running now (speculation is off above speculate_max_active)
@@ -309,9 +342,22 @@ class FusionEngine:
             raise InvalidArgument(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
         return mode, names
 
+    def rule_for(self, request: FusionRequest, names: Sequence[str]) -> ScoreRule:
+        """The request's own rule (it may only name the request's models), else the engine's
+        default restricted to the request's models."""
+        if request.score_rule is None:
+            return self.score_rule.restricted(names)
+        try:
+            request.score_rule.check_models(names)
+        except RuleError as exc:
+            raise InvalidArgument(str(exc)) from None
+        return request.score_rule
+
     # ---- public entry --------------------------------------------------------------------
     async def generate(self, request: FusionRequest) -> AsyncIterator[Segment | Final]:
         mode, names = self.resolve(request)
+        rule = self.rule_for(request, names)
+        request.score_rule = rule
         started = time.perf_counter()
         usage = {n: Usage() for n in names}
         timings = Timings()
@@ -330,7 +376,7 @@ class FusionEngine:
             else:
                 text, finish = item
         timings.total_s = time.perf_counter() - started
-        yield Final(text, finish, usage, timings, count, mode, list(dropped))
+        yield Final(text, finish, usage, timings, count, mode, list(dropped), rule.label())
 
     # ---- the loop ------------------------------------------------------------------------
     async def _open(self, names, request, usage, timings, dropped: dict | None = None) -> dict[str, str]:
@@ -427,6 +473,7 @@ class FusionEngine:
 
     async def _fuse_loop(self, request, names, sessions, usage, timings, align: bool, dropped: dict | None = None):
         opts = request.options or self.options
+        rule = (request.score_rule or self.score_rule).restricted(names)
         names = list(names)  # models still in the fusion (degraded fusion drops failed ones)
         gen_kwargs = {} if opts.reuse_lookahead else {"reuse_lookahead": False}
         speculate = opts.speculate and opts.reuse_lookahead
@@ -522,23 +569,15 @@ class FusionEngine:
             t2 = time.perf_counter()
             timings.score_s += t2 - t1
 
-            # 3. Choose s* = argmin of the mean PPL over scorers (eq. 3).
+            # 3. Choose s* by the scoring rule (the paper's: argmin of the mean PPL over scorers, eq. 3).
             reports = [
-                CandidateReport(
-                    model=u,
-                    text=p.text,
-                    eos=p.eos,
-                    finish=p.finish,
-                    ppl={v: (scores[j][i].ppl, len(scores[j][i].token_ids)) for j, v in enumerate(names)},
-                    lookahead=p.lookahead,
-                )
+                scored_report(u, p.text, p.eos, p.finish, {v: scores[j][i] for j, v in enumerate(names)}, p.lookahead)
                 for i, (u, p) in enumerate(zip(names, proposals))
             ]
-            means = [r.mean_ppl for r in reports]
-            if all(math.isinf(m) for m in means):
+            if all(math.isinf(r.mean_ppl) for r in reports):
                 yield output, "length"  # no model produced a complete character within its budget
                 return
-            w = pick_winner(means)
+            w = apply_rule(rule, reports)
             winner = proposals[w]
             # 5. Following segments decided alike by every model: the next rounds would propose them
             #    identically and skip scoring; they are committed with this one.
@@ -591,7 +630,11 @@ class FusionEngine:
             for k in range(followed):  # identical candidates: each model's PPL is its own generation's
                 segs = [p.following[k] for p in proposals]
                 ppls = {v: (_ppl(f.logprobs), len(f.token_ids)) for v, f in zip(aligned, segs)}
-                reports = [CandidateReport(u, f.text, False, "boundary", ppls, f.lookahead) for u, f in zip(aligned, segs)]
+                logprobs = {v: sum(f.logprobs) for v, f in zip(aligned, segs)}
+                reports = [
+                    CandidateReport(u, f.text, False, "boundary", ppls, f.lookahead, logprobs) for u, f in zip(aligned, segs)
+                ]
+                apply_rule(rule, reports)
                 emit.append(Segment(index + 1 + k, segs[0].text, aligned[0], False, segs[0].token_ids, reports))
             timings.identical_segments += followed
             timings.skipped_scores += followed
@@ -621,8 +664,8 @@ class FusionEngine:
 
     async def score_texts(
         self, request: FusionRequest, names: Sequence[str], texts: Sequence[tuple[str, bool]], usage=None, timings=None
-    ) -> list[dict[str, tuple[float, int]]]:
-        """PPL of each (text, eos) as a continuation of the request's prompt, under each model."""
+    ) -> list[dict[str, Score]]:
+        """Each model's Score of each (text, eos) as a continuation of the request's prompt."""
         usage = usage if usage is not None else {n: Usage() for n in names}
         timings = timings or Timings()
         sessions = await self._open(names, request, usage, timings)
@@ -632,7 +675,7 @@ class FusionEngine:
             timings.score_s += time.perf_counter() - t0
         finally:
             await asyncio.shield(self._close(sessions))  # frees the sessions even if cancelled again
-        return [{v: (scores[j][i].ppl, len(scores[j][i].token_ids)) for j, v in enumerate(names)} for i in range(len(texts))]
+        return [{v: scores[j][i] for j, v in enumerate(names)} for i in range(len(texts))]
 
     async def _rerank(self, request, names, usage, timings, with_cool: bool):
         """Paper's Rerank: full answers, each scored by every model from the prompt."""
@@ -642,12 +685,11 @@ class FusionEngine:
             labels.insert(0, "cool")
             jobs.insert(0, self._answer(request, names, usage, timings, align=True))
         answers = await asyncio.gather(*jobs)
-        ppls = await self.score_texts(request, names, [(t, f == "eos") for t, f in answers], usage, timings)
+        scored = await self.score_texts(request, names, [(t, f == "eos") for t, f in answers], usage, timings)
         reports = [
-            CandidateReport(model=label, text=text, eos=finish == "eos", finish=finish, ppl=ppl)
-            for label, (text, finish), ppl in zip(labels, answers, ppls)
+            scored_report(label, text, finish == "eos", finish, row) for label, (text, finish), row in zip(labels, answers, scored)
         ]
-        w = pick_winner([r.mean_ppl for r in reports])
+        w = apply_rule((request.score_rule or self.score_rule).restricted(names), reports)
         text, finish = answers[w]
         yield Segment(0, text, labels[w], finish == "eos", [], reports)
         yield text, finish

@@ -16,7 +16,8 @@ from coolfusion.protos import fusion_pb2_grpc as pb_grpc
 from ..services.common.errors import InvalidArgument, ResourceExhausted
 from ..services.common.metrics import SEGMENTS, TOKENS
 from ..services.common.server import GrpcService
-from .fusion import MODES, CandidateReport, Final, FusionEngine, FusionRequest, Segment
+from .fusion import MODES, CandidateReport, Final, FusionEngine, FusionRequest, Segment, apply_rule, scored_report
+from .rules import RuleError, ScoreRule
 from .workers import call_deadline, make_worker
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,18 @@ class Limits:
     max_segment_tokens: int = 256
     max_prompt_chars: int = 200_000
     max_stop_sequences: int = 16
+
+
+def rule_from_proto(r: pb.ScoreRule) -> ScoreRule | None:
+    """None when the request names no rule (the engine's default applies)."""
+    if not (r.name or r.weights or r.primary or r.threshold):
+        return None
+    try:
+        return ScoreRule(
+            name=r.name or "mean-ppl", weights=dict(r.weights), primary=r.primary, threshold=r.threshold or 0.5
+        )
+    except RuleError as exc:
+        raise InvalidArgument(str(exc)) from None
 
 
 def request_from_proto(r: pb.GenerateRequest, limits: Limits) -> FusionRequest:
@@ -70,6 +83,7 @@ def request_from_proto(r: pb.GenerateRequest, limits: Limits) -> FusionRequest:
         stop=list(r.stop),
         max_segment_tokens=seg,
         allow_degraded=r.allow_degraded,
+        score_rule=rule_from_proto(r.score_rule),
     )
 
 
@@ -84,8 +98,9 @@ def candidate_to_proto(c: CandidateReport) -> pb.Candidate:
         eos=c.eos,
         finish=c.finish,
         lookahead=c.lookahead,
-        ppl=[pb.ScorerPpl(scorer=s, ppl=_ppl(p), tokens=n) for s, (p, n) in c.ppl.items()],
+        ppl=[pb.ScorerPpl(scorer=s, ppl=_ppl(p), tokens=n, logprob=c.logprob.get(s, 0.0)) for s, (p, n) in c.ppl.items()],
         mean_ppl=_ppl(c.mean_ppl),
+        score=c.score,
     )
 
 
@@ -118,6 +133,7 @@ def final_to_proto(f: Final) -> pb.FinalInfo:
         segments=f.segments,
         mode=f.mode,
         degraded_models=f.degraded_models,
+        score_rule=f.score_rule,
     )
 
 
@@ -214,6 +230,7 @@ class FusionServicer(pb_grpc.FusionServicer):
             timings=final.timings,
             mode=final.mode,
             degraded_models=final.degraded_models,
+            score_rule=final.score_rule,
         )
 
     async def Score(self, request, context):
@@ -221,21 +238,31 @@ class FusionServicer(pb_grpc.FusionServicer):
             raise InvalidArgument("texts is empty")
         if request.eos and len(request.eos) != len(request.texts):
             raise InvalidArgument(f"eos has {len(request.eos)} flags for {len(request.texts)} texts")
-        proxy = pb.GenerateRequest(prompt=request.prompt, messages=request.messages, models=request.models)
+        proxy = pb.GenerateRequest(
+            prompt=request.prompt, messages=request.messages, models=request.models, score_rule=request.score_rule
+        )
         fusion_request = request_from_proto(proxy, self.limits)
         _, names = self.engine.resolve(fusion_request)
+        rule = self.engine.rule_for(fusion_request, names)  # a bad rule fails before any work
         eos = list(request.eos) or [False] * len(request.texts)
         call_deadline(context.time_remaining())
         async with self.admission.slot():
-            ppls = await self.engine.score_texts(fusion_request, names, list(zip(request.texts, eos)))
+            rows = await self.engine.score_texts(fusion_request, names, list(zip(request.texts, eos)))
+        reports = [scored_report("", text, flag, "", row) for text, flag, row in zip(request.texts, eos, rows)]
+        chosen = apply_rule(rule, reports)
         return pb.ScoreResponse(
             scores=[
                 pb.TextScores(
-                    ppl=[pb.ScorerPpl(scorer=m, ppl=_ppl(p), tokens=n) for m, (p, n) in row.items()],
-                    mean_ppl=_ppl(sum(p for p, _ in row.values()) / len(row)),
+                    ppl=[
+                        pb.ScorerPpl(scorer=m, ppl=_ppl(p), tokens=n, logprob=r.logprob[m]) for m, (p, n) in r.ppl.items()
+                    ],
+                    mean_ppl=_ppl(r.mean_ppl),
+                    loglikelihood=r.score,
+                    chosen=i == chosen,
                 )
-                for row in ppls
-            ]
+                for i, r in enumerate(reports)
+            ],
+            score_rule=rule.label(),
         )
 
     async def ListModels(self, request, context):
@@ -264,13 +291,14 @@ def build_service(
     max_concurrent: int = 16,
     max_queue: int = 64,
     auth_tokens: list[str] | None = None,
+    score_rule: ScoreRule | None = None,
 ) -> tuple[GrpcService, FusionEngine]:
     """Fusion service over remote workers given as {model name: address}, in config order.
 
     An address is ``HOST:PORT``, ``ADDR1|ADDR2|...`` (replicas) or ``dns:///HOST:PORT`` (replicas
     from a headless Service's DNS records); see ``workers.make_worker``. With ``auth_tokens``
     callers must send one as ``authorization: Bearer <token>``."""
-    engine = FusionEngine([make_worker(name, addr) for name, addr in workers.items()])
+    engine = FusionEngine([make_worker(name, addr) for name, addr in workers.items()], score_rule=score_rule)
     servicer = FusionServicer(engine, limits, max_concurrent, max_queue)
     service = GrpcService(
         lambda server: pb_grpc.add_FusionServicer_to_server(servicer, server),
