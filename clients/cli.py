@@ -341,77 +341,6 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from pathlib import Path
-
-    from . import evaluate
-
-    if not args.data:
-        fetched = evaluate.fetch_gsm8k(Path(args.out) / "data")
-        if fetched is None:
-            print(
-                "error: pass --data PATH to a GSM8K JSONL (question/answer), e.g. "
-                "--data ../shared/data/gsm8k/test.jsonl (openai/gsm8k could not be loaded: "
-                "`datasets` is not installed or the hub is unreachable)",
-                file=sys.stderr,
-            )
-            return 2
-        args.data = str(fetched[0])
-    data = Path(args.data)
-    train = Path(args.train) if args.train else data.with_name("train.jsonl")
-    if not data.exists():
-        print(f"error: data file not found: {data}", file=sys.stderr)
-        return 2
-    if args.shots and not train.exists():
-        print(f"error: few-shot exemplars need a train split: {train} not found (use --train)", file=sys.stderr)
-        return 2
-    items = evaluate.load_items(data)[: args.limit or None]
-    exemplars = evaluate.load_items(train)[: args.shots] if args.shots else []
-    modes = _models_arg(args.modes)
-    out = Path(args.out)
-    settings = {
-        "data": str(data), "train": str(train), "limit": args.limit, "shots": args.shots, "modes": modes,
-        "max_new_tokens": args.max_new_tokens, "stop": evaluate.STOP, "decoding": "greedy",
-    }
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    async def run(address: str):
-        with Progress(
-            TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(), transient=False,
-        ) as bar:
-            task = bar.add_task("eval", total=len(items), stats="")
-
-            def progress(item, rows, tokens_per_s):
-                cool = [r for r in rows if r["mode"] == (modes[0] if modes else "cool")]
-                acc = sum(r["flexible_correct"] for r in cool) / max(1, len(cool))
-                bar.update(task, completed=item.index + 1, stats=f"{modes[0]} flexible acc {acc:.0%}  {tokens_per_s:.1f} tok/s")
-
-            return await evaluate.run_eval(
-                address, items, evaluate.few_shot_prefix(exemplars), modes, out, args.max_new_tokens, settings, progress,
-                models=[m.split("=", 1)[0] for m in _models_arg(args.models)],
-            )
-
-    cluster = None
-    try:
-        address = args.connect
-        if not address:
-            cluster = _start_cluster(_models_arg(args.models), args.device)
-            address = cluster.address
-        summary = asyncio.run(run(address))
-    except KeyboardInterrupt:
-        rows = list(evaluate.load_done(out / "results.jsonl").values())
-        summary = evaluate.write_reports(out, rows, modes, settings)
-        print("interrupted: results so far are kept; run the same command again to resume", file=sys.stderr)
-    finally:
-        if cluster:
-            cluster.stop()
-    print(evaluate.markdown_table(summary))
-    print(f"wrote {out}/table.md, summary.json, results.jsonl, accuracy_ppl.png", file=sys.stderr)
-    return 0
-
-
 # ---- scoring rules ---------------------------------------------------------------------------
 def add_rule_args(parser: argparse.ArgumentParser, default: str = "") -> None:
     parser.add_argument(
@@ -558,19 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="serve Prometheus /metrics on this HTTP port (0: off)",
         )
 
-    e = sub.add_parser("eval", help="evaluate modes on a benchmark (paper Table 3 protocol)")
-    e.add_argument("task", choices=["gsm8k"])
-    e.add_argument("--data", help="JSONL/TSV of question + answer (GSM8K test split)")
-    e.add_argument("--train", help="few-shot exemplars (default: train.jsonl beside --data)")
-    e.add_argument("--limit", type=int, default=0)
-    e.add_argument("--shots", type=int, default=3)
-    e.add_argument("--modes", default="single:smollm2,single:gemma3,cool,cool-noalign,rerank,cool-rerank")
-    e.add_argument("--max-new-tokens", type=int, default=256)
-    e.add_argument("--out", default="runs/eval-gsm8k")
-    e.add_argument("--connect", help="HOST:PORT of a running orchestrator")
-    e.add_argument("--models", default=defaults)
-    e.add_argument("--device")
-    e.set_defaults(func=cmd_eval)
+    from .evaluation.command import add_eval_parser
+
+    add_eval_parser(sub, defaults)
 
     d = sub.add_parser("drain", help="preStop hook: wait until the worker at ADDR has no live session")
     d.add_argument("address")

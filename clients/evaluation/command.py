@@ -1,0 +1,156 @@
+"""``coolfusion eval TASK``: argument parsing and the run, for every task.
+
+    coolfusion eval gsm8k --data ../shared/data/gsm8k/test.jsonl --limit 200
+    coolfusion eval arc-easy --split validation            # ../shared/data/arc/ARC-Easy-validation.jsonl
+    coolfusion eval mgsm --data DIR --lang de               # DIR/mgsm_de.tsv
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from ...orchestrator.rules import RULES, RuleError, ScoreRule, default_rule
+from .runner import EvalDataError, load_rows, run_task, write_reports
+
+TASKS = ("gsm8k", "mgsm", "arc-easy", "arc-challenge")
+# ../shared beside the checkout holds the data (see the README); --data overrides.
+SHARED_DATA = Path(os.environ.get("COOLFUSION_DATA_DIR", Path(__file__).resolve().parents[3] / "shared" / "data"))
+
+
+def add_eval_parser(sub, default_models: str) -> None:
+    e = sub.add_parser("eval", help="evaluate source models and fused configurations on a benchmark")
+    e.add_argument("task", choices=TASKS)
+    e.add_argument("--data", help="data file (gsm8k: JSONL/TSV; arc-*: ARC JSONL; mgsm: a TSV or a folder of mgsm_LANG.tsv)")
+    e.add_argument("--split", default="", help="arc-*: train | validation (default validation), under ../shared/data/arc")
+    e.add_argument("--lang", default="", help="mgsm: language of DIR/mgsm_LANG.tsv")
+    e.add_argument("--train", help="gsm8k/mgsm few-shot exemplars (default: train.jsonl beside --data for gsm8k)")
+    e.add_argument("--limit", type=int, default=0)
+    e.add_argument("--shots", type=int, default=None, help="few-shot exemplars (gsm8k 3, mgsm 0)")
+    e.add_argument(
+        "--modes",
+        default="single:smollm2,single:gemma3,cool,cool-noalign,rerank,cool-rerank",
+        help="gsm8k/mgsm: modes; a fused mode may name its rule: cool@mean-ppl",
+    )
+    e.add_argument(
+        "--rules",
+        default=",".join(RULES),
+        help="arc-*: scoring rules to report (names or rule JSON files), besides each model alone and the default rule",
+    )
+    e.add_argument("--max-new-tokens", type=int, default=256)
+    e.add_argument("--concurrency", type=int, default=1, help="questions in flight at once")
+    e.add_argument("--out", help="output folder (default runs/eval-TASK)")
+    e.add_argument("--connect", help="HOST:PORT of a running orchestrator")
+    e.add_argument("--models", default=default_models)
+    e.add_argument("--device")
+    e.set_defaults(func=cmd_eval)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def build_task(args):
+    """(task, items, settings) for the arguments; EvalDataError/RuleError/ValueError on bad input."""
+    from . import choice, generation
+
+    models = [m.split("=", 1)[0].strip() for m in args.models.split(",") if m.strip()]
+    if args.task.startswith("arc-"):
+        split = args.split or "validation"
+        if split not in ("train", "validation", "test"):
+            raise ValueError(f"--split takes train, validation or test, got {split!r}")
+        name = {"arc-easy": "ARC-Easy", "arc-challenge": "ARC-Challenge"}[args.task]
+        data = Path(args.data) if args.data else SHARED_DATA / "arc" / f"{name}-{split}.jsonl"
+        if not data.exists():
+            raise EvalDataError(f"data file not found: {data} (pass --data PATH to an ARC JSONL)")
+        items = choice.load_choice_items(data)[: args.limit or None]
+        rules = [ScoreRule.parse(spec.strip()) for spec in args.rules.split(",") if spec.strip()]
+        shipped = default_rule()
+        if shipped.label() not in [r.label() for r in rules]:
+            rules.append(shipped)
+        task = choice.ChoiceTask(args.task, models, rules)
+        settings = {"data": str(data), "limit": args.limit, "models": models, "rules": [r.to_dict() for r in rules]}
+        return task, items, settings
+
+    if args.task == "mgsm":
+        if not args.data:
+            raise EvalDataError("mgsm needs --data: a TSV question<TAB>answer, or a folder of mgsm_LANG.tsv with --lang")
+        data = Path(args.data)
+        if data.is_dir():
+            if not args.lang:
+                raise EvalDataError(f"{data} is a folder: name the language with --lang (reads mgsm_LANG.tsv)")
+            data = data / f"mgsm_{args.lang}.tsv"
+        shots = 0 if args.shots is None else args.shots
+        train = Path(args.train) if args.train else None
+    else:
+        if not args.data:
+            data = SHARED_DATA / "gsm8k" / "test.jsonl"
+        else:
+            data = Path(args.data)
+        shots = 3 if args.shots is None else args.shots
+        train = Path(args.train) if args.train else data.with_name("train.jsonl")
+    if not data.exists():
+        raise EvalDataError(f"data file not found: {data}")
+    if shots and (train is None or not train.exists()):
+        raise EvalDataError(f"few-shot exemplars need a train split: {train} not found (use --train or --shots 0)")
+    items = generation.load_items(data)[: args.limit or None]
+    exemplars = generation.load_items(train)[:shots] if shots else []
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for mode in modes:
+        _, rule = generation.split_mode(mode)
+        if rule:
+            ScoreRule.parse(rule)  # a bad rule fails here, before any model work
+    task = generation.GenerationTask(
+        args.task, modes, models, generation.few_shot_prefix(exemplars), args.max_new_tokens
+    )
+    settings = {
+        "data": str(data), "train": str(train) if train else None, "limit": args.limit, "shots": shots, "modes": modes,
+        "max_new_tokens": args.max_new_tokens, "stop": generation.STOP, "decoding": "greedy",
+    }
+    return task, items, settings
+
+
+def cmd_eval(args) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..cli import _start_cluster
+
+    try:
+        task, items, settings = build_task(args)
+    except (EvalDataError, RuleError, ValueError, OSError) as exc:
+        return _fail(str(exc))
+    out = Path(args.out or f"runs/eval-{args.task}")
+
+    async def run(address: str) -> dict:
+        with Progress(
+            TextColumn(f"[bold]{args.task}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(), transient=False,
+        ) as bar:
+            job = bar.add_task("eval", total=len(items), stats="")
+
+            def progress(finished: int, stats: str) -> None:
+                bar.update(job, completed=finished, stats=stats)
+
+            return await run_task(task, address, items, out, settings, progress, args.concurrency)
+
+    cluster = None
+    try:
+        address = args.connect
+        if not address:
+            cluster = _start_cluster([m.strip() for m in args.models.split(",") if m.strip()], args.device)
+            address = cluster.address
+        summary = asyncio.run(run(address))
+    except KeyboardInterrupt:
+        summary = write_reports(task, out, load_rows(out), settings)  # what finished is kept; rerun resumes
+        print(task.table(summary))
+        print(f"interrupted: {out}/results.jsonl keeps what finished; run again to resume", file=sys.stderr)
+        return 130
+    finally:
+        if cluster:
+            cluster.stop()
+    print(task.table(summary))
+    print(f"wrote {out}/table.md, summary.json, results.jsonl, {task.name}.png", file=sys.stderr)
+    return 0

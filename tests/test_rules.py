@@ -1,0 +1,90 @@
+"""Scoring rules (orchestrator/rules.py) against hand-computed values; no model loaded."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from coolfusion.orchestrator.fusion import pick_winner
+from coolfusion.orchestrator.rules import RULES, RuleError, ScoreRule
+
+# Two candidates scored by two models: model -> (sum of log-probs, tokens).
+CANDS = [{"a": (-2.0, 2), "b": (-6.0, 3)}, {"a": (-1.0, 1), "b": (-9.0, 3)}]
+
+
+def test_mean_ppl_is_eq3_and_chooses_like_pick_winner():
+    rule = ScoreRule("mean-ppl")
+    means = [(math.exp(1.0) + math.exp(2.0)) / 2, (math.exp(1.0) + math.exp(3.0)) / 2]
+    assert rule.choose(CANDS) == pick_winner(means) == 0
+    ll = rule.loglikelihood(CANDS)
+    assert ll[0] == pytest.approx(-2.5 * math.log(means[0]))
+    assert ll[1] == pytest.approx(-2.0 * math.log(means[1]))
+
+
+def test_mean_ppl_follows_the_lower_mean_even_against_the_summed_log_probs():
+    # Candidate 1: short and likely for "a", so the summed log-prob prefers it; the mean PPL does not.
+    cands = [{"a": (-3.0, 3), "b": (-3.0, 3)}, {"a": (-0.5, 1), "b": (-4.0, 1)}]
+    assert ScoreRule("mean-ppl").choose(cands) == 0
+    assert ScoreRule("product").choose(cands) == 1
+
+
+def test_mean_nll_product_and_weights():
+    assert ScoreRule("mean-nll").loglikelihood(CANDS) == pytest.approx([2.5 * (-1 - 2) / 2, 2.0 * (-1 - 3) / 2])
+    assert ScoreRule("product").loglikelihood(CANDS) == pytest.approx([-4.0, -5.0])
+    weighted = ScoreRule("product", weights={"b": 3.0})
+    assert weighted.loglikelihood(CANDS) == pytest.approx([(-2 - 18) / 4, (-1 - 27) / 4])
+    # Weight only on "a": its shorter candidate wins.
+    assert ScoreRule("product", weights={"b": 0.0}).choose(CANDS) == 1
+
+
+def test_calibrated_mixes_each_models_posterior_over_the_candidates():
+    qa = [math.exp(-2) / (math.exp(-2) + math.exp(-1)), math.exp(-1) / (math.exp(-2) + math.exp(-1))]
+    qb = [math.exp(-6) / (math.exp(-6) + math.exp(-9)), math.exp(-9) / (math.exp(-6) + math.exp(-9))]
+    expected = [math.log((x + y) / 2) for x, y in zip(qa, qb)]
+    assert ScoreRule("calibrated").loglikelihood(CANDS) == pytest.approx(expected)
+    assert ScoreRule("calibrated").choose(CANDS) == 0
+
+
+def test_gated_trusts_a_confident_primary_and_falls_back_to_product():
+    # "a" prefers candidate 1 with posterior 0.73: trusted at threshold 0.7, not at 0.8.
+    assert ScoreRule("gated", primary="a", threshold=0.7).choose(CANDS) == 1
+    assert ScoreRule("gated", primary="a", threshold=0.8).choose(CANDS) == 0  # product's choice
+    assert ScoreRule("gated", primary="b", threshold=0.9).choose(CANDS) == 0
+
+
+def test_a_candidate_without_tokens_never_wins():
+    cands = [{"a": (0.0, 0), "b": (-1.0, 1)}, {"a": (-5.0, 2), "b": (-5.0, 2)}]
+    for name in RULES:
+        rule = ScoreRule(name)
+        assert rule.choose(cands) == 1, name
+        assert rule.loglikelihood(cands)[0] == -math.inf, name
+
+
+def test_one_model_reduces_to_its_own_log_likelihood():
+    cands = [{"a": (-2.0, 2)}, {"a": (-1.5, 1)}]
+    for name in ("mean-ppl", "mean-nll", "product"):
+        assert ScoreRule(name).loglikelihood(cands) == pytest.approx([-2.0, -1.5]), name
+
+
+def test_parse_files_and_bad_input(tmp_path):
+    assert ScoreRule.parse("product", "a=2,b=1").weights == {"a": 2.0, "b": 1.0}
+    path = tmp_path / "rule.json"
+    path.write_text(json.dumps({"rule": "gated", "primary": "a", "threshold": 0.6, "weights": {"b": 2}}))
+    rule = ScoreRule.parse(str(path))
+    assert (rule.name, rule.primary, rule.threshold, dict(rule.weights)) == ("gated", "a", 0.6, {"b": 2.0})
+    assert rule.label() == "gated(a@0.6,b=2)"
+    assert ScoreRule.from_dict(rule.to_dict()) == rule
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(RuleError, match="does not parse"):
+        ScoreRule.parse(str(tmp_path / "bad.json"))
+    with pytest.raises(RuleError, match="unknown score rule 'nope'"):
+        ScoreRule.parse("nope")
+    with pytest.raises(RuleError, match="model=number"):
+        ScoreRule.parse("product", "a2")
+    with pytest.raises(RuleError, match="finite and >= 0"):
+        ScoreRule("product", weights={"a": -1.0})
+    with pytest.raises(RuleError, match="not in this request"):
+        ScoreRule("product", weights={"c": 2.0}).check_models(["a", "b"])
+    assert ScoreRule("product", weights={"c": 2.0, "a": 3.0}).restricted(["a", "b"]).weights == {"a": 3.0}
