@@ -484,6 +484,10 @@ def summary(r: dict) -> str:
 
 
 def cmd_bench(args) -> int:
+    if args.score:
+        from .bench_score import cmd_score_bench
+
+        return cmd_score_bench(args)
     result = run(args)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -507,4 +511,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--json", action="store_true", help="print the full JSON result")
     b.add_argument("--out", help="also write the JSON result to this file")
     b.add_argument("--quiet", action="store_true")
+    b.add_argument("--score", action="store_true", help="only the Score RPC on multiple-choice questions vs the models' forwards")
+    b.add_argument("--score-questions", type=int, default=40)
+    b.add_argument("--score-data", help="ARC JSONL for --score (default ../shared/data/arc/ARC-Easy-validation.jsonl)")
     b.set_defaults(func=cmd_bench)

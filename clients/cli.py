@@ -509,6 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..services.sources import UnknownModelError
 
@@ -516,6 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(
         args.log_level if args.command in ("generate", "serve", "healthcheck", "eval") else "INFO", args.log_format
     )
+    if args.command in ("generate", "eval", "bench"):
+        # SIGTERM unwinds like Ctrl-C, so the services these commands started are stopped too
+        # (the launcher starts them in their own process groups, where no signal follows ours).
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return args.func(args)
     except UnknownModelError as exc:

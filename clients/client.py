@@ -52,7 +52,7 @@ def rule_to_proto(rule: ScoreRule | str | None) -> pb.ScoreRule | None:
     if rule is None or rule == "":
         return None
     if isinstance(rule, str):
-        rule = ScoreRule(name=rule)
+        rule = ScoreRule.parse(rule)  # a name or a rule JSON file
     return pb.ScoreRule(name=rule.name, weights=dict(rule.weights), primary=rule.primary, threshold=rule.threshold)
 
 

@@ -35,7 +35,7 @@ from typing import AsyncIterator, Sequence
 import grpc
 
 from ..services.common.errors import InvalidArgument, Unavailable
-from .rules import RuleError, ScoreRule
+from .rules import RuleError, ScoreRule, default_rule
 from .workers import Proposal, Score, WorkerHandle
 
 log = logging.getLogger(__name__)
@@ -317,7 +317,7 @@ class FusionEngine:
     ):
         self.workers = {w.name: w for w in workers}
         self.options = options or FusionOptions()
-        self.score_rule = score_rule or ScoreRule()
+        self.score_rule = score_rule or default_rule()
         self.speculate_max_active = speculate_max_active
         self._parameters: dict[str, float] = {}  # model -> parameter count (drafter choice)
         self._fusing = 0  # fusion loops running now (speculation is off above speculate_max_active)

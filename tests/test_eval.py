@@ -250,3 +250,18 @@ async def test_mgsm_from_a_tsv_folder(cluster, tmp_path):
     rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
     assert [r["gold"] for r in sorted(rows, key=lambda r: r["index"])] == ["4", "4.5"]
     assert json.loads((out / "summary.json").read_text())["modes"]["single:gemma3"]["n"] == 2
+
+
+async def test_default_rule_is_the_shipped_one_and_picks_every_segment(cluster):
+    from coolfusion.orchestrator.rules import default_rule
+
+    prompt = generation.build_prompt("", generation.load_items(DATA / "gsm8k-test-4.jsonl")[0].question)
+    async with FusionClient(cluster.address) as client:
+        reply = await client.generate(prompt, models=MODELS, max_new_tokens=16)
+    assert reply.score_rule == default_rule().label() != "mean-ppl"
+    rule = default_rule()
+    for segment in reply.segments:
+        table = [{p.scorer: (p.logprob, p.tokens) for p in c.ppl} for c in segment.candidates]
+        assert [c.score for c in segment.candidates] == pytest.approx(rule.loglikelihood(table), rel=1e-9)
+        winner = segment.candidates[rule.choose(table)]
+        assert (segment.model, segment.text) == (winner.model, winner.text)

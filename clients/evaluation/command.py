@@ -114,9 +114,11 @@ def build_task(args):
 
 
 def cmd_eval(args) -> int:
+    import grpc
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..cli import _start_cluster
+    from ..launcher import StartError
 
     try:
         task, items, settings = build_task(args)
@@ -148,6 +150,11 @@ def cmd_eval(args) -> int:
         print(task.table(summary))
         print(f"interrupted: {out}/results.jsonl keeps what finished; run again to resume", file=sys.stderr)
         return 130
+    except StartError as exc:
+        return _fail(str(exc)) - 1  # exit 1: the services did not start
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()} ({out}/results.jsonl keeps what finished)", file=sys.stderr)
+        return 1
     finally:
         if cluster:
             cluster.stop()
