@@ -47,6 +47,25 @@ def build_request(
     )
 
 
+def build_score_request(
+    prompt: str | None,
+    texts: Sequence[str],
+    messages: Sequence[dict] | None = None,
+    *,
+    models: Sequence[str] = (),
+    eos: Sequence[bool] = (),
+    score_rule: ScoreRule | str | None = None,
+) -> pb.ScoreRequest:
+    return pb.ScoreRequest(
+        score_rule=rule_to_proto(score_rule),
+        prompt=prompt or "",
+        messages=[pb.Message(role=m["role"], content=m["content"]) for m in (messages or ())],
+        texts=list(texts),
+        models=list(models),
+        eos=list(eos),
+    )
+
+
 def rule_to_proto(rule: ScoreRule | str | None) -> pb.ScoreRule | None:
     """A rule (or a rule name) as the request field; None leaves the server's default."""
     if rule is None or rule == "":
@@ -108,14 +127,7 @@ class FusionClient:
         eos: Sequence[bool] = (),
         score_rule: ScoreRule | str | None = None,
     ) -> pb.ScoreResponse:
-        request = pb.ScoreRequest(
-            score_rule=rule_to_proto(score_rule),
-            prompt=prompt or "",
-            messages=[pb.Message(role=m["role"], content=m["content"]) for m in (messages or ())],
-            texts=list(texts),
-            models=list(models),
-            eos=list(eos),
-        )
+        request = build_score_request(prompt, texts, messages, models=models, eos=eos, score_rule=score_rule)
         return await self.stub.Score(request, timeout=self.timeout, metadata=self.metadata)
 
 
@@ -140,6 +152,18 @@ class SyncFusionClient:
 
     def list_models(self) -> pb.ListModelsResponse:
         return self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata)
+
+    def score(
+        self,
+        prompt: str | None,
+        texts: Sequence[str],
+        messages=None,
+        models: Sequence[str] = (),
+        eos: Sequence[bool] = (),
+        score_rule: ScoreRule | str | None = None,
+    ) -> pb.ScoreResponse:
+        request = build_score_request(prompt, texts, messages, models=models, eos=eos, score_rule=score_rule)
+        return self.stub.Score(request, timeout=self.timeout, metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()
