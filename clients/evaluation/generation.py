@@ -202,9 +202,14 @@ class GenerationTask:
         }
 
     def summarize(self, rows: list[dict]) -> dict:
+        """Over the questions every mode has finished (an interrupted run compares like with like)."""
+        modes_of: dict[int, set[str]] = {}
+        for row in rows:
+            modes_of.setdefault(row["index"], set()).add(row["mode"])
+        complete = {i for i, done in modes_of.items() if set(self.modes) <= done}
         by_mode: dict[str, list[dict]] = {m: [] for m in self.modes}
         for row in sorted(rows, key=lambda r: r["index"]):
-            if row["mode"] in by_mode:
+            if row["mode"] in by_mode and row["index"] in complete:
                 by_mode[row["mode"]].append(row)
         summary: dict = {}
         for mode, items in by_mode.items():
@@ -212,6 +217,7 @@ class GenerationTask:
             strict = sum(r["strict_correct"] for r in items)
             flexible = sum(r["flexible_correct"] for r in items)
             ppls = [r["mean_ppl"] for r in items if r["mean_ppl"] is not None]
+            clean = [r["mean_ppl"] for r in items if r["mean_ppl"] is not None and not (r["copies_question"] or r["repeats_line"])]
             per_model: dict[str, list[float]] = {}
             for r in items:
                 for m, v in r["ppl"].items():
@@ -227,6 +233,8 @@ class GenerationTask:
                 "flexible_ci95": wilson(flexible, n),
                 "avg_ppl": sum(ppls) / len(ppls) if ppls else None,
                 "avg_ppl_n": len(ppls),
+                "avg_ppl_clean": sum(clean) / len(clean) if clean else None,  # answers that neither copy nor repeat
+                "avg_ppl_clean_n": len(clean),
                 "avg_ppl_per_model": {m: sum(v) / len(v) for m, v in per_model.items()},
                 "copies_question": sum(r["copies_question"] for r in items) / n if n else 0.0,
                 "repeats_line": sum(r["repeats_line"] for r in items) / n if n else 0.0,
@@ -242,20 +250,20 @@ class GenerationTask:
 
     def table(self, summary: dict) -> str:
         lines = [
-            "| mode | N | strict acc (95% CI) | flexible acc (95% CI) | flexible vs best single (McNemar p) | avg PPL | PPL per model | copies question | repeats a line |",
-            "| --- | ---: | --- | --- | --- | ---: | --- | ---: | ---: |",
+            "| mode | N | strict acc (95% CI) | flexible acc (95% CI) | flexible vs best single (McNemar p) | avg PPL | PPL per model | copies question | repeats a line | avg PPL without copies/repeats (N) |",
+            "| --- | ---: | --- | --- | --- | ---: | --- | ---: | ---: | ---: |",
         ]
         for mode, s in summary["modes"].items():
             lo, hi = s["strict_ci95"]
             flo, fhi = s["flexible_ci95"]
-            ppl = f"{s['avg_ppl']:.3f}" if s["avg_ppl"] is not None else "n/a"
+            ppl = _num(s["avg_ppl"])
             per = ", ".join(f"{m} {v:.3f}" for m, v in s["avg_ppl_per_model"].items())
             vs = s.get("flexible_vs_best")
             test = f"{vs['a_only']} vs {vs['b_only']} (p={vs['p']:.3g})" if vs else ""
             lines.append(
                 f"| {mode} | {s['n']} | {s['strict_acc']:.1%} ({lo:.1%}–{hi:.1%}) | "
                 f"{s['flexible_acc']:.1%} ({flo:.1%}–{fhi:.1%}) | {test} | {ppl} | {per} | "
-                f"{s['copies_question']:.0%} | {s['repeats_line']:.0%} |"
+                f"{s['copies_question']:.0%} | {s['repeats_line']:.0%} | {_num(s['avg_ppl_clean'])} ({s['avg_ppl_clean_n']}) |"
             )
         return "\n".join(lines) + "\n"
 
@@ -295,3 +303,7 @@ class GenerationTask:
 
 def _with_rule(mode: str, rule: str) -> str:
     return f"{mode}@{rule}" if rule else mode
+
+
+def _num(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None else "n/a"
