@@ -151,8 +151,11 @@ def cmd_drain(args) -> int:
 
     from coolfusion.protos import worker_pb2, worker_pb2_grpc
 
+    from ..services.common.security import sync_channel
+    from ..services.common.server import CHANNEL_OPTIONS
+
     started = time.monotonic()
-    with grpc.insecure_channel(args.address) as channel:
+    with sync_channel(args.address, CHANNEL_OPTIONS) as channel:  # TLS from COOLFUSION_TLS_* as every client
         stub = worker_pb2_grpc.ModelWorkerStub(channel)
         while True:
             elapsed = time.monotonic() - started
@@ -174,7 +177,10 @@ def cmd_healthcheck(args) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    from ..services.common.security import sync_channel
+    from ..services.common.server import CHANNEL_OPTIONS
+
+    with sync_channel(args.address, CHANNEL_OPTIONS) as channel:  # TLS from COOLFUSION_TLS_* as every client
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
@@ -382,7 +388,13 @@ def default_rule():
 # ---- parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coolfusion", description="Fuse LLMs with different tokenizers, without training.")
-    parser.add_argument("--log-level", default=os.environ.get("COOLFUSION_LOG_LEVEL", "WARNING"))
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("COOLFUSION_LOG_LEVEL"),
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="default: INFO for services, WARNING for the other commands ($COOLFUSION_LOG_LEVEL)",
+    )
     parser.add_argument(
         "--log-format", choices=["text", "json"], default=os.environ.get("COOLFUSION_LOG_FORMAT", "text"),
         help="json: one JSON object per line, with request_id on request logs",
@@ -509,6 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def log_level(args) -> str:
+    """--log-level (or $COOLFUSION_LOG_LEVEL) when given; else INFO for services, WARNING otherwise."""
+    services = ("tokenizer", "worker", "orchestrator", "drain")
+    return args.log_level or ("INFO" if args.command in services else "WARNING")
+
+
 def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
@@ -517,9 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..services.sources import UnknownModelError
 
     args = build_parser().parse_args(argv)
-    _setup_logging(
-        args.log_level if args.command in ("generate", "serve", "healthcheck", "eval") else "INFO", args.log_format
-    )
+    _setup_logging(log_level(args), args.log_format)
     if args.command in ("generate", "eval", "bench"):
         # SIGTERM unwinds like Ctrl-C, so the services these commands started are stopped too
         # (the launcher starts them in their own process groups, where no signal follows ours).
