@@ -152,10 +152,8 @@ class ScoreRule:
         w = self._weights(models)
         valid = [all(c[m][1] > 0 and math.isfinite(c[m][0]) for m in models) for c in candidates]
         if self.name in SET_RELATIVE:
-            values = self._set_relative(candidates, models, w, valid)
-        else:
-            values = [self._pointwise(c, models, w) if ok else -math.inf for c, ok in zip(candidates, valid)]
-        return values
+            return self._set_relative(candidates, models, w, valid)
+        return [self._pointwise(c, models, w) if ok else -math.inf for c, ok in zip(candidates, valid)]
 
     def choose(self, candidates: Sequence[ModelScores]) -> int:
         """Index of the winning candidate; the first one wins ties (config order)."""
@@ -179,7 +177,7 @@ class ScoreRule:
             return -mean_tokens * math.log(fused_ppl(c, self))
         if self.name == "mean-nll":
             return mean_tokens * _per_token(c, models, w)
-        return sum(wv * c[m][0] for wv, m in zip(w, models))  # product
+        return _product(c, models, w)
 
     def _set_relative(self, candidates, models, w, valid) -> list[float]:
         if not any(valid):
@@ -192,13 +190,9 @@ class ScoreRule:
             q = posteriors[primary]
             if max(q) >= self.threshold:
                 return [math.log(p) if p > 0 else -math.inf for p in q]
-            return [self._pointwise_product(c, models, w) if ok else -math.inf for c, ok in zip(candidates, valid)]
+            return [_product(c, models, w) if ok else -math.inf for c, ok in zip(candidates, valid)]
         mixed = [sum(wv * posteriors[m][i] for wv, m in zip(w, models)) for i in range(len(candidates))]
         return [math.log(p) if p > 0 else -math.inf for p in mixed]
-
-    @staticmethod
-    def _pointwise_product(c: ModelScores, models, w) -> float:
-        return sum(wv * c[m][0] for wv, m in zip(w, models))
 
 
 DEFAULT_RULE_FILE = Path(__file__).with_name("default_rule.json")
@@ -219,6 +213,10 @@ def fused_ppl(c: ModelScores, rule: ScoreRule | None = None) -> float:
 
 def ppl(logprob: float, tokens: int) -> float:
     return math.exp(-logprob / tokens) if tokens > 0 else math.inf
+
+
+def _product(c: ModelScores, models, w) -> float:
+    return sum(wv * c[m][0] for wv, m in zip(w, models))
 
 
 def _per_token(c: ModelScores, models, w) -> float:

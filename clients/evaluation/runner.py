@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
@@ -87,11 +86,3 @@ def write_reports(task: Task, out: Path, rows: list[dict], settings: dict) -> di
 
 def load_rows(out: Path) -> list[dict]:
     return list(ResultsFile(out / "results.jsonl", row_key).load().values())
-
-
-class Timer:
-    def __init__(self):
-        self.start = time.perf_counter()
-
-    def __call__(self) -> float:
-        return round(time.perf_counter() - self.start, 3)
