@@ -153,7 +153,7 @@ CALIBRATED = ScoreRule("calibrated", {"gemma3": 2.0, "smollm2": 1.0})
     ],
     ids=["single-gemma3", "cool-product", "cool-calibrated-weighted"],
 )
-async def test_arc_easy_equals_score_rpc(cluster, task_dir, mode, rule_args, rule):
+async def test_arc_easy_equals_score_rpc(cluster, task_dir, mode, rule_args, rule, tmp_path):
     model_args = {"address": cluster.address, "mode": mode, **rule_args}
     if rule:
         model_args["models"] = "+".join(PAIR)
@@ -174,6 +174,17 @@ async def test_arc_easy_equals_score_rpc(cluster, task_dir, mode, rule_args, rul
     assert results["config"]["coolfusion_mode"] == mode
     if rule:
         assert results["config"]["coolfusion_score_rule"] == (rule if isinstance(rule, str) else rule.label())
+
+    # `coolfusion eval arc-easy` on the same questions reports the same acc and acc_norm.
+    from coolfusion.clients.evaluation.choice import ChoiceTask, load_choice_items
+    from coolfusion.clients.evaluation.runner import run_task
+
+    data = tmp_path / "arc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rules = [ScoreRule(rule) if isinstance(rule, str) else rule] if rule else []
+    summary = await run_task(ChoiceTask("arc-easy", PAIR, rules), cluster.address, load_choice_items(data), tmp_path / "eval", {})
+    label = rules[0].label() if rules else mode
+    assert (summary["configs"][label]["acc"], summary["configs"][label]["acc_norm"]) == (acc, acc_norm)
 
 
 async def test_gsm8k_generate_until_equals_generate(cluster, task_dir):

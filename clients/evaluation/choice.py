@@ -193,7 +193,7 @@ class ChoiceTask:
         ax.set_title(f"{self.name} (N = {summary['n']})")
         ax.set_xticks(list(x))
         ax.set_xticklabels(labels, rotation=30, ha="right")
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
