@@ -46,6 +46,11 @@ def gsm8k_prompt(index: int = 0, shots: int = 3) -> str:
     return "".join(parts) + f"Question: {question}\nAnswer:"
 
 
+def winner_text(segment) -> str:
+    """The winning candidate's whole text (a segment's own text is cut at a stop sequence)."""
+    return next(c.text for c in segment.candidates if c.model == segment.model)
+
+
 @dataclass
 class Cluster:
     registry: object

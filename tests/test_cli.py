@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from coolfusion.orchestrator.fusion import find_stop, pick_winner
+from coolfusion.orchestrator.fusion import pick_winner
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -54,11 +54,3 @@ def test_pick_winner_takes_lowest_mean_and_first_on_ties():
     assert pick_winner([3.0, 2.0, 2.0]) == 1
     assert pick_winner([2.0, 2.0]) == 0
     assert pick_winner([float("inf"), 5.0]) == 1
-
-
-@pytest.mark.parametrize(
-    "text, stops, start, expected",
-    [("abc Question: x", ["Question:"], 0, 4), ("abc", ["Q"], 0, None), ("xxQuest", ["Quest", "xQ"], 2, 1)],
-)
-def test_find_stop(text, stops, start, expected):
-    assert find_stop(text, stops, start) == expected
