@@ -17,7 +17,7 @@ from coolfusion.orchestrator.server import build_service as build_orchestrator
 from coolfusion.services.common.server import GrpcService
 from coolfusion.services.sources import parse_specs
 from coolfusion.services.tokenizer.client import TokenizerClient
-from coolfusion.services.tokenizer.core import TokenizerCore
+from coolfusion.services.tokenizer.core import TokenizerCore, TokenizerRegistry
 from coolfusion.services.tokenizer.loading import load_registry
 from coolfusion.services.tokenizer.server import build_service as build_tokenizer_service
 from coolfusion.services.worker.model import WorkerCore
@@ -61,9 +61,14 @@ class Cluster:
     services: list
 
 
-async def start_cluster() -> Cluster:
+async def start_cluster(models: dict | None = None) -> Cluster:
+    """``models``: name -> loaded model (``conftest.Bundled``: ``spec``, ``model``,
+    ``hf_tokenizer``) to share; without it each bundled model is loaded here."""
     specs = parse_specs("smollm2,gemma3")
-    registry = load_registry(specs)
+    if models:
+        registry = TokenizerRegistry(TokenizerCore(s.name, models[s.name].hf_tokenizer, s.describe()) for s in specs)
+    else:
+        registry = load_registry(specs)
     # The second SmolLM2 copy gets its own name and tokenizer id.
     copy_spec = dataclasses.replace(specs[0], name="smollm2b")
     registry.add(TokenizerCore("smollm2b", registry.get("smollm2").hf, copy_spec.describe()))
@@ -79,6 +84,8 @@ async def start_cluster() -> Cluster:
         shared = {}
         if spec is copy_spec:  # same weights, separate sessions and tokenizer id
             shared = dict(model=cores["smollm2"].model, hf_tokenizer=cores["smollm2"].tokenizer.hf)
+        elif models:
+            shared = dict(model=models[spec.name].model, hf_tokenizer=models[spec.name].hf_tokenizer)
         core = WorkerCore(spec.name, spec, device="cpu", boundary=boundary.common_boundary, **shared)
         servicer = WorkerServicer(core)
         service = GrpcService(
@@ -98,3 +105,4 @@ async def start_cluster() -> Cluster:
 async def stop_cluster(cluster: Cluster) -> None:
     for service in reversed(cluster.services):
         await service.stop(0)
+

@@ -22,6 +22,7 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # starts the services with both bundled models
 def test_generate_json_with_embedded_services():
     result = run_cli("generate", "Question: What is 12 plus 30?\nAnswer:", "--json", "--max-new-tokens", "16")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,11 +10,14 @@ import signal
 import time
 
 import grpc
+import pytest
 
 from coolfusion.clients.launcher import LocalCluster
 from coolfusion.protos import fusion_pb2, fusion_pb2_grpc, worker_pb2, worker_pb2_grpc
 
 GRACE = 30.0  # the orchestrator's default --grace
+
+pytestmark = pytest.mark.slow  # a process tree with the bundled SmolLM2
 
 
 def _group_gone(pid: int) -> bool:

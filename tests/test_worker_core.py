@@ -18,8 +18,6 @@ import pytest
 import torch
 
 from coolfusion.services.common.errors import status_for
-from coolfusion.services.sources import parse_specs
-from coolfusion.services.tokenizer.loading import load_registry
 from coolfusion.services.worker import model as worker_model
 from coolfusion.services.worker.errors import InvalidArgument, SessionNotFound, StateError
 from coolfusion.services.worker.model import WorkerCore, perplexity
@@ -42,16 +40,19 @@ def gsm8k_prompt(shots: int = 4) -> str:
 
 
 @pytest.fixture(scope="module")
-def registry():
-    return load_registry(parse_specs(",".join(MODELS)))
+def registry(tokenizer_registry):
+    return tokenizer_registry
 
 
 @pytest.fixture(scope="module")
-def workers(registry):
-    specs = parse_specs(",".join(MODELS))
+def workers(registry, bundled_models):
+    """A core per bundled model over the session's loaded weights (its own sessions and batcher),
+    with boundaries from the in-process registry."""
     return {
-        s.name: WorkerCore(s.name, s, device="cpu", boundary=registry.common_boundary, hf_tokenizer=registry.get(s.name).hf)
-        for s in specs
+        name: WorkerCore(
+            name, b.spec, device="cpu", boundary=registry.common_boundary, model=b.model, hf_tokenizer=b.hf_tokenizer
+        )
+        for name, b in bundled_models.items()
     }
 
 
