@@ -106,3 +106,38 @@ async def stop_cluster(cluster: Cluster) -> None:
     for service in reversed(cluster.services):
         await service.stop(0)
 
+
+# A bound on waits for events that should come within seconds: only against a hang (on a loaded
+# 2-core machine a generation step can take seconds), never a speed goal.
+HANG_GUARD_S = 300.0
+
+
+class GatedWorker:
+    """A worker handle whose ``at``-th NextText (counting from 1) waits for ``gate``: a test holds
+    a generation at a known point (``reached`` is set when it gets there) instead of hoping that
+    the machine is slow enough. Everything else goes to the wrapped handle."""
+
+    def __init__(self, inner, at: int = 2):
+        import asyncio
+
+        self.inner, self.name, self.at = inner, inner.name, at
+        self.calls = 0
+        self.reached = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+    async def next_text(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.at:
+            self.reached.set()
+            await self.gate.wait()
+        return await self.inner.next_text(*args, **kwargs)
+
+
+def gate_worker(engine, name: str, at: int = 2) -> GatedWorker:
+    """Replace ``engine``'s handle of ``name`` by a ``GatedWorker`` around it."""
+    gated = GatedWorker(engine.workers[name], at)
+    engine.workers[name] = gated
+    return gated
