@@ -268,6 +268,18 @@ def find_stop(text: str, stops: Sequence[str], search_from: int) -> int | None:
     return min(hits) if hits else None
 
 
+def stop_prefix_start(text: str, stops: Sequence[str]) -> int:
+    """Offset of the longest tail of ``text`` that is a proper prefix of a stop sequence (the
+    text from there may still become a stop sequence); ``len(text)`` when there is none."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return len(text) - longest
+
+
 def worker_down(exc: BaseException) -> bool:
     """A worker failure that degraded fusion may survive (UNAVAILABLE: process gone, unreachable)."""
     if isinstance(exc, Unavailable):
@@ -486,9 +498,15 @@ class FusionEngine:
         # the last segment's is never sent (the sessions close).
         to_commit: dict[str, str] = {}
         index = 0
+        # Segments not given to the caller yet: from the one where a tail of the output that may
+        # still become a stop sequence begins (as vLLM, TGI and OpenAI hold such a tail back).
+        held: list[Segment] = []
+        released = 0  # characters of the output given to the caller
         while True:
             budget = {n: request.max_new_tokens - committed[n] for n in names}
             if min(budget.values()) <= 0:
+                for segment in held:
+                    yield segment
                 yield output, "length"
                 return
             if speculate and drafter not in names:  # first segment, or the drafter was dropped
@@ -575,6 +593,8 @@ class FusionEngine:
                 for i, (u, p) in enumerate(zip(names, proposals))
             ]
             if all(math.isinf(r.mean_ppl) for r in reports):
+                for segment in held:
+                    yield segment
                 yield output, "length"  # no model produced a complete character within its budget
                 return
             w = apply_rule(rule, reports)
@@ -641,17 +661,29 @@ class FusionEngine:
             timings.followed_segments += followed
             for segment in emit:
                 stop_at = find_stop(output + segment.text, request.stop, len(output)) if request.stop else None
-                if stop_at is not None:
-                    segment.text = (output + segment.text)[len(output) : stop_at]
                 output += segment.text
-                yield segment
+                held.append(segment)
                 index += 1
                 if stop_at is not None:
-                    yield output, "stop"
+                    # The stop may begin in a held segment: each is cut there (one inside it, to "").
+                    start = released
+                    for s in held:
+                        end = start + len(s.text)
+                        s.text = s.text[: max(0, stop_at - start)]
+                        start = end
+                        yield s
+                    yield output[:stop_at], "stop"
                     return
                 if segment.eos:
+                    for s in held:
+                        yield s
                     yield output, "eos"
                     return
+                safe = stop_prefix_start(output, request.stop) if request.stop else len(output)
+                while held and released + len(held[0].text) <= safe:
+                    s = held.pop(0)
+                    released += len(s.text)
+                    yield s
 
     # ---- rerank baselines ----------------------------------------------------------------
     async def _answer(self, request, names, usage, timings, align: bool) -> tuple[str, str]:

@@ -17,7 +17,7 @@ from coolfusion.orchestrator.server import build_service as build_orchestrator
 from coolfusion.services.common.server import GrpcService
 from coolfusion.services.sources import parse_specs
 from coolfusion.services.tokenizer.client import TokenizerClient
-from coolfusion.services.tokenizer.core import TokenizerCore
+from coolfusion.services.tokenizer.core import TokenizerCore, TokenizerRegistry
 from coolfusion.services.tokenizer.loading import load_registry
 from coolfusion.services.tokenizer.server import build_service as build_tokenizer_service
 from coolfusion.services.worker.model import WorkerCore
@@ -46,6 +46,11 @@ def gsm8k_prompt(index: int = 0, shots: int = 3) -> str:
     return "".join(parts) + f"Question: {question}\nAnswer:"
 
 
+def winner_text(segment) -> str:
+    """The winning candidate's whole text (a segment's own text is cut at a stop sequence)."""
+    return next(c.text for c in segment.candidates if c.model == segment.model)
+
+
 @dataclass
 class Cluster:
     registry: object
@@ -56,9 +61,14 @@ class Cluster:
     services: list
 
 
-async def start_cluster() -> Cluster:
+async def start_cluster(models: dict | None = None) -> Cluster:
+    """``models``: name -> loaded model (``conftest.Bundled``: ``spec``, ``model``,
+    ``hf_tokenizer``) to share; without it each bundled model is loaded here."""
     specs = parse_specs("smollm2,gemma3")
-    registry = load_registry(specs)
+    if models:
+        registry = TokenizerRegistry(TokenizerCore(s.name, models[s.name].hf_tokenizer, s.describe()) for s in specs)
+    else:
+        registry = load_registry(specs)
     # The second SmolLM2 copy gets its own name and tokenizer id.
     copy_spec = dataclasses.replace(specs[0], name="smollm2b")
     registry.add(TokenizerCore("smollm2b", registry.get("smollm2").hf, copy_spec.describe()))
@@ -74,6 +84,8 @@ async def start_cluster() -> Cluster:
         shared = {}
         if spec is copy_spec:  # same weights, separate sessions and tokenizer id
             shared = dict(model=cores["smollm2"].model, hf_tokenizer=cores["smollm2"].tokenizer.hf)
+        elif models:
+            shared = dict(model=models[spec.name].model, hf_tokenizer=models[spec.name].hf_tokenizer)
         core = WorkerCore(spec.name, spec, device="cpu", boundary=boundary.common_boundary, **shared)
         servicer = WorkerServicer(core)
         service = GrpcService(
@@ -93,3 +105,39 @@ async def start_cluster() -> Cluster:
 async def stop_cluster(cluster: Cluster) -> None:
     for service in reversed(cluster.services):
         await service.stop(0)
+
+
+# A bound on waits for events that should come within seconds: only against a hang (on a loaded
+# 2-core machine a generation step can take seconds), never a speed goal.
+HANG_GUARD_S = 300.0
+
+
+class GatedWorker:
+    """A worker handle whose ``at``-th NextText (counting from 1) waits for ``gate``: a test holds
+    a generation at a known point (``reached`` is set when it gets there) instead of hoping that
+    the machine is slow enough. Everything else goes to the wrapped handle."""
+
+    def __init__(self, inner, at: int = 2):
+        import asyncio
+
+        self.inner, self.name, self.at = inner, inner.name, at
+        self.calls = 0
+        self.reached = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+    async def next_text(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.at:
+            self.reached.set()
+            await self.gate.wait()
+        return await self.inner.next_text(*args, **kwargs)
+
+
+def gate_worker(engine, name: str, at: int = 2) -> GatedWorker:
+    """Replace ``engine``'s handle of ``name`` by a ``GatedWorker`` around it."""
+    gated = GatedWorker(engine.workers[name], at)
+    engine.workers[name] = gated
+    return gated

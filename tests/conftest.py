@@ -1,11 +1,27 @@
-"""Shared pytest fixtures (keep generic: other test modules add theirs here)."""
+"""Shared pytest fixtures (keep generic: other test modules add theirs here).
+
+The two bundled models are loaded once per session (``bundled_models``): the in-process cluster
+and every test that drives a ``WorkerCore`` directly share those weights. Tests that use them
+(and tests that start model processes, marked in their modules) carry the ``slow`` marker:
+``pytest -m "not slow"`` runs the fast tests alone.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import pytest
 import pytest_asyncio
 
 BUNDLED_TOKENIZERS = ("smollm2", "gemma3")
+# Fixtures that hold loaded models: a test using one is marked slow.
+MODEL_FIXTURES = {"bundled_models", "cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -16,12 +32,33 @@ def tokenizer_registry():
     return load_registry(",".join(BUNDLED_TOKENIZERS))
 
 
+@dataclass
+class Bundled:
+    spec: object  # ModelSpec
+    model: object  # the transformers model, CPU float32, as a worker loads it
+    hf_tokenizer: object
+
+
+@pytest.fixture(scope="session")
+def bundled_models(tokenizer_registry) -> dict[str, Bundled]:
+    """Each bundled model loaded once, as a worker loads it (CPU, float32, packed weights);
+    pass ``model=`` and ``hf_tokenizer=`` to a ``WorkerCore`` to share them."""
+    from coolfusion.services.sources import parse_specs
+    from coolfusion.services.worker.model import WorkerCore
+
+    loaded = {}
+    for spec in parse_specs(",".join(BUNDLED_TOKENIZERS)):
+        core = WorkerCore(spec.name, spec, device="cpu", hf_tokenizer=tokenizer_registry.get(spec.name).hf)
+        loaded[spec.name] = Bundled(spec, core.model, core.tokenizer.hf)
+    return loaded
+
+
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
-async def cluster():
+async def cluster(bundled_models):
     """Tokenizer service, a worker per bundled model (+ a second SmolLM2 copy) and the
     orchestrator: real gRPC servers on loopback ports in this event loop (see cluster.py)."""
     from cluster import start_cluster, stop_cluster
 
-    c = await start_cluster()
+    c = await start_cluster(bundled_models)
     yield c
     await stop_cluster(c)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from coolfusion.orchestrator.fusion import find_stop, pick_winner
+from coolfusion.orchestrator.fusion import pick_winner
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -22,11 +22,17 @@ def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # starts the services with both bundled models
 def test_generate_json_with_embedded_services():
     result = run_cli("generate", "Question: What is 12 plus 30?\nAnswer:", "--json", "--max-new-tokens", "16")
     assert result.returncode == 0, result.stderr[-3000:]
     reply = json.loads(result.stdout)
-    assert reply["finish_reason"] in ("eos", "stop", "length")
+    # No stop sequence: the last segment's EOS, else a model's output reached its 16 tokens.
+    output_tokens = [u["output_tokens"] for u in reply["usage"].values()]
+    if reply["segments"][-1]["eos"]:
+        assert reply["finish_reason"] == "eos"
+    else:
+        assert reply["finish_reason"] == "length" and max(output_tokens) >= 16, (reply["finish_reason"], output_tokens)
     assert reply["text"] and reply["text"] == "".join(s["text"] for s in reply["segments"])
     assert set(reply["usage"]) == {"smollm2", "gemma3"}
     for segment in reply["segments"]:
@@ -54,11 +60,3 @@ def test_pick_winner_takes_lowest_mean_and_first_on_ties():
     assert pick_winner([3.0, 2.0, 2.0]) == 1
     assert pick_winner([2.0, 2.0]) == 0
     assert pick_winner([float("inf"), 5.0]) == 1
-
-
-@pytest.mark.parametrize(
-    "text, stops, start, expected",
-    [("abc Question: x", ["Question:"], 0, 4), ("abc", ["Q"], 0, None), ("xxQuest", ["Quest", "xQ"], 2, 1)],
-)
-def test_find_stop(text, stops, start, expected):
-    assert find_stop(text, stops, start) == expected

@@ -507,6 +507,7 @@ class LocalCompose:
         return codes
 
 
+@pytest.mark.slow  # the compose topology's services as processes, with both bundled models
 def test_compose_cpu_topology_as_local_processes(tmp_path):
     from coolfusion.clients.client import FusionClient
     from coolfusion.services.sources import cache_root

@@ -54,7 +54,14 @@ async def test_request_id_tags_structured_logs_and_comes_back(cluster, caplog):
         reply = await call
         trailing = tuple(await call.trailing_metadata())
     assert reply.text
+    # Two tokens, no stop sequence: it ends at its budget unless the second token is EOS.
+    if reply.segments[-1].eos:
+        assert reply.finish_reason == "eos"
+    else:
+        assert (reply.finish_reason, reply.usage[0].output_tokens) == ("length", 2)
     assert ("x-request-id", "req-42") in trailing
     lines = [json.loads(JsonFormatter().format(r)) for r in caplog.records if getattr(r, "request_id", None) == "req-42"]
     assert [l["msg"] for l in lines] == ["generation started", "generation finished"]
-    assert lines[-1]["finish_reason"] in ("eos", "length", "stop") and lines[-1]["models"] == ["smollm2"]
+    # The finished line says how this request ended.
+    assert (lines[-1]["finish_reason"], lines[-1]["segments"]) == (reply.finish_reason, len(reply.segments))
+    assert lines[-1]["models"] == ["smollm2"] and lines[-1]["request_id"] == "req-42"

@@ -5,6 +5,8 @@ stays the step ``generate`` takes), several rows the same product up to float ro
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 from torch import nn
@@ -31,7 +33,20 @@ class TinyLM(nn.Module):
         return self.lm_head(self.down(torch.relu(self.up(h))))
 
 
-needs_onednn = pytest.mark.skipif(not packing_supported(TinyLM()), reason="oneDNN packing not available")
+ONEDNN = packing_supported(TinyLM())
+needs_onednn = pytest.mark.skipif(
+    not ONEDNN,
+    reason="this torch build has no oneDNN linear ops (torch.backends.mkldnn / torch.ops.mkldnn): workers run with "
+    "plain weights here, and the packed path is not tested",
+)
+
+
+def test_onednn_is_there_where_torch_ships_it():
+    """Every x86-64 CPU build of torch ships oneDNN: missing there, the install is broken and
+    workers would silently run unpacked, so this fails instead of the tests below skipping."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip(f"oneDNN packing is only required on x86-64 (this is {platform.machine()}); available: {ONEDNN}")
+    assert ONEDNN, f"torch {torch.__version__} on x86-64 without oneDNN linear ops: a broken or unusual torch build"
 
 
 @needs_onednn

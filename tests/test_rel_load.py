@@ -1,6 +1,8 @@
 """Load (issue 7): 200 fused requests from 16 concurrent clients, 20 % cancelled at random points;
-every request ends (OK or CANCELLED), every worker is back to 0 live sessions and 0 KV bytes,
-and the process RSS is back within noise.
+every request ends as planned (OK, or CANCELLED when it was cancelled), the orchestrator saw each
+cancellation that came in the middle of a generation, every answer under load is the answer the
+same request gets alone, every worker is back to 0 live sessions and 0 KV bytes, and the process
+RSS is back within noise.
 
 ``COOLFUSION_LOAD_REQUESTS`` overrides the count (default 200).
 """
@@ -8,18 +10,24 @@ and the process RSS is back within noise.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import time
 
 import grpc
 
+from cluster import HANG_GUARD_S
 from coolfusion.protos import fusion_pb2, fusion_pb2_grpc
 
 REQUESTS = int(os.environ.get("COOLFUSION_LOAD_REQUESTS", 200))
 CLIENTS = 16
 CANCEL_SHARE = 0.2
 PROMPTS = ["1, 2, 3,", "The capital of France is", "Q: 2 + 2 =", "Once upon a time", "a b c d", "Hello, my name is"]
+TOKENS = 3
+# A request to cancel is longer, so that after its first or second segment it is still being
+# generated (the orchestrator then sees the cancellation mid-generation).
+CANCELLED_TOKENS = 64
 
 
 def _rss_mib() -> float:
@@ -30,7 +38,7 @@ def _rss_mib() -> float:
     return 0.0
 
 
-async def _wait_idle(cluster, timeout: float = 30.0) -> dict:
+async def _wait_idle(cluster, timeout: float = HANG_GUARD_S) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         state = {n: core.stats() for n, core in cluster.cores.items()}  # (live sessions, KV bytes)
@@ -39,9 +47,19 @@ async def _wait_idle(cluster, timeout: float = 30.0) -> dict:
         await asyncio.sleep(0.2)
 
 
-async def test_load_with_random_cancels(cluster):
+def _request(i: int, tokens: int, label: str = "load") -> fusion_pb2.GenerateRequest:
+    return fusion_pb2.GenerateRequest(
+        prompt=PROMPTS[i % len(PROMPTS)], mode="cool", models=["smollm2", "gemma3"], max_new_tokens=tokens,
+        request_id=f"{label}-{i}",
+    )
+
+
+async def test_load_with_random_cancels(cluster, caplog):
+    caplog.set_level(logging.INFO, logger="coolfusion.orchestrator.server")
     rng = random.Random(7)
-    cancel_at = {i: rng.uniform(0.0, 1.5) for i in rng.sample(range(REQUESTS), int(REQUESTS * CANCEL_SHARE))}
+    # Cancel points: 0 = as soon as the call is made (it may not have reached the orchestrator),
+    # 1 or 2 = right after that many segments arrived.
+    cancel_after = {i: rng.choice((0, 1, 2)) for i in rng.sample(range(REQUESTS), int(REQUESTS * CANCEL_SHARE))}
     jobs = asyncio.Queue()
     for i in range(REQUESTS):
         jobs.put_nowait(i)
@@ -50,31 +68,40 @@ async def test_load_with_random_cancels(cluster):
     async with grpc.aio.insecure_channel(cluster.address) as channel:
         stub = fusion_pb2_grpc.FusionStub(channel)
 
+        # Each prompt alone: the answer every uncancelled request must get under load too.
+        alone = {}
+        for k, prompt in enumerate(PROMPTS):
+            reply = await stub.Generate(_request(k, TOKENS, "alone"))
+            alone[prompt] = (reply.text, reply.finish_reason)
+        assert all(text for text, _ in alone.values()), alone
+
         async def one(i: int) -> str:
-            request = fusion_pb2.GenerateRequest(
-                prompt=PROMPTS[i % len(PROMPTS)], mode="cool", models=["smollm2", "gemma3"], max_new_tokens=3
-            )
-            call = stub.GenerateStream(request, timeout=300)
-            timer = None
-            if i in cancel_at:
-                timer = asyncio.get_running_loop().call_later(cancel_at[i], call.cancel)
-            final = None
+            cancel = cancel_after.get(i)
+            call = stub.GenerateStream(_request(i, TOKENS if cancel is None else CANCELLED_TOKENS), timeout=HANG_GUARD_S)
+            if cancel == 0:
+                call.cancel()
+            segments, final = [], None
             try:
                 async for item in call:
-                    if item.HasField("final"):
+                    if item.HasField("segment"):
+                        segments.append(item.segment)
+                        if len(segments) == cancel:
+                            call.cancel()
+                    else:
                         final = item.final
-            except asyncio.CancelledError:
-                return "cancelled"
+            except asyncio.CancelledError:  # reading a call this client cancelled
+                return "cancelled" if call.cancelled() else "interrupted"
             except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.CANCELLED and i in cancel_at:
+                if exc.code() == grpc.StatusCode.CANCELLED and cancel is not None:
                     return "cancelled"
                 return f"error {exc.code().name}: {exc.details()}"
-            finally:
-                if timer is not None:
-                    timer.cancel()
-            if call.cancelled() and final is None:
-                return "cancelled"
-            return "ok" if final is not None and final.text is not None else "no final"
+            if final is None:
+                return "no final message"
+            if final.text != "".join(s.text for s in segments):
+                return "final text is not its segments"
+            got = (final.text, final.finish_reason)
+            want = alone[PROMPTS[i % len(PROMPTS)]]
+            return "ok" if got == want else f"differs from alone: {got} != {want}"
 
         async def client() -> None:
             while not jobs.empty():
@@ -88,18 +115,26 @@ async def test_load_with_random_cancels(cluster):
         rss_before = _rss_mib()
 
         started = time.monotonic()
-        await asyncio.wait_for(asyncio.gather(*(client() for _ in range(CLIENTS))), timeout=900)
+        await asyncio.wait_for(asyncio.gather(*(client() for _ in range(CLIENTS))), timeout=HANG_GUARD_S * 3)
         elapsed = time.monotonic() - started
 
     assert len(outcome) == REQUESTS
-    bad = {i: o for i, o in outcome.items() if o not in ("ok", "cancelled") or (o == "cancelled" and i not in cancel_at)}
-    assert not bad, bad
-    assert all(outcome[i] == "ok" for i in range(REQUESTS) if i not in cancel_at)
+    planned = {i: "cancelled" if i in cancel_after else "ok" for i in range(REQUESTS)}
+    wrong = {i: o for i, o in outcome.items() if o != planned[i]}
+    assert not wrong, wrong
     assert await _wait_idle(cluster) == {n: (0, 0) for n in cluster.cores}
+    # Each request cancelled after a segment was cancelled in the orchestrator, mid-generation.
+    ends = {}
+    for record in caplog.records:
+        rid = getattr(record, "request_id", "")
+        if rid.startswith("load-") and record.getMessage() != "generation started":
+            ends[int(rid[5:])] = record.getMessage()
+    midway = [i for i, k in cancel_after.items() if k > 0]
+    assert midway and {i: ends.get(i) for i in midway} == {i: "generation cancelled" for i in midway}
+    assert all(ends.get(i) == "generation finished" for i in range(REQUESTS) if i not in cancel_after)
     rss_after = _rss_mib()
-    cancelled = sum(o == "cancelled" for o in outcome.values())
     print(
-        f"\nload: {REQUESTS} requests, {CLIENTS} clients, {cancelled} cancelled, {elapsed:.1f} s; "
-        f"RSS {rss_before:.0f} -> {rss_after:.0f} MiB"
+        f"\nload: {REQUESTS} requests, {CLIENTS} clients, {len(cancel_after)} cancelled ({len(midway)} mid-generation), "
+        f"{elapsed:.1f} s; RSS {rss_before:.0f} -> {rss_after:.0f} MiB"
     )
     assert rss_after - rss_before < 300, (rss_before, rss_after)

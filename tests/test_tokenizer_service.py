@@ -71,22 +71,36 @@ async def test_encode_matches_library(stub, tokenizer_registry, continuation):
 
 
 async def test_decode_matches_library(stub, tokenizer_registry):
-    requests, expected = [], []
+    """The service answers as the library does; and against references outside this code: the
+    source text (a text's head and the decode of the rest in its context concatenate to exactly
+    it: no U+FFFD invented, no byte lost; TEXTS[1] holds a genuine one) and transformers' own
+    decoder (a lone token: the same text, with an incomplete character held back where
+    transformers writes one U+FFFD)."""
+    requests, expected, references = [], [], []
     for tid in IDS:
         tok = tokenizer_registry.get(tid)
         for text in TEXTS:
             ids = tok.encode(text).ids
             for k in range(0, len(ids) + 1, 3):
                 # Everything from token k, in the context of tokens [0, k); and a lone token k.
-                for prefix, rest in [(ids[:k], ids[k:]), ([], ids[k : k + 1])]:
+                head = tok.decode(ids[:k])[0]  # complete characters only: the rest's decode starts after them
+                for prefix, rest, reference in [
+                    (ids[:k], ids[k:], ("context", text[len(head) :])),
+                    ([], ids[k : k + 1], ("lone", tok.hf.decode(ids[k : k + 1], skip_special_tokens=True, clean_up_tokenization_spaces=False))),
+                ]:
                     requests.append(pb.DecodeRequest(tokenizer_id=tid, ids=rest, prefix_ids=prefix))
                     expected.append(tok.decode(rest, prefix))
-    for request, (text, pending) in zip(requests[:40], expected):
-        reply = await stub.Decode(request)
-        assert (reply.text, reply.pending_bytes) == (text, pending)
-        assert "\ufffd" not in reply.text or "\ufffd" in "".join(TEXTS)
+                    references.append(reference)
+    replies = [await stub.Decode(request) for request in requests[:40]]
+    assert [(r.text, r.pending_bytes) for r in replies] == expected[:40]
     batch = await stub.DecodeBatch(pb.DecodeBatchRequest(requests=requests))
     assert [(r.text, r.pending_bytes) for r in batch.responses] == expected
+    for reply, (kind, want) in zip(batch.responses, references):
+        if kind == "context":
+            assert (reply.text, reply.pending_bytes) == (want, 0)
+        else:
+            assert reply.text + ("\ufffd" if reply.pending_bytes else "") == want
+    assert any(r.pending_bytes for r in batch.responses)  # incomplete characters were met
     # A lone byte-fallback token: held back, no U+FFFD.
     gemma = tokenizer_registry.get("gemma3")
     first_byte = gemma.encode("🦩", continuation=True).ids[0]

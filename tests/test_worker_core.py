@@ -18,8 +18,6 @@ import pytest
 import torch
 
 from coolfusion.services.common.errors import status_for
-from coolfusion.services.sources import parse_specs
-from coolfusion.services.tokenizer.loading import load_registry
 from coolfusion.services.worker import model as worker_model
 from coolfusion.services.worker.errors import InvalidArgument, SessionNotFound, StateError
 from coolfusion.services.worker.model import WorkerCore, perplexity
@@ -42,16 +40,19 @@ def gsm8k_prompt(shots: int = 4) -> str:
 
 
 @pytest.fixture(scope="module")
-def registry():
-    return load_registry(parse_specs(",".join(MODELS)))
+def registry(tokenizer_registry):
+    return tokenizer_registry
 
 
 @pytest.fixture(scope="module")
-def workers(registry):
-    specs = parse_specs(",".join(MODELS))
+def workers(registry, bundled_models):
+    """A core per bundled model over the session's loaded weights (its own sessions and batcher),
+    with boundaries from the in-process registry."""
     return {
-        s.name: WorkerCore(s.name, s, device="cpu", boundary=registry.common_boundary, hf_tokenizer=registry.get(s.name).hf)
-        for s in specs
+        name: WorkerCore(
+            name, b.spec, device="cpu", boundary=registry.common_boundary, model=b.model, hf_tokenizer=b.hf_tokenizer
+        )
+        for name, b in bundled_models.items()
     }
 
 
@@ -221,7 +222,7 @@ def test_commit_scored_then_continue(workers, registry, long_prompt, model):
         assert nt.logprob == pytest.approx(float(torch.log_softmax(ref, -1)[nt.token_id]), abs=1e-3)
         ids, _, _, _, _ = greedy_segments(w, sid, registry.ids, 8, committed=c.committed_tokens)
         expected, _ = oracle_generate(w, context + chosen.token_ids, 8)
-        assert ids[:6] == expected[:6]
+        assert ids == expected
 
         # A fed state commits the same way.
         more = w.tokenizer.encode_ids(" and then", continuation=True)
@@ -231,7 +232,7 @@ def test_commit_scored_then_continue(workers, registry, long_prompt, model):
         assert c2.committed_tokens == len(history) - len(context)
         ids2, _, _, _, _ = greedy_segments(w, sid, [], 6, committed=c2.committed_tokens)
         expected2, _ = oracle_generate(w, history, 6)
-        assert ids2[:4] == expected2[:4]
+        assert ids2 == expected2
     finally:
         w.close(sid)
 
@@ -719,6 +720,6 @@ def test_scores_from_the_kept_continuation(workers, registry, model, monkeypatch
         assert c.committed_tokens == len(chosen.token_ids)
         ids, _, _, _, _ = greedy_segments(w, sid, registry.ids, 8, committed=c.committed_tokens)
         expected, _ = oracle_generate(w, context + chosen.token_ids, 8)
-        assert ids[:6] == expected[:6]
+        assert ids == expected
     finally:
         w.close(sid)

@@ -20,6 +20,8 @@ from typing import Callable
 CONTEXT_TAIL = "Question: what is fusion?\nAnswer:"
 TEXT = " Multi-tasking isn't 1850 héllo 你好世界 OK!"  # 40 characters
 assert len(TEXT) == 40
+# Literal U+FFFD is ordinary text: a search over 8003 characters of it scans each tokenizer once.
+FFFD_TEXT = ("ab\ufffd " * 2000) + "end"
 
 
 def _measure(call: Callable[[], object], calls: int, warmup: int = 200) -> tuple[float, float]:
@@ -72,6 +74,8 @@ def run(models: str = "smollm2,gemma3", calls: int = 3000) -> list[dict]:
             local = _measure(lambda: registry.common_boundary(CONTEXT_TAIL, TEXT, ids), calls)
             remote = _measure(lambda: client.common_boundary(CONTEXT_TAIL, TEXT, ids), calls)
             rows.append({"tokenizers": "+".join(ids), "boundary": expected, "in_process": local, "grpc": remote})
+        fffd = _measure(lambda: registry.common_boundary("", FFFD_TEXT, registry.ids), max(1, calls // 100), warmup=1)
+        rows.append({"tokenizers": "+".join(registry.ids) + " (U+FFFD)", "boundary": 3, "in_process": fffd, "grpc": None})
     finally:
         client.close()
         server.stop()
@@ -87,8 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"CommonBoundary on a {len(TEXT)}-character text, {args.calls} calls each (milliseconds)")
     print(f"{'tokenizers':<24}{'boundary':>9}{'in-process median':>19}{'p90':>8}{'gRPC median':>13}{'p90':>8}")
     for r in rows:
-        (lm, lp), (gm, gp) = r["in_process"], r["grpc"]
+        (lm, lp), (gm, gp) = r["in_process"], r["grpc"] or (float("nan"), float("nan"))
         print(f"{r['tokenizers']:<24}{r['boundary']!s:>9}{lm:>19.3f}{lp:>8.3f}{gm:>13.3f}{gp:>8.3f}")
+    print(f"(U+FFFD): a text of {len(FFFD_TEXT)} characters with 2000 literal U+FFFD, in-process only; target: well under 1 s")
 
 
 if __name__ == "__main__":
