@@ -5,6 +5,7 @@ and no process of the tree is left behind."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -30,7 +31,17 @@ def _group_gone(pid: int) -> bool:
     return False
 
 
-async def test_sigterm_during_a_generation(tmp_path):
+def _logged_request_ids(path) -> set[str]:
+    """Request ids the orchestrator logged (JSON lines; grpc's own lines are not JSON)."""
+    ids = set()
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            ids.add(json.loads(line).get("request_id", ""))
+    return ids
+
+
+async def test_sigterm_during_a_generation(tmp_path, monkeypatch):
+    monkeypatch.setenv("COOLFUSION_LOG_FORMAT", "json")  # the processes' logs carry request ids
     cluster = LocalCluster(["smollm2"], run_dir=str(tmp_path))
     await asyncio.to_thread(cluster.start, 300)
     procs = {s.name: s for s in cluster.processes}
@@ -40,9 +51,9 @@ async def test_sigterm_during_a_generation(tmp_path):
         # Long enough that it is still streaming when the probe below is refused (that takes
         # milliseconds after the signal; this generation takes seconds on any machine).
         request = fusion_pb2.GenerateRequest(
-            prompt="Question: Count from one to one hundred in words.\nAnswer:", mode="single:smollm2", max_new_tokens=128
+            prompt="Question: Count from one to one hundred in words.\nAnswer:", mode="single:smollm2", max_new_tokens=128,
+            request_id="long-one",
         )
-        probe = fusion_pb2.GenerateRequest(prompt="1, 2,", mode="single:smollm2", max_new_tokens=2)
         async with grpc.aio.insecure_channel(cluster.address) as channel, grpc.aio.insecure_channel(cluster.address) as other:
             stub, probe_stub = fusion_pb2_grpc.FusionStub(channel), fusion_pb2_grpc.FusionStub(other)
             first_segment = asyncio.Event()
@@ -68,15 +79,20 @@ async def test_sigterm_during_a_generation(tmp_path):
             # The draining orchestrator takes no new request. A probe that arrives before the signal
             # is handled is served (it is short); the next ones must be refused.
             refused = None
-            for _ in range(200):
+            for n in range(200):
+                probe = fusion_pb2.GenerateRequest(
+                    prompt="1, 2,", mode="single:smollm2", max_new_tokens=2, request_id=f"probe-{n}"
+                )
                 try:
                     await probe_stub.Generate(probe, timeout=GRACE)
                 except grpc.aio.AioRpcError as exc:
-                    refused = exc
+                    refused = (probe.request_id, exc)
                     break
                 await asyncio.sleep(0.05)
             assert refused is not None, "the orchestrator kept taking requests after SIGTERM"
-            assert refused.code() == grpc.StatusCode.UNAVAILABLE, refused
+            # Refused at once: UNAVAILABLE once the client has the server's GOAWAY, a reset stream
+            # (CANCELLED) when the request went out before it.
+            assert refused[1].code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), refused
             # ... while the first request was still in flight: the refusal came from the draining
             # server, not from a process that was already gone.
             assert not ended, ended
@@ -85,6 +101,10 @@ async def test_sigterm_during_a_generation(tmp_path):
             assert time.monotonic() - sent_at < GRACE + 10, outcome
         rc = await asyncio.to_thread(orchestrator.proc.wait, GRACE + 10)
         assert rc == 0, orchestrator.log_tail()
+        # The refused probe never started in the orchestrator (no request taken, then dropped).
+        logged = _logged_request_ids(orchestrator.log_path)
+        assert "long-one" in logged, orchestrator.log_tail()
+        assert refused[0] not in logged, orchestrator.log_tail()
 
         # The worker holds no session of the drained orchestrator.
         async with grpc.aio.insecure_channel(procs["worker:smollm2"].address) as channel:
