@@ -22,6 +22,10 @@ from ..services.common.security import ClientTls, aio_channel, sync_channel, tok
 from ..services.common.server import CHANNEL_OPTIONS
 
 
+def _messages(messages: Sequence[dict] | None) -> list[pb.Message]:
+    return [pb.Message(role=m["role"], content=m["content"]) for m in (messages or ())]
+
+
 def build_request(
     prompt: str | None = None,
     messages: Sequence[dict] | None = None,
@@ -37,7 +41,7 @@ def build_request(
     return pb.GenerateRequest(
         score_rule=rule_to_proto(score_rule),
         prompt=prompt or "",
-        messages=[pb.Message(role=m["role"], content=m["content"]) for m in (messages or ())],
+        messages=_messages(messages),
         models=list(models),
         mode=mode,
         max_new_tokens=max_new_tokens,
@@ -59,7 +63,7 @@ def build_score_request(
     return pb.ScoreRequest(
         score_rule=rule_to_proto(score_rule),
         prompt=prompt or "",
-        messages=[pb.Message(role=m["role"], content=m["content"]) for m in (messages or ())],
+        messages=_messages(messages),
         texts=list(texts),
         models=list(models),
         eos=list(eos),
