@@ -103,7 +103,10 @@ def test_results_file_drops_a_cut_line_before_appending(tmp_path):
 
 # ---- multiple choice through the real services ------------------------------------------------
 def _task(rules=None):
-    return choice.ChoiceTask("arc-easy", MODELS, rules or [ScoreRule(n) for n in RULES])
+    """The task `coolfusion eval arc-easy` builds: every rule, plus the shipped default."""
+    from coolfusion.orchestrator.rules import default_rule
+
+    return choice.ChoiceTask("arc-easy", MODELS, rules or [*(ScoreRule(n) for n in RULES), default_rule()])
 
 
 async def test_arc_accuracy_equals_an_independent_recomputation(cluster, tmp_path):
