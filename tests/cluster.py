@@ -24,8 +24,13 @@ from coolfusion.services.worker.model import WorkerCore
 from coolfusion.services.worker.server import SERVICE_NAME as WORKER_SERVICE, WorkerServicer
 from coolfusion.protos import worker_pb2_grpc
 
-# The data lives beside the checkout (../shared/data/gsm8k), never in the repo.
-GSM8K = Path(os.environ.get("COOLFUSION_GSM8K_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"))
+# The data lives beside the checkout (../shared/data/gsm8k); a clone without it uses the first
+# rows kept in tests/data/gsm8k (all the prompts the tests build).
+_SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k"
+GSM8K = Path(
+    os.environ.get("COOLFUSION_GSM8K_DIR")
+    or (_SHARED_GSM8K if _SHARED_GSM8K.exists() else Path(__file__).parent / "data" / "gsm8k")
+)
 
 
 def gsm8k_rows(split: str, n: int, start: int = 0) -> list[dict]:
