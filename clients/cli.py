@@ -23,6 +23,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 
 from ..services.sources import DEFAULT_MODELS
@@ -536,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     _setup_logging(log_level(args), args.log_format)
-    if args.command in ("generate", "eval", "bench"):
+    if args.command in ("generate", "eval", "bench") and threading.current_thread() is threading.main_thread():
         # SIGTERM unwinds like Ctrl-C, so the services these commands started are stopped too
         # (the launcher starts them in their own process groups, where no signal follows ours).
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
