@@ -17,7 +17,7 @@ from ..services.common.errors import InvalidArgument, ResourceExhausted
 from ..services.common.metrics import SEGMENTS, TOKENS
 from ..services.common.server import GrpcService
 from .fusion import MODES, CandidateReport, Final, FusionEngine, FusionRequest, Segment, apply_rule, scored_report
-from .rules import RuleError, ScoreRule
+from .rules import DEFAULT_THRESHOLD, RuleError, ScoreRule
 from .workers import call_deadline, make_worker
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ def rule_from_proto(r: pb.ScoreRule) -> ScoreRule | None:
         return None
     try:
         return ScoreRule(
-            name=r.name or "mean-ppl", weights=dict(r.weights), primary=r.primary, threshold=r.threshold or 0.5
+            name=r.name or "mean-ppl", weights=dict(r.weights), primary=r.primary, threshold=r.threshold or DEFAULT_THRESHOLD
         )
     except RuleError as exc:
         raise InvalidArgument(str(exc)) from None
