@@ -49,11 +49,12 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from ..sources import ModelSpec, load_hf_model, load_hf_tokenizer
+from ..sources import ModelSpec, load_hf_tokenizer
 from ..tokenizer.core import IncrementalDecoder, TokenizerCore, TokenizerRegistry
 from ..common.errors import ResourceExhausted
 from .batching import StepBatcher, batchable, forward_sessions
 from .errors import InvalidArgument, SessionNotFound, StateError
+from .loading import load_hf_model
 
 log = logging.getLogger(__name__)
 
