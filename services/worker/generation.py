@@ -34,17 +34,15 @@ BoundaryFn = Callable[[str, str, list, list], "int | None"]
 CONTEXT_TAIL_CHARS = 64  # context given to the boundary check
 DEFAULT_SEGMENT_CAP = 256  # tokens per next_text call when the caller gives no max_tokens
 # Speculative verification (NextText ``draft_text``): the picked token and up to VERIFY_CHUNK - 1
-# draft tokens in one forward. Every position's logits are kept (Gemma-3's 262k-row LM head makes
-# each one cost ~20 % of a step at one thread) and the drafter is only ~1 token ahead: measured
-# (bench, 2 cores, two prompts) fused 27.1 s with 3, 27.2 s with 2, 28.2-28.8 s with 8, and as many
-# draft tokens verified with 3 as with 8 (41 + 42).
+# draft tokens in one forward. Every position's logits are kept, which a large LM head makes dear,
+# and the drafter is only about a token ahead, so longer chunks verified no more draft tokens and
+# made fusion slower (README, Performance).
 VERIFY_CHUNK = 3
 # Drafting (NextText ``draft_tokens``): the drafter's call spends at most this many forwards in
 # all, its own generation included, so drafting fills the calls that replayed their candidate and
 # a call that first has to feed another model's winning candidate (the segment's slowest) drafts
-# nothing. Measured (2 cores, the two bench prompts, following segments on, same-run pairs): a
-# budget of 2 forwards 28.3 s vs a fixed 1 draft step per call 31.1 s; 2 forwards 26.6 s vs 3
-# (with 4-token verifies) 28.4 s (the drafter loses its lead whenever another model's candidate wins).
+# nothing. A fixed draft step per call was slower, and so was a budget of 3: the drafter loses its
+# lead whenever another model's candidate wins (README, Performance).
 DRAFT_CALL_FORWARDS = 2
 MAX_DRAFT_TOKENS = 64
 MAX_FOLLOW_SEGMENTS = 64
