@@ -3,7 +3,7 @@
 In one run on one machine (issue 5):
 
 * floor: each source model's own ``generate(do_sample=False, min_new_tokens=N, max_new_tokens=N)``
-  per prompt, loaded as the workers load it (``services.sources.load_hf_model``), all cores;
+  per prompt, loaded as the workers load it (``services.worker.loading.load_hf_model``), all cores;
 * fused ``cool`` through the real services (``LocalCluster``: tokenizer service, one worker
   process per model with cores / models torch threads, orchestrator), and the ratios
   T_fused / sum(T_model) and T_fused / max(T_model);
@@ -94,7 +94,8 @@ def floor(models: list[str], prompts: list[str], n: int, repeats: int, log) -> t
     import torch
 
     from ..orchestrator.fusion import LOOKUP_TOKENS
-    from ..services.sources import load_hf_model, load_hf_tokenizer, parse_spec
+    from ..services.sources import load_hf_tokenizer, parse_spec
+    from ..services.worker.loading import load_hf_model
     from ..services.worker.model import WorkerCore
 
     torch.set_num_threads(os.cpu_count() or 1)

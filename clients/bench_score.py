@@ -27,7 +27,8 @@ def _questions(path: Path, count: int) -> list[tuple[str, list[str]]]:
 def reference_forwards(models: list[str], questions, threads: int, log) -> dict:
     import torch
 
-    from ..services.sources import load_hf_model, load_hf_tokenizer, parse_spec
+    from ..services.sources import load_hf_tokenizer, parse_spec
+    from ..services.worker.loading import load_hf_model
 
     torch.set_num_threads(threads)
     out = {}

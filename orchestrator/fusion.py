@@ -35,6 +35,7 @@ from typing import AsyncIterator, Sequence
 import grpc
 
 from ..services.common.errors import InvalidArgument, Unavailable
+from ..services.worker.api import NextTextOptions
 from .rules import RuleError, ScoreRule, default_rule
 from .workers import Proposal, Score, WorkerHandle
 
@@ -487,7 +488,6 @@ class FusionEngine:
         opts = request.options or self.options
         rule = (request.score_rule or self.score_rule).restricted(names)
         names = list(names)  # models still in the fusion (degraded fusion drops failed ones)
-        gen_kwargs = {} if opts.reuse_lookahead else {"reuse_lookahead": False}
         speculate = opts.speculate and opts.reuse_lookahead
         follow = opts.follow_segments and opts.reuse_lookahead and opts.skip_identical and opts.fold_commits
         drafter: str | None = None
@@ -517,19 +517,18 @@ class FusionEngine:
             lookup = LOOKUP_TOKENS if opts.lookup_draft else 0
 
             def propose(i: int, n: str):
-                kwargs = dict(gen_kwargs)
-                if drafting and n == drafter:
-                    kwargs["draft_tokens"] = min(DRAFT_TOKENS, budget[n])
-                elif drafting and draft:
-                    kwargs["draft_text"] = draft
-                if n in to_commit:
-                    kwargs["commit_state_id"] = to_commit[n]
-                if follow and drafting:
-                    kwargs["follow_segments"] = FOLLOW_SEGMENTS
-                if lookup:
-                    kwargs["lookup_tokens"] = lookup
-                limit = min(request.max_segment_tokens, budget[n])
-                return self.workers[n].next_text(sessions[n], boundary_names if align else [n], limit, **kwargs)
+                is_drafter = drafting and n == drafter
+                options = NextTextOptions(
+                    boundary_tokenizer_ids=boundary_names if align else [n],
+                    max_tokens=min(request.max_segment_tokens, budget[n]),
+                    reuse_lookahead=None if opts.reuse_lookahead else False,  # None: the worker's default
+                    draft_text=draft if drafting and not is_drafter else "",
+                    draft_tokens=min(DRAFT_TOKENS, budget[n]) if is_drafter else 0,
+                    commit_state_id=to_commit.get(n, ""),
+                    follow_segments=FOLLOW_SEGMENTS if follow and drafting else 0,
+                    lookup_tokens=lookup,
+                )
+                return self.workers[n].next_text(sessions[n], options)
 
             # 1. Propose: each model generates up to a boundary common to all tokenizers
             #    (cool-noalign: to its own word boundary only).

@@ -28,6 +28,7 @@ from coolfusion.protos import worker_pb2_grpc as pb_grpc
 from ..services.common.errors import NotFound, Unavailable
 from ..services.common.security import aio_channel
 from ..services.common.server import CHANNEL_OPTIONS
+from ..services.worker.api import NextTextOptions
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,30 @@ class Proposal:
     lookup_accepted: int = 0  # looked-up tokens accepted as own greedy picks (asked with lookup_tokens)
     lookup_forwards: int = 0
 
+    @classmethod
+    def from_response(cls, r) -> "Proposal":
+        """A ``NextTextResponse`` as the loop sees it."""
+        return cls(
+            state_id=r.state_id,
+            text=r.text,
+            token_ids=list(r.token_ids),
+            logprobs=list(r.logprobs),
+            eos=r.eos,
+            finish=r.finish,
+            generated_tokens=r.generated_tokens,
+            lookahead=r.lookahead,
+            reused_tokens=r.reused_tokens,
+            boundary_s=r.boundary_s,
+            compute_s=r.compute_s,
+            draft=r.draft,
+            drafted_tokens=r.drafted_tokens,
+            verified_tokens=r.verified_tokens,
+            verify_forwards=r.verify_forwards,
+            following=[Following.from_response(f) for f in r.following],
+            lookup_accepted=r.lookup_accepted,
+            lookup_forwards=r.lookup_forwards,
+        )
+
 
 @dataclass
 class Following:
@@ -74,6 +99,17 @@ class Following:
     logprobs: list[float]
     generated_tokens: int
     lookahead: str = ""
+
+    @classmethod
+    def from_response(cls, f) -> "Following":
+        return cls(
+            state_id=f.state_id,
+            text=f.text,
+            token_ids=list(f.token_ids),
+            logprobs=list(f.logprobs),
+            generated_tokens=f.generated_tokens,
+            lookahead=f.lookahead,
+        )
 
 
 @dataclass
@@ -116,9 +152,8 @@ class WorkerHandle(Protocol):
 
     async def info(self) -> WorkerInfo: ...
     async def open(self, prompt: str | None, messages: list[dict] | None) -> Opened: ...
-    # Optional keywords (performance switches): next_text(..., reuse_lookahead=None,
-    # draft_text="", draft_tokens=0, commit_state_id="", follow_segments=0, lookup_tokens=0), score(..., own_state_id="").
-    async def next_text(self, session_id: str, boundary_tokenizer_ids: Sequence[str], max_tokens: int) -> Proposal: ...
+    async def next_text(self, session_id: str, options: NextTextOptions) -> Proposal: ...
+    # Optional keyword (a performance switch): score(..., own_state_id="").
     async def score(self, session_id: str, candidates: Sequence[tuple[str, bool]]) -> list[Score]: ...
     async def update_state(self, session_id: str, state_id: str) -> Committed: ...
     async def close(self, session_id: str) -> None: ...
@@ -169,8 +204,15 @@ class RemoteWorker:
     async def info(self) -> WorkerInfo:
         r = await self._call(self.stub.Info, pb.InfoRequest())
         return WorkerInfo(
-            r.name, r.model_id, r.tokenizer_id, r.dtype, r.device, list(r.eos_token_ids), r.has_chat_template, self.address,
-            r.parameters,
+            name=r.name,
+            model_id=r.model_id,
+            tokenizer_id=r.tokenizer_id,
+            dtype=r.dtype,
+            device=r.device,
+            eos_token_ids=list(r.eos_token_ids),
+            has_chat_template=r.has_chat_template,
+            address=self.address,
+            parameters=r.parameters,
         )
 
     async def open(self, prompt: str | None, messages: list[dict] | None) -> Opened:
@@ -183,38 +225,11 @@ class RemoteWorker:
         r = await self._call(self.stub.Open, request)
         return Opened(r.session_id, r.context_tokens, r.context_text)
 
-    async def next_text(
-        self,
-        session_id: str,
-        boundary_tokenizer_ids: Sequence[str],
-        max_tokens: int,
-        reuse_lookahead: bool | None = None,
-        draft_text: str = "",
-        draft_tokens: int = 0,
-        commit_state_id: str = "",
-        follow_segments: int = 0,
-        lookup_tokens: int = 0,
-    ) -> Proposal:
-        r = await self._call(
-            self.stub.NextText,
-            pb.NextTextRequest(
-                session_id=session_id,
-                boundary_tokenizer_ids=list(boundary_tokenizer_ids),
-                max_tokens=max_tokens,
-                reuse_lookahead=reuse_lookahead,
-                draft_text=draft_text,
-                draft_tokens=draft_tokens,
-                commit_state_id=commit_state_id,
-                follow_segments=follow_segments,
-                lookup_tokens=lookup_tokens,
-            ),
-        )
-        following = [Following(f.state_id, f.text, list(f.token_ids), list(f.logprobs), f.generated_tokens, f.lookahead) for f in r.following]
-        return Proposal(
-            r.state_id, r.text, list(r.token_ids), list(r.logprobs), r.eos, r.finish, r.generated_tokens, r.lookahead,
-            r.reused_tokens, r.boundary_s, r.compute_s, r.draft, r.drafted_tokens, r.verified_tokens, r.verify_forwards,
-            following, r.lookup_accepted, r.lookup_forwards,
-        )
+    async def next_text(self, session_id: str, options: NextTextOptions | Sequence[str] = (), *args, **kwargs) -> Proposal:
+        """NextText with ``options`` (or its fields as arguments: ``next_text(sid, ids, max_tokens)``)."""
+        options = NextTextOptions.of(options, *args, **kwargs)
+        r = await self._call(self.stub.NextText, pb.NextTextRequest(session_id=session_id, **options.request_fields()))
+        return Proposal.from_response(r)
 
     async def score(self, session_id: str, candidates: Sequence[tuple[str, bool]], own_state_id: str = "") -> list[Score]:
         r = await self._call(
@@ -226,7 +241,13 @@ class RemoteWorker:
             ),
         )
         scores = Scores(
-            Score(s.state_id, list(s.token_ids), list(s.logprobs), s.ppl if s.token_ids else math.inf, s.reused)
+            Score(
+                state_id=s.state_id,
+                token_ids=list(s.token_ids),
+                logprobs=list(s.logprobs),
+                ppl=s.ppl if s.token_ids else math.inf,
+                reused=s.reused,
+            )
             for s in r.scores
         )
         scores.compute_s = r.compute_s
@@ -411,10 +432,9 @@ class ReplicatedWorker:
         self._resolved_at = -math.inf  # look the replicas up again next time
         raise error  # type: ignore[misc]
 
-    async def next_text(self, session_id: str, boundary_tokenizer_ids: Sequence[str], max_tokens: int, **options) -> Proposal:
-        return await self._clients[self.replica_of(session_id)].next_text(
-            session_id, boundary_tokenizer_ids, max_tokens, **options
-        )
+    async def next_text(self, session_id: str, options: NextTextOptions | Sequence[str] = (), *args, **kwargs) -> Proposal:
+        options = NextTextOptions.of(options, *args, **kwargs)
+        return await self._clients[self.replica_of(session_id)].next_text(session_id, options)
 
     async def score(self, session_id: str, candidates: Sequence[tuple[str, bool]], **options) -> list[Score]:
         return await self._clients[self.replica_of(session_id)].score(session_id, candidates, **options)

@@ -4,6 +4,9 @@ A model is named by a spec ``NAME`` (a bundled model) or ``NAME=SOURCE`` where S
 ``.gguf`` file, a local directory, or a Hugging Face model id. GGUF conversion is slow (Gemma's
 tokenizer ~15 s, dequantised weights 10-30 s), so converted tokenizers and weights are cached
 under ``$COOLFUSION_CACHE`` (default ``~/.cache/coolfusion``), keyed by a fingerprint of the file.
+
+Loading weights is the worker's (``worker/loading.py``): the tokenizer service uses this module
+and must not need worker code.
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ def converted_dir(spec: ModelSpec, kind: str) -> Path:
     return cache_root() / kind / f"{Path(spec.gguf_file).stem}-{fingerprint(spec.gguf_path)}"
 
 
-def _atomic_save(target: Path, save) -> None:
+def atomic_save(target: Path, save) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp"))
     try:
@@ -149,33 +152,5 @@ def load_hf_tokenizer(spec: ModelSpec):
         return AutoTokenizer.from_pretrained(str(cached))
     log.info("converting tokenizer from %s (cached afterwards in %s)", spec.gguf_path, cached)
     tokenizer = AutoTokenizer.from_pretrained(spec.source, gguf_file=spec.gguf_file)
-    _atomic_save(cached, tokenizer.save_pretrained)
+    atomic_save(cached, tokenizer.save_pretrained)
     return tokenizer
-
-
-def load_hf_model(spec: ModelSpec, device: str, dtype, pack: str = "all"):
-    """transformers causal LM for a spec; dequantised GGUF weights are cached as safetensors.
-
-    ``pack``: on CPU/float32, which linear weights get a oneDNN-packed copy for multi-row
-    products ("all", "head", "none"; ``worker/packing.py``)."""
-    from transformers import AutoModelForCausalLM
-
-    from .worker.packing import pack_linears
-
-    if spec.is_gguf:
-        cached = converted_dir(spec, "model")
-        if not (cached / "config.json").exists():
-            log.info("dequantising %s (cached afterwards in %s)", spec.gguf_path, cached)
-            model = AutoModelForCausalLM.from_pretrained(spec.source, gguf_file=spec.gguf_file, dtype=dtype)
-            # The weights are dequantised already; the GGUF "quantizer" only blocks saving them.
-            model.hf_quantizer = None
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            _atomic_save(cached, model.save_pretrained)
-            del model
-        source = str(cached)
-    else:
-        source = spec.source
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).eval()
-    pack_linears(model, pack)
-    return model

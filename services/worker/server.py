@@ -1,4 +1,4 @@
-"""Thin grpc.aio servicer over WorkerCore (all model work is in model.py).
+"""Thin grpc.aio servicer over WorkerCore (all model work is in model.py and the modules it uses).
 
 Core calls run on a thread pool: calls on different sessions proceed concurrently, calls on one
 session queue on its lock, and forwards take turns on the core's compute lock (torch already uses
@@ -27,6 +27,7 @@ from ..common.metrics import KV_BYTES, LIVE_SESSIONS, STEP_BATCH
 from ..common.server import GrpcService
 from ..sources import parse_spec
 from ..tokenizer.client import TokenizerClient
+from .api import NextTextOptions
 from .model import WorkerCore
 
 CALL_THREADS = 32  # concurrent core calls (sessions generating at once can share a batch)
@@ -175,19 +176,7 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
     async def NextText(self, request, context):
         if request.max_tokens < 0:
             raise InvalidArgument(f"max_tokens must be >= 0, got {request.max_tokens}")
-        reuse = request.reuse_lookahead if request.HasField("reuse_lookahead") else None
-        r = await self._run(
-            self.core.next_text,
-            request.session_id,
-            list(request.boundary_tokenizer_ids),
-            request.max_tokens,
-            reuse,
-            request.draft_text,
-            request.draft_tokens,
-            request.commit_state_id,
-            request.follow_segments,
-            request.lookup_tokens,
-        )
+        r = await self._run(self.core.next_text, request.session_id, NextTextOptions.from_request(request))
         fields = {k: getattr(r, k) for k in pb.NextTextResponse.DESCRIPTOR.fields_by_name if k != "following"}
         following = [pb.FollowingSegment(**f._asdict()) for f in r.following]
         return pb.NextTextResponse(**fields, following=following)

@@ -1,0 +1,187 @@
+"""A worker's forwards and the cache surgery around them.
+
+Greedy decoding calls the model exactly like ``transformers`` ``generate`` does (same
+``input_ids`` slices, all-ones 2-D ``attention_mask``, ``use_cache=True``, ``logits_to_keep=1``,
+a lazily-fed last token), so the committed output of repeated NextText/UpdateState is bitwise
+what ``model.generate(do_sample=False)`` produces. Every forward of a session goes through the
+step batcher (``batching.py``): alone it is that exact call; while other sessions of the worker
+are generating it may share one batched forward with theirs (same greedy picks, float noise),
+and idle sessions' continuations may ride along (``Fill``).
+
+Caches are rolled back by cropping, never copied, except where scoring needs the committed
+prefix beside the session's own cache (``committed_copy``).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import threading
+
+import torch
+from transformers import DynamicCache
+
+from .batching import StepBatcher, batchable, forward_sessions
+from .sessions import Session
+
+_COMPUTE_LOCKS_GUARD = threading.Lock()
+
+
+def compute_lock(model) -> threading.Lock:
+    """The lock of one model object, shared by every core that holds it (in-process replicas get
+    the cached model): a batched forward switches the model's attention implementation for its
+    call, so no other forward of that model may run meanwhile."""
+    with _COMPUTE_LOCKS_GUARD:
+        lock = model.__dict__.get("_coolfusion_compute_lock")
+        if lock is None:
+            lock = threading.Lock()
+            model.__dict__["_coolfusion_compute_lock"] = lock
+        return lock
+
+
+class Forwards:
+    """Every forward of one worker's model. ``forward`` is the call ``generate`` makes; ``run``
+    goes through the step batcher, so that a session's forward may share one batched forward
+    with other sessions' (``max_batch`` rows at most; 1 turns batching off). ``fill(n)``: up to
+    ``n`` idle sessions' steps to top a batch up with (``fill_rows``)."""
+
+    def __init__(self, model, device: torch.device, max_batch: int, fill=None):
+        self.model = model
+        self.device = device
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._compute = compute_lock(model)  # one forward at a time: each uses every thread torch has
+        if not batchable(DynamicCache(config=model.config)):
+            max_batch = 1
+        self.batcher = StepBatcher(self._single_step, self._batched_step, max_batch, fill=fill)
+
+    def prefill(self, ids: list[int]) -> tuple[object, torch.Tensor]:
+        """A new session's cache holding ``ids`` and the float32 logits after them. The cache
+        records past states so that sliding-window layers (Gemma-3) can roll back by cropping."""
+        cache = DynamicCache(config=self.model.config)
+        cache.activate_past_recording()
+        with torch.inference_mode():
+            logits = self.forward([ids], cache, keep_last=True)
+        return cache, logits[0, -1].to(copy=True, dtype=torch.float32)
+
+    def forward(self, rows: list[list[int]], cache, keep_last: bool) -> torch.Tensor:
+        """One forward of equally long rows on ``cache``, called the way ``generate`` calls it."""
+        input_ids = torch.tensor(rows, dtype=torch.long, device=self.device)
+        past = cache.get_seq_length()
+        kwargs = dict(
+            input_ids=input_ids,
+            past_key_values=cache,
+            attention_mask=torch.ones((input_ids.shape[0], past + input_ids.shape[1]), dtype=torch.long, device=self.device),
+            use_cache=True,
+            return_dict=True,
+        )
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1 if keep_last else 0
+        with self._compute:
+            return self.model(**kwargs).logits
+
+    def run(self, cache, tokens: list[int], logits_from: int | None = None, owner=None) -> torch.Tensor:
+        """One session's forward of ``tokens``, alone or in a batch (``StepBatcher.run``)."""
+        return self.batcher.run(cache, tokens, logits_from, owner=owner)
+
+    def _single_step(self, cache, tokens: list[int], logits_from: int) -> torch.Tensor:
+        """One session's forward alone, called exactly as ``generate`` calls it: float32 logits
+        after each token from index ``logits_from``."""
+        keep_last = logits_from == len(tokens) - 1
+        out = self.forward([tokens], cache, keep_last=keep_last)[0]
+        return (out[-1:] if keep_last else out[logits_from:]).to(copy=True, dtype=torch.float32)
+
+    def _batched_step(self, caches: list, rows: list[list[int]], logits_from: list[int]) -> list[torch.Tensor]:
+        with self._compute:
+            return forward_sessions(self.model, caches, rows, logits_from, self.device)
+
+    def ready(self, s: Session) -> torch.Tensor:
+        """Next logits of the committed state, forwarding a committed-but-unfed last token first."""
+        if s.fed < len(s.ids):
+            assert s.lookahead == 0, "unfed committed tokens with lookahead in the cache"
+            # One forward, alone or sharing a batch with other sessions' forwards.
+            s.next_logits = self.run(s.cache, s.ids[s.fed :], owner=s.id)[0]
+            s.fed = len(s.ids)
+        return s.next_logits
+
+
+class Fill:
+    """A step of an idle session's greedy continuation added to a batch (``batching.Fill``); the
+    session stays locked from ``fill_rows`` until ``release``."""
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.cache = session.cache
+        self.token = session.ahead_tokens[-1]
+
+    def done(self, logits: torch.Tensor) -> None:
+        s = self.session
+        s.ahead_logits.append(logits)
+        s.lookahead += 1
+        s.pick(logits)
+
+    def release(self) -> None:
+        self.session.lock.release()
+
+
+def fill_rows(sessions: list[Session], n: int, eos: frozenset, max_positions: int | None) -> list[Fill]:
+    """Up to ``n`` idle sessions whose greedy continuation may grow by a step (``Fill``, locked).
+
+    Only right after a NextText (``fill_until``): every committed token is in the cache, the
+    continuation's last pick is not forwarded yet and is no EOS."""
+    fills = []
+    for s in sessions:
+        if len(fills) == n:
+            break
+        if len(s.ahead_tokens) >= s.fill_until or not s.lock.acquire(blocking=False):
+            continue
+        ready = (
+            not s.closed
+            and len(s.ahead_tokens) < s.fill_until
+            and s.fed == len(s.ids)
+            and len(s.ahead_tokens) == len(s.ahead_logits) + 1 == s.lookahead + 1
+            and s.ahead_tokens[-1] not in eos
+            and (not max_positions or len(s.ids) + s.lookahead + 1 < max_positions)
+        )
+        if ready:
+            fills.append(Fill(s))
+        else:
+            s.lock.release()
+    return fills
+
+
+def crop_tail(cache, tokens: int) -> None:
+    """Remove the last ``tokens`` states of every layer. Unlike ``crop(-tokens)``, sliding
+    layers keep all the states they hold (the kept lookahead must stay croppable)."""
+    for layer in getattr(cache, "layers", ()):
+        if not getattr(layer, "is_initialized", False):
+            continue
+        if getattr(layer, "is_sliding", False) and hasattr(layer, "cumulative_length"):
+            layer.keys = layer.keys[..., :-tokens, :]
+            layer.values = layer.values[..., :-tokens, :]
+            layer.cumulative_length -= tokens
+        else:
+            layer.crop(-tokens)
+
+
+def trim(s: Session) -> None:
+    """After a commit: sliding-window layers keep window - 1 states plus the kept lookahead
+    (so that it can still be cropped away), like ``crop(0)`` does without lookahead."""
+    if not s.lookahead:
+        s.cache.crop(0)
+        return
+    for layer in getattr(s.cache, "layers", ()):
+        window = getattr(layer, "sliding_window", None)
+        if not getattr(layer, "is_sliding", False) or not window or not getattr(layer, "is_initialized", False):
+            continue
+        keep = window - 1 + s.lookahead
+        if layer.keys.shape[-2] > keep:
+            layer.keys = layer.keys[:, :, -keep:, :]
+            layer.values = layer.values[:, :, -keep:, :]
+
+
+def committed_copy(s: Session):
+    """A copy of the session cache holding exactly the committed tokens."""
+    cache = copy.deepcopy(s.cache)
+    if s.lookahead:
+        cache.crop(-s.lookahead)
+    return cache

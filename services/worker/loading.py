@@ -1,0 +1,101 @@
+"""Loading a worker's model: the weights (dequantised GGUF weights cached as safetensors), packed
+for multi-row CPU products (``packing.py``), its tokenizer, and the facts the worker derives from
+both (``LoadedModel``: EOS ids, vocabulary, positions).
+
+This lives with the worker, not in ``services/sources.py``: the tokenizer service loads its
+tokenizers through ``sources`` and must not import worker code.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..sources import ModelSpec, atomic_save, converted_dir, load_hf_tokenizer
+from ..tokenizer.core import TokenizerCore
+from .packing import pack_linears
+
+log = logging.getLogger(__name__)
+
+
+def load_hf_model(spec: ModelSpec, device: str, dtype, pack: str = "all"):
+    """transformers causal LM for a spec; dequantised GGUF weights are cached as safetensors.
+
+    ``pack``: on CPU/float32, which linear weights get a oneDNN-packed copy for multi-row
+    products ("all", "head", "none"; ``packing.py``)."""
+    from transformers import AutoModelForCausalLM
+
+    if spec.is_gguf:
+        cached = converted_dir(spec, "model")
+        if not (cached / "config.json").exists():
+            log.info("dequantising %s (cached afterwards in %s)", spec.gguf_path, cached)
+            model = AutoModelForCausalLM.from_pretrained(spec.source, gguf_file=spec.gguf_file, dtype=dtype)
+            # The weights are dequantised already; the GGUF "quantizer" only blocks saving them.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            atomic_save(cached, model.save_pretrained)
+            del model
+        source = str(cached)
+    else:
+        source = spec.source
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).eval()
+    pack_linears(model, pack)
+    return model
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A causal LM on its device with its tokenizer, and what the worker needs to know of them."""
+
+    name: str
+    spec: ModelSpec
+    model: object
+    tokenizer: TokenizerCore
+    device: torch.device
+    dtype: torch.dtype
+    eos_token_ids: tuple[int, ...]  # tokens that end generation
+    eos_set: frozenset  # the same, for membership tests
+    eos_token_id: int | None  # the EOS appended to an eos=True candidate
+    vocab_size: int  # token ids below this are valid input
+    max_positions: int | None
+    parameters: int
+
+
+def load_model(
+    name: str, spec: ModelSpec, device=None, dtype=None, model=None, hf_tokenizer=None, pack_weights: str = "all"
+) -> LoadedModel:
+    """Load (or take the given ``model`` / ``hf_tokenizer``) on ``device`` (default: CUDA when
+    available) in ``dtype`` (default: bfloat16 on CUDA, float32 on CPU)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    hf_tokenizer = hf_tokenizer if hf_tokenizer is not None else load_hf_tokenizer(spec)
+    tokenizer = TokenizerCore(name, hf_tokenizer, spec.describe())
+    model = model if model is not None else load_hf_model(spec, str(device), dtype, pack_weights)
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = () if eos is None else ((int(eos),) if isinstance(eos, int) else tuple(int(e) for e in eos))
+    # The EOS appended to an eos=True candidate: the tokenizer's EOS when generation stops on it.
+    tok_eos = tokenizer.eos_token_id
+    eos_token_id = tok_eos if tok_eos in eos_ids or not eos_ids else eos_ids[0]
+    embed_rows = model.get_input_embeddings().weight.shape[0]
+    return LoadedModel(
+        name=name,
+        spec=spec,
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+        eos_token_ids=eos_ids,
+        eos_set=frozenset(eos_ids),
+        eos_token_id=eos_token_id,
+        vocab_size=int(min(embed_rows, tokenizer.vocab_size)),
+        max_positions=getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None),
+        parameters=sum(p.numel() for p in model.parameters()),
+    )
