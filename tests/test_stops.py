@@ -36,13 +36,16 @@ class ScriptedWorker:
     async def open(self, prompt, messages) -> Opened:
         return Opened("session", 1, prompt or "")
 
-    async def next_text(self, session_id, boundary_tokenizer_ids, max_tokens, **kwargs) -> Proposal:
+    async def next_text(self, session_id, options) -> Proposal:
         self.snapshots.append("".join(self.seen))
         i = self.calls
         self.calls += 1
         last = i == len(self.pieces) - 1
         eos = last and self.eos
-        return Proposal(f"s{i}", self.pieces[i], [i], [-0.5], eos, "eos" if eos else "boundary", 1, "" if last else "x")
+        return Proposal(
+            state_id=f"s{i}", text=self.pieces[i], token_ids=[i], logprobs=[-0.5], eos=eos,
+            finish="eos" if eos else "boundary", generated_tokens=1, lookahead="" if last else "x",
+        )
 
     async def close(self, session_id) -> None:
         pass
