@@ -4,7 +4,7 @@ PROMPT ?= Question: A baker makes 12 rolls per tray and bakes 3 trays. How many 
 STAMP := $(VENV)/.coolfusion-installed
 INSTALL_INPUTS := pyproject.toml setup.py scripts/install.sh $(wildcard protos/*.proto)
 
-.PHONY: install demo test protos bench-tokenizer
+.PHONY: install demo test test-fast lint protos bench-tokenizer
 
 install: $(STAMP)
 
@@ -18,6 +18,20 @@ demo: install
 
 test: install
 	$(VENV)/bin/python -m pytest -q
+
+# The tests that load no model (fakes and plain Python): well under a minute.
+test-fast: install
+	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+# ruff (lint, format, import order) on everything; mypy on the orchestrator, the common services
+# and the client library. mypy finds the package through a link named like it (the checkout is
+# the `coolfusion` package whatever its folder is called).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	@mkdir -p build/typecheck && ln -sfn ../.. build/typecheck/coolfusion
+	MYPYPATH=build/typecheck $(VENV)/bin/mypy -p coolfusion.orchestrator -p coolfusion.services.common \
+		-m coolfusion.clients.client
 
 protos:
 	$(VENV)/bin/python -m coolfusion.protos.build

@@ -124,18 +124,27 @@ def floor(models: list[str], prompts: list[str], n: int, repeats: int, log) -> t
                 t0 = time.perf_counter()
                 with torch.inference_mode():
                     model.generate(
-                        **ids, do_sample=False, min_new_tokens=n, max_new_tokens=n, pad_token_id=pad,
+                        **ids,
+                        do_sample=False,
+                        min_new_tokens=n,
+                        max_new_tokens=n,
+                        pad_token_id=pad,
                         prompt_lookup_num_tokens=LOOKUP_TOKENS,
                     )
                 lookup_times.append(time.perf_counter() - t0)
             produced = out.shape[1] - ids["input_ids"].shape[1]
             rows.append(
                 {
-                    "prompt_tokens": ids["input_ids"].shape[1], "tokens": produced, "s": median(times), "runs": times,
+                    "prompt_tokens": ids["input_ids"].shape[1],
+                    "tokens": produced,
+                    "s": median(times),
+                    "runs": times,
                     "lookup_s": median(lookup_times),
                 }
             )
-            log(f"floor {spec.name}: {produced} tokens in {median(times):.2f} s (with prompt lookup {median(lookup_times):.2f} s)")
+            log(
+                f"floor {spec.name}: {produced} tokens in {median(times):.2f} s (with prompt lookup {median(lookup_times):.2f} s)"
+            )
         results[spec.name] = {
             "load_s": load_s,
             "threads": torch.get_num_threads(),
@@ -174,7 +183,10 @@ def _timings(t) -> dict:
 
 def _final_row(reply, seconds: float) -> dict:
     segs = list(reply.segments)
-    usage = {u.model: {"output": u.output_tokens, "generated": u.generated_tokens, "scored": u.scored_tokens} for u in reply.usage}
+    usage = {
+        u.model: {"output": u.output_tokens, "generated": u.generated_tokens, "scored": u.scored_tokens}
+        for u in reply.usage
+    }
     return {
         "s": seconds,
         "text": reply.text,
@@ -227,7 +239,14 @@ def breakdown(rows: list[dict]) -> dict:
         # without a round of their own (follow_segments).
         "speculation": {
             k: t[k]
-            for k in ("drafted_tokens", "verified_tokens", "verify_forwards", "lookup_accepted", "lookup_forwards", "followed_segments")
+            for k in (
+                "drafted_tokens",
+                "verified_tokens",
+                "verify_forwards",
+                "lookup_accepted",
+                "lookup_forwards",
+                "followed_segments",
+            )
         },
     }
 
@@ -282,13 +301,19 @@ async def switches(worker_addresses: dict, prompts: list[str], n: int, log) -> d
                 winners.append(models)
                 segs += final.segments
                 identical += final.timings.identical_segments
-            out[label] = {"options": {k: getattr(opts, k) for k in FusionOptions.NAMES}, "s": total, "texts": texts, "winners": winners, "segments": segs}
+            out[label] = {
+                "options": {k: getattr(opts, k) for k in FusionOptions.NAMES},
+                "s": total,
+                "texts": texts,
+                "winners": winners,
+                "segments": segs,
+            }
             log(f"switches {label}: {total:.2f} s")
     finally:
         for w in workers:
             await w.aclose()
     ref = out["none"]
-    for label, row in out.items():
+    for row in out.values():
         row["same_output_as_none"] = row["texts"] == ref["texts"] and row["winners"] == ref["winners"]
         row["speedup_vs_none"] = ref["s"] / row["s"]
         row["time_vs_all"] = row["s"] / out["all"]["s"]
@@ -302,6 +327,7 @@ async def rss_sessions(worker_address: str, name: str, pid: int, prompt: str, co
 
     w = RemoteWorker(name, worker_address)
     try:
+
         async def one():
             o = await w.open(prompt, None)
             p = await w.next_text(o.session_id, [], 8)
@@ -319,7 +345,13 @@ async def rss_sessions(worker_address: str, name: str, pid: int, prompt: str, co
         after2 = rss_bytes(pid)
     finally:
         await w.aclose()
-    return {"sessions": count, "rss_before": before, "rss_after": after, "rss_after_200": after2, "growth_bytes": after - before}
+    return {
+        "sessions": count,
+        "rss_before": before,
+        "rss_after": after,
+        "rss_after_200": after2,
+        "growth_bytes": after - before,
+    }
 
 
 async def throughput(address: str, names: list[str], prompts: list[str], n: int, levels: list[int], log) -> dict:
@@ -334,7 +366,7 @@ async def throughput(address: str, names: list[str], prompts: list[str], n: int,
             # spoil a level).
             rounds = -(-len(prompts) // c)
 
-            async def one(i):
+            async def one(i, rounds=rounds, c=c):
                 tokens = chars = 0
                 for r in range(rounds):
                     prompt = prompts[(i + r * c) % len(prompts)]
@@ -347,7 +379,13 @@ async def throughput(address: str, names: list[str], prompts: list[str], n: int,
             done = await asyncio.gather(*(one(i) for i in range(c)))
             wall = time.perf_counter() - t0
             tokens = sum(t for t, _ in done)
-            out[str(c)] = {"clients": c, "requests": c * rounds, "wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall}
+            out[str(c)] = {
+                "clients": c,
+                "requests": c * rounds,
+                "wall_s": wall,
+                "tokens": tokens,
+                "tokens_per_s": tokens / wall,
+            }
             log(f"throughput c={c}: {tokens / wall:.1f} tokens/s")
     base = out[str(levels[0])]["tokens_per_s"]
     for row in out.values():
@@ -365,14 +403,19 @@ def run(args) -> dict:
     prompts = PROMPTS[: args.prompts]
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
     n = args.max_new_tokens
-    result = {"machine": machine(), "config": {"models": models, "max_new_tokens": n, "prompts": prompts, "repeats": args.repeats}}
+    result = {
+        "machine": machine(),
+        "config": {"models": models, "max_new_tokens": n, "prompts": prompts, "repeats": args.repeats},
+    }
 
     t0 = time.perf_counter()
     result["floor"], result["memory"] = floor(models, prompts, n, args.repeats, log)
     cluster = LocalCluster(models)
     address = cluster.start()
     try:
-        worker_addresses = {p.name.split(":", 1)[1]: p.address for p in cluster.processes if p.name.startswith("worker:")}
+        worker_addresses = {
+            p.name.split(":", 1)[1]: p.address for p in cluster.processes if p.name.startswith("worker:")
+        }
         pids = {p.name.split(":", 1)[1]: p.proc.pid for p in cluster.processes if p.name.startswith("worker:")}
         rows = asyncio.run(fused(address, names, prompts, n, args.repeats, log))
         result["fused"] = {"prompts": rows, "breakdown": breakdown(rows)}
@@ -408,15 +451,16 @@ def run(args) -> dict:
             name: asyncio.run(rss_sessions(worker_addresses[name], name, pids[name], prompts[0])) for name in names
         }
         result["throughput"] = asyncio.run(throughput(address, names, prompts, n, levels, log))
-        result["worker_threads"] = {
-            name: asyncio.run(_threads(worker_addresses[name], name)) for name in names
-        }
+        result["worker_threads"] = {name: asyncio.run(_threads(worker_addresses[name], name)) for name in names}
     finally:
         cluster.stop()
     if not args.skip_unbatched and levels[-1] > 1:
         # Item 6's switches at the top concurrency: workers that never batch decode steps, and
         # workers that batch but do not fill batches with idle sessions' continuation steps.
-        for key, env in (("throughput_unbatched", {"COOLFUSION_MAX_BATCH": "1"}), ("throughput_unfilled", {"COOLFUSION_FILL_AHEAD": "0"})):
+        for key, env in (
+            ("throughput_unbatched", {"COOLFUSION_MAX_BATCH": "1"}),
+            ("throughput_unfilled", {"COOLFUSION_FILL_AHEAD": "0"}),
+        ):
             saved = {k: os.environ.get(k) for k in env}
             os.environ.update(env)
             variant = LocalCluster(models)
@@ -450,9 +494,13 @@ async def _threads(address: str, name: str) -> int:
 def summary(r: dict) -> str:
     lines = []
     m = r["machine"]
-    lines.append(f"machine: {m['cores']} cores, {m['cpu_model']}, torch {m['torch']}, load {m['loadavg_start']} -> {m.get('loadavg_end')}")
+    lines.append(
+        f"machine: {m['cores']} cores, {m['cpu_model']}, torch {m['torch']}, load {m['loadavg_start']} -> {m.get('loadavg_end')}"
+    )
     for name, f in r["floor"].items():
-        lines.append(f"floor {name}: median {f['median_s']:.2f} s / prompt, {f['ms_per_token']:.1f} ms/token ({f['threads']} threads)")
+        lines.append(
+            f"floor {name}: median {f['median_s']:.2f} s / prompt, {f['ms_per_token']:.1f} ms/token ({f['threads']} threads)"
+        )
     rt = r["ratios"]
     lines.append(
         f"fused cool: {rt['fused_total_s']:.2f} s total, {rt['fused_tokens_per_prompt']} tokens/prompt; "
@@ -470,11 +518,17 @@ def summary(r: dict) -> str:
     lines.append("per segment ms: " + ", ".join(f"{k} {v:.1f}" for k, v in b["per_segment_ms"].items()))
     lines.append("share of wall: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in b["share_of_wall"].items()))
     for name, mem in r["memory"].items():
-        lines.append(f"KV {name}: {mem['kv_bytes'] / 2**20:.1f} MiB for {mem['context_tokens']}+{mem['output_tokens']} tokens")
+        lines.append(
+            f"KV {name}: {mem['kv_bytes'] / 2**20:.1f} MiB for {mem['context_tokens']}+{mem['output_tokens']} tokens"
+        )
     for name, x in r.get("rss", {}).items():
-        lines.append(f"RSS {name}: {x['rss_before'] / 2**20:.0f} -> {x['rss_after'] / 2**20:.0f} MiB after {x['sessions']} sessions ({x['rss_after_200'] / 2**20:.0f} after 200)")
+        lines.append(
+            f"RSS {name}: {x['rss_before'] / 2**20:.0f} -> {x['rss_after'] / 2**20:.0f} MiB after {x['sessions']} sessions ({x['rss_after_200'] / 2**20:.0f} after 200)"
+        )
     for label, s in r.get("switches", {}).items():
-        lines.append(f"switch {label:28s} {s['s']:.2f} s  x{s['speedup_vs_none']:.2f} vs none  same output: {s['same_output_as_none']}")
+        lines.append(
+            f"switch {label:28s} {s['s']:.2f} s  x{s['speedup_vs_none']:.2f} vs none  same output: {s['same_output_as_none']}"
+        )
     for c, t in r.get("throughput", {}).items():
         lines.append(f"throughput {c} clients: {t['tokens_per_s']:.1f} tokens/s (x{t['vs_first']:.2f})")
     for c, t in r.get("throughput_unbatched", {}).items():
@@ -508,11 +562,17 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--concurrency", default="1,4,8")
     b.add_argument("--switch-prompts", type=int, default=1, help="prompts per switch configuration")
     b.add_argument("--skip-switches", action="store_true")
-    b.add_argument("--skip-unbatched", action="store_true", help="skip the top-concurrency runs with step batching off and with batch filling off")
+    b.add_argument(
+        "--skip-unbatched",
+        action="store_true",
+        help="skip the top-concurrency runs with step batching off and with batch filling off",
+    )
     b.add_argument("--json", action="store_true", help="print the full JSON result")
     b.add_argument("--out", help="also write the JSON result to this file")
     b.add_argument("--quiet", action="store_true")
-    b.add_argument("--score", action="store_true", help="only the Score RPC on multiple-choice questions vs the models' forwards")
+    b.add_argument(
+        "--score", action="store_true", help="only the Score RPC on multiple-choice questions vs the models' forwards"
+    )
     b.add_argument("--score-questions", type=int, default=40)
     b.add_argument("--score-data", help="ARC JSONL for --score (default ../shared/data/arc/ARC-Easy-validation.jsonl)")
     b.set_defaults(func=cmd_bench)

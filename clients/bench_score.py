@@ -76,7 +76,10 @@ def run_score_bench(args, log) -> dict:
     data = Path(args.score_data) if args.score_data else SHARED_DATA / "arc" / "ARC-Easy-validation.jsonl"
     questions = _questions(data, args.score_questions)
     threads = max(1, (os.cpu_count() or 2) // len(models))
-    result = {"machine": machine(), "config": {"models": models, "data": str(data), "questions": len(questions), "threads": threads}}
+    result = {
+        "machine": machine(),
+        "config": {"models": models, "data": str(data), "questions": len(questions), "threads": threads},
+    }
     result["reference"] = reference_forwards(models, questions, threads, log)
     with LocalCluster(models) as cluster:
         times = asyncio.run(score_rpc(cluster.address, questions, names))

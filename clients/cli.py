@@ -95,8 +95,12 @@ async def _serve_worker(args) -> None:
     port = await service.start(serving=False)
     print(f"{LOADING_PREFIX}{json.dumps({'service': 'worker', 'port': port})}", flush=True)
     limits = dict(
-        session_ttl=args.session_ttl, max_sessions=args.max_sessions, kv_budget_bytes=int(args.kv_budget_mb * 2**20),
-        max_batch=args.max_batch, pack_weights=args.pack_weights, fill_ahead=args.fill_ahead,
+        session_ttl=args.session_ttl,
+        max_sessions=args.max_sessions,
+        kv_budget_bytes=int(args.kv_budget_mb * 2**20),
+        max_batch=args.max_batch,
+        pack_weights=args.pack_weights,
+        fill_ahead=args.fill_ahead,
     )
     core = await asyncio.to_thread(load_core, args.model, args.tokenizer_service, args.device, **limits)
     servicer.set_core(core)
@@ -108,7 +112,6 @@ async def _serve_worker(args) -> None:
 
 def cmd_orchestrator(args) -> int:
     from ..orchestrator.server import build_service
-
     from ..orchestrator.workers import parse_worker_target
 
     workers = {}
@@ -125,6 +128,7 @@ def cmd_orchestrator(args) -> int:
             raise SystemExit(f"--worker {item!r}: {exc}") from None
         workers[name] = address
     address = _bind(args.host, args.port)
+
     def make():
         from ..services.common.security import tokens_from_env
 
@@ -376,7 +380,8 @@ def rule_from_args(args):
 
 def default_rule():
     """The engine's rule: $COOLFUSION_SCORE_RULE (a name or a rule JSON file), else the shipped default."""
-    from ..orchestrator.rules import RuleError, ScoreRule, default_rule as shipped
+    from ..orchestrator.rules import RuleError, ScoreRule
+    from ..orchestrator.rules import default_rule as shipped
 
     spec = os.environ.get("COOLFUSION_SCORE_RULE", "")
     try:
@@ -388,7 +393,9 @@ def default_rule():
 
 # ---- parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="coolfusion", description="Fuse LLMs with different tokenizers, without training.")
+    parser = argparse.ArgumentParser(
+        prog="coolfusion", description="Fuse LLMs with different tokenizers, without training."
+    )
     parser.add_argument(
         "--log-level",
         default=os.environ.get("COOLFUSION_LOG_LEVEL"),
@@ -397,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: INFO for services, WARNING for the other commands ($COOLFUSION_LOG_LEVEL)",
     )
     parser.add_argument(
-        "--log-format", choices=["text", "json"], default=os.environ.get("COOLFUSION_LOG_FORMAT", "text"),
+        "--log-format",
+        choices=["text", "json"],
+        default=os.environ.get("COOLFUSION_LOG_FORMAT", "text"),
         help="json: one JSON object per line, with request_id on request logs",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -433,9 +442,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run one model worker")
     env_model, env_tok = os.environ.get("COOLFUSION_MODEL"), os.environ.get("COOLFUSION_TOKENIZER")
-    w.add_argument("--model", required=not env_model, default=env_model, help="bundled name or NAME=SOURCE ($COOLFUSION_MODEL)")
     w.add_argument(
-        "--tokenizer-service", required=not env_tok, default=env_tok, help="HOST:PORT of the tokenizer service ($COOLFUSION_TOKENIZER)"
+        "--model", required=not env_model, default=env_model, help="bundled name or NAME=SOURCE ($COOLFUSION_MODEL)"
+    )
+    w.add_argument(
+        "--tokenizer-service",
+        required=not env_tok,
+        default=env_tok,
+        help="HOST:PORT of the tokenizer service ($COOLFUSION_TOKENIZER)",
     )
     w.add_argument("--host", default=os.environ.get("COOLFUSION_HOST", "127.0.0.1"))
     w.add_argument("--port", type=int, default=int(os.environ.get("COOLFUSION_PORT", 50052)))
@@ -458,18 +472,29 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("COOLFUSION_PACK_WEIGHTS", "all"),
         help="CPU: linear weights that get a oneDNN-packed copy for multi-row forwards (more memory, faster verify/score/batched steps)",
     )
-    w.add_argument("--threads", type=int, default=int(os.environ.get("COOLFUSION_THREADS", 0)), help="torch threads (0: torch default)")
+    w.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("COOLFUSION_THREADS", 0)),
+        help="torch threads (0: torch default)",
+    )
     w.add_argument("--grace", type=float, default=10.0)
     w.add_argument(
-        "--session-ttl", type=float, default=float(os.environ.get("COOLFUSION_SESSION_TTL", 600)),
+        "--session-ttl",
+        type=float,
+        default=float(os.environ.get("COOLFUSION_SESSION_TTL", 600)),
         help="seconds a session may stay idle before it is freed (0: never; $COOLFUSION_SESSION_TTL)",
     )
     w.add_argument(
-        "--max-sessions", type=int, default=int(os.environ.get("COOLFUSION_MAX_SESSIONS", 256)),
+        "--max-sessions",
+        type=int,
+        default=int(os.environ.get("COOLFUSION_MAX_SESSIONS", 256)),
         help="live sessions; beyond, the least recently used idle one is evicted (0: no cap; $COOLFUSION_MAX_SESSIONS)",
     )
     w.add_argument(
-        "--kv-budget-mb", type=float, default=float(os.environ.get("COOLFUSION_KV_BUDGET_MB", 0)),
+        "--kv-budget-mb",
+        type=float,
+        default=float(os.environ.get("COOLFUSION_KV_BUDGET_MB", 0)),
         help="MiB of KV cache over all sessions; beyond, LRU idle sessions are evicted (0: none; $COOLFUSION_KV_BUDGET_MB)",
     )
     w.set_defaults(func=cmd_worker)

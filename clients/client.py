@@ -1,18 +1,16 @@
 """Python client of the public Fusion service: asyncio first, with a small sync wrapper.
 
-    async with FusionClient("127.0.0.1:50051") as client:
-        async for segment in client.stream("Question: ...", mode="cool"):
-            print(segment.text, end="")
+async with FusionClient("127.0.0.1:50051") as client:
+    async for segment in client.stream("Question: ...", mode="cool"):
+        print(segment.text, end="")
 
-    print(SyncFusionClient("127.0.0.1:50051").generate("Hello").text)
+print(SyncFusionClient("127.0.0.1:50051").generate("Hello").text)
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Sequence
-
-import grpc
+from collections.abc import AsyncIterator, Sequence
 
 from coolfusion.protos import fusion_pb2 as pb
 from coolfusion.protos import fusion_pb2_grpc as pb_grpc
@@ -82,14 +80,16 @@ def rule_to_proto(rule: ScoreRule | str | None) -> pb.ScoreRule | None:
 class FusionClient:
     """``tls``/``token`` default to COOLFUSION_TLS_CA (+ client cert/key) and COOLFUSION_AUTH_TOKEN."""
 
-    def __init__(self, address: str, timeout: float | None = None, tls: ClientTls | None = None, token: str | None = None):
+    def __init__(
+        self, address: str, timeout: float | None = None, tls: ClientTls | None = None, token: str | None = None
+    ):
         self.address = address
         self.timeout = timeout
         self.channel = aio_channel(address, CHANNEL_OPTIONS, tls)
         self.metadata = token_metadata(token)
         self.stub = pb_grpc.FusionStub(self.channel)
 
-    async def __aenter__(self) -> "FusionClient":
+    async def __aenter__(self) -> FusionClient:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -106,7 +106,9 @@ class FusionClient:
             build_request(prompt, messages, **options), timeout=self.timeout, metadata=self.metadata
         )
 
-    async def stream_raw(self, prompt: str | None = None, messages=None, **options) -> AsyncIterator[pb.GenerateStreamResponse]:
+    async def stream_raw(
+        self, prompt: str | None = None, messages=None, **options
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
         """Every stream message: segments, then the final one."""
         call = self.stub.GenerateStream(
             build_request(prompt, messages, **options), timeout=self.timeout, metadata=self.metadata
@@ -138,7 +140,9 @@ class FusionClient:
 class SyncFusionClient:
     """Blocking wrapper for scripts; not for use inside a running event loop."""
 
-    def __init__(self, address: str, timeout: float | None = None, tls: ClientTls | None = None, token: str | None = None):
+    def __init__(
+        self, address: str, timeout: float | None = None, tls: ClientTls | None = None, token: str | None = None
+    ):
         self.channel = sync_channel(address, CHANNEL_OPTIONS, tls)
         self.metadata = token_metadata(token)
         self.stub = pb_grpc.FusionStub(self.channel)
@@ -151,8 +155,7 @@ class SyncFusionClient:
 
     def stream(self, prompt: str | None = None, messages=None, **options):
         request = build_request(prompt, messages, **options)
-        for item in self.stub.GenerateStream(request, timeout=self.timeout, metadata=self.metadata):
-            yield item
+        yield from self.stub.GenerateStream(request, timeout=self.timeout, metadata=self.metadata)
 
     def list_models(self) -> pb.ListModelsResponse:
         return self.stub.ListModels(pb.ListModelsRequest(), timeout=self.timeout, metadata=self.metadata)

@@ -16,9 +16,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 READY_PREFIX = "COOLFUSION_READY "
 
@@ -123,7 +123,17 @@ class LocalCluster:
             workers = []
             for spec in self.models:
                 name = spec.split("=", 1)[0]
-                args = ["worker", "--model", spec, "--tokenizer-service", tok.address, "--port", "0", "--threads", str(threads)]
+                args = [
+                    "worker",
+                    "--model",
+                    spec,
+                    "--tokenizer-service",
+                    tok.address,
+                    "--port",
+                    "0",
+                    "--threads",
+                    str(threads),
+                ]
                 if self.device:
                     args += ["--device", self.device]
                 workers.append(self._spawn(f"worker:{name}", args, threads))
@@ -163,7 +173,7 @@ class LocalCluster:
                 service.proc.wait()
         self.processes.clear()
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         self.start()
         return self
 

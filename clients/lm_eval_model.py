@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import grpc
 
@@ -138,9 +139,13 @@ class CoolFusionLM(LM):
             raise CoolFusionArgError(f"unknown mode {mode!r}; modes: {', '.join(FUSED_MODES)}, single:<model>")
         self.models = _plus_list(models, "models")
         if not isinstance(max_segment_tokens, int) or isinstance(max_segment_tokens, bool) or max_segment_tokens < 0:
-            raise CoolFusionArgError(f"model_args max_segment_tokens must be an integer >= 0, got {max_segment_tokens!r}")
+            raise CoolFusionArgError(
+                f"model_args max_segment_tokens must be an integer >= 0, got {max_segment_tokens!r}"
+            )
         if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (timeout > 0 and math.isfinite(timeout))
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not (timeout > 0 and math.isfinite(timeout))
         ):
             raise CoolFusionArgError(f"model_args timeout must be a number of seconds > 0, got {timeout!r}")
         self.rule = self._parse_rule(score_rule, rule_weights)
@@ -222,7 +227,9 @@ class CoolFusionLM(LM):
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         for (_, _, context), indices in _progress(groups.items(), disable_tqdm, "coolfusion Score"):
             texts = list(dict.fromkeys(pairs[i][1] for i in indices))  # the question's distinct choices, in order
-            reply = self._call("Score", self.client.score, context, texts, models=self.score_models, score_rule=self.rule)
+            reply = self._call(
+                "Score", self.client.score, context, texts, models=self.score_models, score_rule=self.rule
+            )
             if not self.rule_label and not self.single:
                 self.rule_label = reply.score_rule
             values = dict(zip(texts, (self._value(s) for s in reply.scores)))
@@ -252,7 +259,9 @@ class CoolFusionLM(LM):
             context, gen_kwargs = request.args
             stop, max_new = _generation_options(gen_kwargs)
             if not context:
-                raise CoolFusionArgError("coolfusion generates after a non-empty context; this request's context is empty")
+                raise CoolFusionArgError(
+                    "coolfusion generates after a non-empty context; this request's context is empty"
+                )
             reply = self._call(
                 "Generate",
                 self.client.generate,

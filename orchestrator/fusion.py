@@ -29,15 +29,15 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence
 
 import grpc
 
 from ..services.common.errors import InvalidArgument, Unavailable
 from ..services.worker.api import NextTextOptions
 from .rules import RuleError, ScoreRule, default_rule
-from .workers import Proposal, Score, WorkerHandle
+from .workers import Opened, Proposal, Score, WorkerHandle
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +113,12 @@ class FusionOptions:
     )
 
     @classmethod
-    def none(cls) -> "FusionOptions":
+    def none(cls) -> FusionOptions:
         """The unoptimised loop (the paper's prototype protocol)."""
         return cls(**{n: False for n in cls.NAMES})
 
     @classmethod
-    def parse(cls, text: str) -> "FusionOptions":
+    def parse(cls, text: str) -> FusionOptions:
         """``all`` | ``none`` | comma-separated names to turn on, or ``-name`` to turn off from all."""
         text = (text or "all").strip()
         if text in ("all", ""):
@@ -173,7 +173,9 @@ class CandidateReport:
         return {v: (self.logprob.get(v, 0.0), n) for v, (_, n) in self.ppl.items()}
 
 
-def scored_report(model: str, text: str, eos: bool, finish: str, scores: dict[str, Score], lookahead: str = "") -> CandidateReport:
+def scored_report(
+    model: str, text: str, eos: bool, finish: str, scores: dict[str, Score], lookahead: str = ""
+) -> CandidateReport:
     """A candidate's report from each scorer's Score of it."""
     return CandidateReport(
         model=model,
@@ -285,7 +287,11 @@ def worker_down(exc: BaseException) -> bool:
     """A worker failure that degraded fusion may survive (UNAVAILABLE: process gone, unreachable)."""
     if isinstance(exc, Unavailable):
         return True
-    return isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None)) and exc.code() == grpc.StatusCode.UNAVAILABLE
+    return (
+        isinstance(exc, grpc.RpcError)
+        and callable(getattr(exc, "code", None))
+        and exc.code() == grpc.StatusCode.UNAVAILABLE
+    )
 
 
 class _Degraded(Exception):
@@ -397,7 +403,9 @@ class FusionEngine:
         ``dropped`` is given (degraded fusion) and only workers that are down failed."""
         t0 = time.perf_counter()
         opening = asyncio.ensure_future(
-            asyncio.gather(*(self.workers[n].open(request.prompt, request.messages) for n in names), return_exceptions=True)
+            asyncio.gather(
+                *(self.workers[n].open(request.prompt, request.messages) for n in names), return_exceptions=True
+            )
         )
         try:
             opened = await asyncio.shield(opening)
@@ -419,10 +427,11 @@ class FusionEngine:
             if fatal or not sessions or not request.allow_degraded:
                 await self._close(sessions)
                 raise (fatal or [errors[0][1]])[0]
+            assert dropped is not None  # without it every error was fatal above
             for n, exc in errors:
                 self._drop(n, exc, dropped)
         for n, o in zip(names, opened):
-            if n in sessions:
+            if n in sessions and isinstance(o, Opened):
                 usage[n].prompt_tokens += o.context_tokens
         return sessions
 
@@ -519,7 +528,7 @@ class FusionEngine:
             def propose(i: int, n: str):
                 is_drafter = drafting and n == drafter
                 options = NextTextOptions(
-                    boundary_tokenizer_ids=boundary_names if align else [n],
+                    boundary_tokenizer_ids=tuple(boundary_names) if align else (n,),
                     max_tokens=min(request.max_segment_tokens, budget[n]),
                     reuse_lookahead=None if opts.reuse_lookahead else False,  # None: the worker's default
                     draft_text=draft if drafting and not is_drafter else "",
@@ -561,9 +570,7 @@ class FusionEngine:
             if identical and opts.skip_identical:
                 # Every model's own state holds s*; its PPL of s* is its generation's.
                 timings.skipped_scores += 1
-                scores = [
-                    [_own_score(p, identical_text=(p.text, p.eos)) for _ in names] for p in proposals
-                ]
+                scores = [[_own_score(p, identical_text=(p.text, p.eos)) for _ in names] for p in proposals]
             else:
                 unique = list(dict.fromkeys(candidates)) if opts.dedup_candidates else candidates
                 where = [unique.index(c) for c in candidates]
@@ -600,7 +607,11 @@ class FusionEngine:
             winner = proposals[w]
             # 5. Following segments decided alike by every model: the next rounds would propose them
             #    identically and skip scoring; they are committed with this one.
-            followed = agreed_following(proposals, [budget[n] for n in names], request.max_segment_tokens) if follow and identical else 0
+            followed = (
+                agreed_following(proposals, [budget[n] for n in names], request.max_segment_tokens)
+                if follow and identical
+                else 0
+            )
 
             # 4. Commit: each model keeps its own tokens when its candidate is s*, else the
             #    state it built while scoring s*.
@@ -651,7 +662,8 @@ class FusionEngine:
                 ppls = {v: (_ppl(f.logprobs), len(f.token_ids)) for v, f in zip(aligned, segs)}
                 logprobs = {v: sum(f.logprobs) for v, f in zip(aligned, segs)}
                 reports = [
-                    CandidateReport(u, f.text, False, "boundary", ppls, f.lookahead, logprobs) for u, f in zip(aligned, segs)
+                    CandidateReport(u, f.text, False, "boundary", ppls, f.lookahead, logprobs)
+                    for u, f in zip(aligned, segs)
                 ]
                 apply_rule(rule, reports)
                 emit.append(Segment(index + 1 + k, segs[0].text, aligned[0], False, segs[0].token_ids, reports))
@@ -718,7 +730,8 @@ class FusionEngine:
         answers = await asyncio.gather(*jobs)
         scored = await self.score_texts(request, names, [(t, f == "eos") for t, f in answers], usage, timings)
         reports = [
-            scored_report(label, text, finish == "eos", finish, row) for label, (text, finish), row in zip(labels, answers, scored)
+            scored_report(label, text, finish == "eos", finish, row)
+            for label, (text, finish), row in zip(labels, answers, scored)
         ]
         w = apply_rule((request.score_rule or self.score_rule).restricted(names), reports)
         text, finish = answers[w]

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 RULES = ("mean-ppl", "mean-nll", "product", "calibrated", "gated")
 SET_RELATIVE = ("calibrated", "gated")
@@ -62,7 +62,7 @@ class ScoreRule:
 
     # ---- building ---------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: Mapping) -> "ScoreRule":
+    def from_dict(cls, data: Mapping) -> ScoreRule:
         """``{"rule": NAME, "weights": {model: w}, "primary": MODEL, "threshold": T}``."""
         if not isinstance(data, Mapping):
             raise RuleError("a rule file holds one JSON object")
@@ -84,7 +84,7 @@ class ScoreRule:
         )
 
     @classmethod
-    def load(cls, path: str | Path) -> "ScoreRule":
+    def load(cls, path: str | Path) -> ScoreRule:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except OSError as exc:
@@ -94,7 +94,7 @@ class ScoreRule:
         return cls.from_dict(data)
 
     @classmethod
-    def parse(cls, name: str = "", weights: str = "", primary: str = "", threshold: float | None = None) -> "ScoreRule":
+    def parse(cls, name: str = "", weights: str = "", primary: str = "", threshold: float | None = None) -> ScoreRule:
         """CLI form: a rule name or a rule JSON file; weights as ``m1=2,m2=1`` or a JSON file."""
         base = cls.load(name) if name.endswith(".json") else cls(name=name or "mean-ppl")
         w = dict(base.weights)
@@ -130,7 +130,7 @@ class ScoreRule:
         if stray:
             raise RuleError(f"score rule names model(s) {', '.join(stray)} not in this request ({', '.join(models)})")
 
-    def restricted(self, models: Sequence[str]) -> "ScoreRule":
+    def restricted(self, models: Sequence[str]) -> ScoreRule:
         """An engine-wide rule for a request over ``models``: weights and primary of other models
         are dropped (a default fitted for the bundled pair still applies to a subset)."""
         primary = self.primary if self.primary in models else ""

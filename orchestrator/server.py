@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
-import math
 from dataclasses import dataclass
 
 from coolfusion.protos import fusion_pb2 as pb
@@ -40,7 +40,10 @@ def rule_from_proto(r: pb.ScoreRule) -> ScoreRule | None:
         return None
     try:
         return ScoreRule(
-            name=r.name or "mean-ppl", weights=dict(r.weights), primary=r.primary, threshold=r.threshold or DEFAULT_THRESHOLD
+            name=r.name or "mean-ppl",
+            weights=dict(r.weights),
+            primary=r.primary,
+            threshold=r.threshold or DEFAULT_THRESHOLD,
         )
     except RuleError as exc:
         raise InvalidArgument(str(exc)) from None
@@ -71,7 +74,9 @@ def request_from_proto(r: pb.GenerateRequest, limits: Limits) -> FusionRequest:
         raise InvalidArgument(f"max_new_tokens must be in 1..{limits.max_new_tokens}, got {r.max_new_tokens}")
     seg = r.max_segment_tokens or limits.default_max_segment_tokens
     if not 0 < seg <= limits.max_segment_tokens:
-        raise InvalidArgument(f"max_segment_tokens must be in 1..{limits.max_segment_tokens}, got {r.max_segment_tokens}")
+        raise InvalidArgument(
+            f"max_segment_tokens must be in 1..{limits.max_segment_tokens}, got {r.max_segment_tokens}"
+        )
     if len(r.stop) > limits.max_stop_sequences or any(not s for s in r.stop):
         raise InvalidArgument(f"stop takes at most {limits.max_stop_sequences} non-empty sequences")
     return FusionRequest(
@@ -98,7 +103,9 @@ def candidate_to_proto(c: CandidateReport) -> pb.Candidate:
         eos=c.eos,
         finish=c.finish,
         lookahead=c.lookahead,
-        ppl=[pb.ScorerPpl(scorer=s, ppl=_ppl(p), tokens=n, logprob=c.logprob.get(s, 0.0)) for s, (p, n) in c.ppl.items()],
+        ppl=[
+            pb.ScorerPpl(scorer=s, ppl=_ppl(p), tokens=n, logprob=c.logprob.get(s, 0.0)) for s, (p, n) in c.ppl.items()
+        ],
         mean_ppl=_ppl(c.mean_ppl),
         score=c.score,
     )
@@ -202,7 +209,9 @@ class FusionServicer(pb_grpc.FusionServicer):
             log.info("generation cancelled", extra={**tags, "duration_s": round(time.perf_counter() - started, 3)})
             raise
         except Exception as exc:
-            log.info("generation failed: %s", exc, extra={**tags, "duration_s": round(time.perf_counter() - started, 3)})
+            log.info(
+                "generation failed: %s", exc, extra={**tags, "duration_s": round(time.perf_counter() - started, 3)}
+            )
             raise
         log.info("generation finished", extra={**tags, "duration_s": round(time.perf_counter() - started, 3)})
 
@@ -254,7 +263,8 @@ class FusionServicer(pb_grpc.FusionServicer):
             scores=[
                 pb.TextScores(
                     ppl=[
-                        pb.ScorerPpl(scorer=m, ppl=_ppl(p), tokens=n, logprob=r.logprob[m]) for m, (p, n) in r.ppl.items()
+                        pb.ScorerPpl(scorer=m, ppl=_ppl(p), tokens=n, logprob=r.logprob[m])
+                        for m, (p, n) in r.ppl.items()
                     ],
                     mean_ppl=_ppl(r.mean_ppl),
                     loglikelihood=r.score,

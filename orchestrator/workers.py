@@ -16,8 +16,9 @@ import logging
 import math
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import grpc
 from asyncio_throttle import Throttler
@@ -59,12 +60,12 @@ class Proposal:
     drafted_tokens: int = 0  # forward steps spent on the draft
     verified_tokens: int = 0  # draft_text tokens accepted as own greedy picks
     verify_forwards: int = 0
-    following: list["Following"] = field(default_factory=list)  # asked with follow_segments
+    following: list[Following] = field(default_factory=list)  # asked with follow_segments
     lookup_accepted: int = 0  # looked-up tokens accepted as own greedy picks (asked with lookup_tokens)
     lookup_forwards: int = 0
 
     @classmethod
-    def from_response(cls, r) -> "Proposal":
+    def from_response(cls, r) -> Proposal:
         """A ``NextTextResponse`` as the loop sees it."""
         return cls(
             state_id=r.state_id,
@@ -101,7 +102,7 @@ class Following:
     lookahead: str = ""
 
     @classmethod
-    def from_response(cls, f) -> "Following":
+    def from_response(cls, f) -> Following:
         return cls(
             state_id=f.state_id,
             text=f.text,
@@ -194,7 +195,9 @@ class RemoteWorker:
         free the session even after the caller gave up."""
         async with self.throttler:
             try:
-                return await method(request, timeout=call_timeout(self.timeout) if bounded else min(self.timeout or 30.0, 30.0))
+                return await method(
+                    request, timeout=call_timeout(self.timeout) if bounded else min(self.timeout or 30.0, 30.0)
+                )
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
                     # Name the worker: "connection refused" alone does not say which model is down.
@@ -218,20 +221,26 @@ class RemoteWorker:
     async def open(self, prompt: str | None, messages: list[dict] | None) -> Opened:
         if messages is not None:
             request = pb.OpenRequest(
-                messages=pb.ChatMessages(messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
+                messages=pb.ChatMessages(
+                    messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
+                )
             )
         else:
             request = pb.OpenRequest(prompt=(prompt or "").encode())
         r = await self._call(self.stub.Open, request)
         return Opened(r.session_id, r.context_tokens, r.context_text)
 
-    async def next_text(self, session_id: str, options: NextTextOptions | Sequence[str] = (), *args, **kwargs) -> Proposal:
+    async def next_text(
+        self, session_id: str, options: NextTextOptions | Sequence[str] = (), *args, **kwargs
+    ) -> Proposal:
         """NextText with ``options`` (or its fields as arguments: ``next_text(sid, ids, max_tokens)``)."""
         options = NextTextOptions.of(options, *args, **kwargs)
         r = await self._call(self.stub.NextText, pb.NextTextRequest(session_id=session_id, **options.request_fields()))
         return Proposal.from_response(r)
 
-    async def score(self, session_id: str, candidates: Sequence[tuple[str, bool]], own_state_id: str = "") -> list[Score]:
+    async def score(
+        self, session_id: str, candidates: Sequence[tuple[str, bool]], own_state_id: str = ""
+    ) -> list[Score]:
         r = await self._call(
             self.stub.ScoreCandidates,
             pb.ScoreCandidatesRequest(
@@ -296,7 +305,7 @@ def _join_hostport(host: str, port: int | str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def make_worker(name: str, target: str) -> "RemoteWorker | ReplicatedWorker":
+def make_worker(name: str, target: str) -> RemoteWorker | ReplicatedWorker:
     """``RemoteWorker`` for one plain address, ``ReplicatedWorker`` for ``dns:///`` or ``a|b``."""
     dns, addresses = parse_worker_target(target)
     if dns is None and len(addresses) == 1:
@@ -349,7 +358,7 @@ class ReplicatedWorker:
     async def _resolve_dns(self, hostport: str) -> list[str]:
         host, port = _split_hostport(hostport)
         infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-        return sorted({_join_hostport(info[4][0], port) for info in infos})
+        return sorted({_join_hostport(str(info[4][0]), port) for info in infos})
 
     def _set_active(self, addresses: list[str]) -> None:
         if addresses != self._active:
@@ -380,7 +389,9 @@ class ReplicatedWorker:
                 except OSError as exc:
                     if not self._active:
                         raise Unavailable(f"worker {self.name}: cannot resolve {self.dns}: {exc}") from None
-                    log.warning("worker %s: resolving %s failed (%s); keeping %s", self.name, self.dns, exc, self._active)
+                    log.warning(
+                        "worker %s: resolving %s failed (%s); keeping %s", self.name, self.dns, exc, self._active
+                    )
                 else:
                     self._resolved_at = now
                     self._set_active(addresses)
@@ -432,7 +443,9 @@ class ReplicatedWorker:
         self._resolved_at = -math.inf  # look the replicas up again next time
         raise error  # type: ignore[misc]
 
-    async def next_text(self, session_id: str, options: NextTextOptions | Sequence[str] = (), *args, **kwargs) -> Proposal:
+    async def next_text(
+        self, session_id: str, options: NextTextOptions | Sequence[str] = (), *args, **kwargs
+    ) -> Proposal:
         options = NextTextOptions.of(options, *args, **kwargs)
         return await self._clients[self.replica_of(session_id)].next_text(session_id, options)
 

@@ -17,8 +17,8 @@ PROTOS = sorted(p.name for p in PROTO_DIR.glob("*.proto"))
 
 
 def generate(target: Path | None = None) -> list[Path]:
-    from grpc_tools import protoc  # build-time dependency
     import grpc_tools
+    from grpc_tools import protoc  # build-time dependency
 
     target = Path(target) if target else PROTO_DIR
     target.mkdir(parents=True, exist_ok=True)

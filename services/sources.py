@@ -88,7 +88,9 @@ def parse_spec(text: str) -> ModelSpec:
         if name in BUNDLED:
             path = BUNDLED[name]()
             return ModelSpec(name, str(path.parent), path.name)
-        raise UnknownModelError(f"unknown model {name!r}: bundled models are {', '.join(BUNDLED)}; use NAME=SOURCE for others")
+        raise UnknownModelError(
+            f"unknown model {name!r}: bundled models are {', '.join(BUNDLED)}; use NAME=SOURCE for others"
+        )
     source = os.path.expanduser(source.strip())
     if source.endswith(".gguf"):
         path = Path(source)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coolfusion.orchestrator.server import build_service as build_orchestrator
+from coolfusion.protos import worker_pb2_grpc
 from coolfusion.services.common.server import GrpcService
 from coolfusion.services.sources import parse_specs
 from coolfusion.services.tokenizer.client import TokenizerClient
@@ -21,8 +22,8 @@ from coolfusion.services.tokenizer.core import TokenizerCore, TokenizerRegistry
 from coolfusion.services.tokenizer.loading import load_registry
 from coolfusion.services.tokenizer.server import build_service as build_tokenizer_service
 from coolfusion.services.worker.model import WorkerCore
-from coolfusion.services.worker.server import SERVICE_NAME as WORKER_SERVICE, WorkerServicer
-from coolfusion.protos import worker_pb2_grpc
+from coolfusion.services.worker.server import SERVICE_NAME as WORKER_SERVICE
+from coolfusion.services.worker.server import WorkerServicer
 
 # The data lives beside the checkout (../shared/data/gsm8k); a clone without it uses the first
 # rows kept in tests/data/gsm8k (all the prompts the tests build).

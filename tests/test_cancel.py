@@ -12,8 +12,8 @@ import logging
 import time
 
 import grpc
-
 from cluster import HANG_GUARD_S, gate_worker, gsm8k_prompt
+
 from coolfusion.clients.client import FusionClient, build_request
 from coolfusion.orchestrator.server import build_service as build_orchestrator
 
@@ -57,8 +57,13 @@ async def test_cancelled_stream_frees_every_session(cluster, caplog):
     try:
         async with FusionClient(address) as client:
             call = client.stub.GenerateStream(
-                build_request(gsm8k_prompt(2), mode="cool", models=["smollm2", "gemma3"], max_new_tokens=200,
-                              request_id="cancel-me")
+                build_request(
+                    gsm8k_prompt(2),
+                    mode="cool",
+                    models=["smollm2", "gemma3"],
+                    max_new_tokens=200,
+                    request_id="cancel-me",
+                )
             )
             first = await asyncio.wait_for(call.read(), HANG_GUARD_S)
             assert first.HasField("segment")
@@ -92,6 +97,8 @@ async def test_deadline_exceeded_frees_every_session(cluster, caplog):
         # worker call of the first round reached the same deadline first on a slow machine).
         lines = await _log_lines(caplog, "too-slow")
         assert lines[0] == "generation started" and len(lines) == 2, lines
-        assert lines[1] == "generation cancelled" or "DEADLINE_EXCEEDED" in lines[1] or "deadline" in lines[1].lower(), lines
+        assert (
+            lines[1] == "generation cancelled" or "DEADLINE_EXCEEDED" in lines[1] or "deadline" in lines[1].lower()
+        ), lines
     finally:
         await _stop(service, engine, gated)

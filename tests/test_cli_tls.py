@@ -12,13 +12,19 @@ from test_security import pki  # noqa: F401  (the CA and certificates, as a fixt
 from coolfusion.protos import worker_pb2_grpc
 from coolfusion.services.common.security import ServerTls
 from coolfusion.services.common.server import GrpcService
-from coolfusion.services.worker.server import SERVICE_NAME as WORKER_SERVICE, WorkerServicer
+from coolfusion.services.worker.server import SERVICE_NAME as WORKER_SERVICE
+from coolfusion.services.worker.server import WorkerServicer
 
 
 async def _cli(*args: str, env: dict) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "coolfusion.clients.cli", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env={**os.environ, **env},
+        sys.executable,
+        "-m",
+        "coolfusion.clients.cli",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        env={**os.environ, **env},
     )
     out, _ = await proc.communicate()
     return proc.returncode, out.decode()

@@ -23,7 +23,6 @@ import time
 from importlib import resources
 from pathlib import Path
 
-import grpc
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -32,8 +31,8 @@ import yaml
 from coolfusion.orchestrator.workers import (
     Committed,
     Opened,
-    ReplicatedWorker,
     RemoteWorker,
+    ReplicatedWorker,
     WorkerInfo,
     make_worker,
     parse_worker_target,
@@ -195,7 +194,8 @@ def test_compose_topology_gpu_and_cpu():
     check_topology(compose_config(COMPOSE, COMPOSE_CPU), gpu=False)
     cpu = compose_config(COMPOSE, COMPOSE_CPU)
     assert all(
-        cpu["services"][w]["build"]["dockerfile"] == "deploy/docker/worker-cpu.Dockerfile" for w in ("worker-a", "worker-b")
+        cpu["services"][w]["build"]["dockerfile"] == "deploy/docker/worker-cpu.Dockerfile"
+        for w in ("worker-a", "worker-b")
     )
     assert model_names(env_map(cpu["services"]["tokenizer"])["COOLFUSION_MODELS"]) == ["smollm2", "gemma3"]
 
@@ -250,7 +250,7 @@ def test_dockerfile_invariants(name):
     if name == "worker":
         assert re.search(r"^ARG BASE_IMAGE=pytorch/pytorch:[0-9.]+-cuda[0-9.]+-cudnn\d+-runtime$", text, re.M)
     if name in ("worker-cpu", "tokenizer"):
-        assert 'ARG TORCH_VERSION=2.13.0' in text and "download.pytorch.org/whl/cpu" in text
+        assert "ARG TORCH_VERSION=2.13.0" in text and "download.pytorch.org/whl/cpu" in text
     if name != "orchestrator":
         # The bundled models exactly as scripts/install.sh installs them: same pins, --no-deps.
         install_sh = (ROOT / "scripts" / "install.sh").read_text()
@@ -368,13 +368,21 @@ def test_kubernetes_topology(path, gpu):
         assert env["COOLFUSION_DEVICE"] == ("cuda" if gpu else "cpu")
         assert c["image"].startswith("coolfusion/worker" if gpu else "coolfusion/worker-cpu")
     tok_env = _env(_container(docs[("Deployment", "tokenizer")]), configmap)
-    assert all(_env(_container(w), configmap)["COOLFUSION_TOKENIZER"] == f"tokenizer:{tok_env['COOLFUSION_PORT']}" for w in workers.values())
+    assert all(
+        _env(_container(w), configmap)["COOLFUSION_TOKENIZER"] == f"tokenizer:{tok_env['COOLFUSION_PORT']}"
+        for w in workers.values()
+    )
     orch = docs[("Deployment", "orchestrator")]
     orch_c = _container(orch)
     assert _env(orch_c, configmap)["COOLFUSION_WORKERS"] == configmap["data"]["WORKERS"]
-    assert orch["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= float(orch_c["args"][orch_c["args"].index("--grace") + 1])
+    assert orch["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= float(
+        orch_c["args"][orch_c["args"].index("--grace") + 1]
+    )
     hpa = docs[("HorizontalPodAutoscaler", "orchestrator")]
-    assert hpa["spec"]["scaleTargetRef"]["name"] == "orchestrator" and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    assert (
+        hpa["spec"]["scaleTargetRef"]["name"] == "orchestrator"
+        and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    )
     assert ("Service", "orchestrator") in docs and ("Service", "tokenizer") in docs
 
 
@@ -466,7 +474,9 @@ class LocalCompose:
         test = self.services[name]["healthcheck"]["test"]
         assert test[0] == "CMD" and test[1] == "coolfusion"
         args = [self._rewrite(name, a) for a in test[2:]]
-        done = subprocess.run([*self.entrypoint(name), *args], env=self.environment(name), capture_output=True, timeout=30)
+        done = subprocess.run(
+            [*self.entrypoint(name), *args], env=self.environment(name), capture_output=True, timeout=30
+        )
         return done.returncode == 0
 
     def wait_healthy(self, names: list[str], timeout: float) -> None:
@@ -479,7 +489,9 @@ class LocalCompose:
                 if self.healthy(name):
                     pending.remove(name)
             if pending and time.monotonic() > deadline:
-                pytest.fail(f"not healthy after {timeout:.0f} s: {pending}\n" + "\n".join(self.tail(n) for n in pending))
+                pytest.fail(
+                    f"not healthy after {timeout:.0f} s: {pending}\n" + "\n".join(self.tail(n) for n in pending)
+                )
             if pending:
                 time.sleep(1.0)
 
@@ -514,7 +526,9 @@ def test_compose_cpu_topology_as_local_processes(tmp_path):
 
     public = free_port()
     # What `COOLFUSION_PUBLIC_PORT=... COOLFUSION_CPU_THREADS=1 docker compose -f ... -f ... up` reads.
-    config = compose_config(COMPOSE, COMPOSE_CPU, env={"COOLFUSION_PUBLIC_PORT": str(public), "COOLFUSION_CPU_THREADS": "1"})
+    config = compose_config(
+        COMPOSE, COMPOSE_CPU, env={"COOLFUSION_PUBLIC_PORT": str(public), "COOLFUSION_CPU_THREADS": "1"}
+    )
     stack = LocalCompose(config, tmp_path, {})
     assert stack.ports["orchestrator"] == public
     # The shared volume keeps this machine's GGUF conversions (as a warm volume would).
@@ -688,12 +702,18 @@ async def _start_replicas(cluster, n: int = 2):
     replicas = []
     for _ in range(n):
         core = WorkerCore(
-            "smollm2", shared.spec, device="cpu", boundary=boundary.common_boundary,
-            model=shared.model, hf_tokenizer=shared.tokenizer.hf,
+            "smollm2",
+            shared.spec,
+            device="cpu",
+            boundary=boundary.common_boundary,
+            model=shared.model,
+            hf_tokenizer=shared.tokenizer.hf,
         )
         calls: list[tuple[str, str]] = []
         servicer = RecordingServicer(core, calls)
-        service = GrpcService(lambda server, s=servicer: worker_pb2_grpc.add_ModelWorkerServicer_to_server(s, server), [SERVICE_NAME])
+        service = GrpcService(
+            lambda server, s=servicer: worker_pb2_grpc.add_ModelWorkerServicer_to_server(s, server), [SERVICE_NAME]
+        )
         port = await service.start()
         replicas.append((f"127.0.0.1:{port}", core, calls, service))
     return replicas
@@ -714,7 +734,9 @@ async def test_two_replicas_pin_sessions_and_spread(cluster):
         assert live == [2, 2], "new sessions spread over both replicas"
         for o in opened:
             owner = worker.replica_of(o.session_id)
-            assert [o.session_id in core.session_ids() for addr, core, _, _ in replicas] == [a == owner for a in addresses]
+            assert [o.session_id in core.session_ids() for addr, core, _, _ in replicas] == [
+                a == owner for a in addresses
+            ]
         for o in opened:  # T1, batched scoring and M4, each through the pinning handle
             proposal = await worker.next_text(o.session_id, ["smollm2"], 4)
             [score] = await worker.score(o.session_id, [(proposal.text, proposal.eos)])
@@ -749,7 +771,10 @@ async def test_fusion_through_replicated_worker_matches_single_replica(cluster):
     port = await service.start()
     prompts = [PROMPT, "The capital of France is", "Question: 2+3=?\nAnswer:", "Once upon a time"]
     try:
-        async with FusionClient(f"127.0.0.1:{port}", timeout=120) as replicated, FusionClient(cluster.address, timeout=120) as single:
+        async with (
+            FusionClient(f"127.0.0.1:{port}", timeout=120) as replicated,
+            FusionClient(cluster.address, timeout=120) as single,
+        ):
             got = await asyncio.gather(*(replicated.generate(p, max_new_tokens=8) for p in prompts))
             want = [await single.generate(p, models=["smollm2", "gemma3"], max_new_tokens=8) for p in prompts]
         assert [g.text for g in got] == [w.text for w in want]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import random
 import signal
 import sys
@@ -17,7 +16,7 @@ import pytest
 from coolfusion.clients.client import FusionClient
 from coolfusion.clients.evaluation import choice, generation
 from coolfusion.clients.evaluation.results import ResultsFile
-from coolfusion.clients.evaluation.runner import EvalDataError, run_task, row_key
+from coolfusion.clients.evaluation.runner import EvalDataError, row_key, run_task
 from coolfusion.clients.evaluation.stats import mcnemar, wilson
 from coolfusion.orchestrator.rules import RULES, ScoreRule
 
@@ -71,7 +70,7 @@ def test_intervals_and_paired_test():
 
 
 def test_bad_data_is_one_line_error(tmp_path):
-    rows = [json.loads(l) for l in ARC.read_text().splitlines()[:2]]
+    rows = [json.loads(line) for line in ARC.read_text().splitlines()[:2]]
     rows[1]["answerKey"] = "Z"
     bad = tmp_path / "arc.jsonl"
     bad.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -98,7 +97,7 @@ def test_results_file_drops_a_cut_line_before_appending(tmp_path):
         assert list(results.rows) == [(0, "u")]
         results.add({"index": 1, "unit": "u"})
     lines = path.read_text().splitlines()
-    assert [json.loads(l) for l in lines] == [{"index": 0, "unit": "u"}, {"index": 1, "unit": "u"}]
+    assert [json.loads(line) for line in lines] == [{"index": 0, "unit": "u"}, {"index": 1, "unit": "u"}]
 
 
 # ---- multiple choice through the real services ------------------------------------------------
@@ -118,7 +117,8 @@ async def test_arc_accuracy_equals_an_independent_recomputation(cluster, tmp_pat
     for m in MODELS:
         acc = sum(max(range(len(r["chars"])), key=lambda i: (r["scores"][m][i][0], -i)) == r["answer"] for r in rows)
         norm = sum(
-            max(range(len(r["chars"])), key=lambda i: (r["scores"][m][i][0] / r["chars"][i], -i)) == r["answer"] for r in rows
+            max(range(len(r["chars"])), key=lambda i: (r["scores"][m][i][0] / r["chars"][i], -i)) == r["answer"]
+            for r in rows
         )
         assert summary["configs"][f"single:{m}"]["acc"] == acc / len(rows)
         assert summary["configs"][f"single:{m}"]["acc_norm"] == norm / len(rows)
@@ -154,9 +154,24 @@ async def test_a_real_sigint_then_resume_keeps_every_row(cluster, tmp_path):
     full = await run_task(_task(), cluster.address, choice.load_choice_items(ARC), tmp_path / "full", {"test": True})
     for seed in (1, 2, 3):
         out = tmp_path / f"cut{seed}"
-        cmd = [sys.executable, "-m", "coolfusion.clients.cli", "eval", "arc-easy", "--data", str(ARC), "--connect",
-               cluster.address, "--out", str(out), "--models", ",".join(MODELS)]
-        proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        cmd = [
+            sys.executable,
+            "-m",
+            "coolfusion.clients.cli",
+            "eval",
+            "arc-easy",
+            "--data",
+            str(ARC),
+            "--connect",
+            cluster.address,
+            "--out",
+            str(out),
+            "--models",
+            ",".join(MODELS),
+        ]
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        )
         results = out / "results.jsonl"
         while not (results.exists() and results.read_text().count("\n") >= 1 + seed):
             assert proc.returncode is None, (await proc.stderr.read()).decode()
@@ -168,11 +183,13 @@ async def test_a_real_sigint_then_resume_keeps_every_row(cluster, tmp_path):
         text = results.read_text()
         cut = random.Random(seed).randrange(len(text) - 60, len(text) - 1)
         results.write_text(text[:cut])  # a hard kill mid-write leaves a cut last line
-        proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        )
         _, err = await proc.communicate()
         assert proc.returncode == 0, err.decode()
         lines = results.read_text().splitlines()
-        rows = [json.loads(l) for l in lines]  # every line parses
+        rows = [json.loads(line) for line in lines]  # every line parses
         assert sorted(r["index"] for r in rows) == list(range(14))
         assert json.loads((out / "summary.json").read_text())["configs"] == json.loads(json.dumps(full["configs"]))
 
@@ -204,7 +221,9 @@ async def test_generate_with_an_unknown_rule_or_stray_weights_is_invalid_argumen
         request = pb.ScoreRequest(prompt="Hi", texts=[" a"], score_rule=pb.ScoreRule(name="nope"))
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await client.stub.Score(request)
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown score rule 'nope'" in err.value.details()
+        assert (
+            err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown score rule 'nope'" in err.value.details()
+        )
 
 
 # ---- generation tasks --------------------------------------------------------------------------
@@ -220,7 +239,7 @@ async def test_gsm8k_reports_recompute_from_jsonl_and_rerank_equals_the_service(
     items = generation.load_items(DATA / "gsm8k-test-4.jsonl")[:2]
     task = _gen_task()
     full = await run_task(task, cluster.address, items, tmp_path, {"test": True})
-    rows = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(rows) == len(items) * len(task.units)
     # The table is a function of the JSONL alone; accuracy recomputed independently.
     assert json.loads(json.dumps(task.summarize(rows))) == json.loads(json.dumps(full))
@@ -246,11 +265,27 @@ async def test_mgsm_from_a_tsv_folder(cluster, tmp_path):
     out = tmp_path / "out"
     code = await asyncio.to_thread(
         main,
-        ["eval", "mgsm", "--data", str(tmp_path), "--lang", "de", "--modes", "single:gemma3", "--max-new-tokens", "6",
-         "--connect", cluster.address, "--out", str(out), "--models", ",".join(MODELS)],
+        [
+            "eval",
+            "mgsm",
+            "--data",
+            str(tmp_path),
+            "--lang",
+            "de",
+            "--modes",
+            "single:gemma3",
+            "--max-new-tokens",
+            "6",
+            "--connect",
+            cluster.address,
+            "--out",
+            str(out),
+            "--models",
+            ",".join(MODELS),
+        ],
     )
     assert code == 0
-    rows = [json.loads(l) for l in (out / "results.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["gold"] for r in sorted(rows, key=lambda r: r["index"])] == ["4", "4.5"]
     assert json.loads((out / "summary.json").read_text())["modes"]["single:gemma3"]["n"] == 2
 

@@ -12,8 +12,8 @@ import time
 
 import grpc
 import pytest_asyncio
-
 from cluster import HANG_GUARD_S, gate_worker, gsm8k_prompt
+
 from coolfusion.clients.client import FusionClient
 from coolfusion.clients.launcher import READY_PREFIX
 from coolfusion.orchestrator.server import build_service as build_orchestrator
@@ -21,14 +21,29 @@ from coolfusion.orchestrator.server import build_service as build_orchestrator
 
 def start_worker(tokenizer_address: str, port: int = 0) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "coolfusion.clients.cli", "worker", "--model", "smollm2",
-         "--tokenizer-service", tokenizer_address, "--port", str(port), "--threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "coolfusion.clients.cli",
+            "worker",
+            "--model",
+            "smollm2",
+            "--tokenizer-service",
+            tokenizer_address,
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 300
     for line in proc.stdout:
         if line.startswith(READY_PREFIX):
-            return proc, json.loads(line[len(READY_PREFIX):])["port"]
+            return proc, json.loads(line[len(READY_PREFIX) :])["port"]
         if time.monotonic() > deadline:
             break
     proc.kill()

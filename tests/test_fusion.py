@@ -9,8 +9,8 @@ import grpc
 import pytest
 import pytest_asyncio
 import torch
-
 from cluster import HANG_GUARD_S, gate_worker, gsm8k_prompt, winner_text
+
 from coolfusion.clients.client import FusionClient
 from coolfusion.orchestrator.rules import ScoreRule
 from coolfusion.orchestrator.server import build_service as build_orchestrator
@@ -31,7 +31,9 @@ def greedy(core, prompt: str, max_new_tokens: int) -> list[int]:
     hf = core.tokenizer.hf
     inputs = hf(prompt, return_tensors="pt")
     with torch.inference_mode():
-        out = core.model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=hf.pad_token_id)
+        out = core.model.generate(
+            **inputs, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=hf.pad_token_id
+        )
     return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
@@ -159,7 +161,9 @@ def _assert_common_boundaries(cluster, context: str, segments, names):
 
 async def test_cool_on_gsm8k_is_segmented_at_common_boundaries_and_deterministic(cluster, client):
     prompt = gsm8k_prompt(3)
-    kwargs = dict(mode="cool", models=["smollm2", "gemma3"], max_new_tokens=48, stop=["Question:"], score_rule="mean-ppl")
+    kwargs = dict(
+        mode="cool", models=["smollm2", "gemma3"], max_new_tokens=48, stop=["Question:"], score_rule="mean-ppl"
+    )
     first = await client.generate(prompt, **kwargs)
     check_finish(first, "Question:", 48)
     assert "".join(s.text for s in first.segments) == first.text
@@ -207,7 +211,9 @@ async def test_noalign_picks_by_reference_ppl(cluster, client):
     """cool-noalign (each candidate ends at its own model's word boundary): every candidate's PPL
     and every segment's pick against plain forwards computed here."""
     names = ["smollm2", "gemma3"]
-    reply = await client.generate(SHORT_PROMPT, mode="cool-noalign", max_new_tokens=16, models=names, score_rule="mean-ppl")
+    reply = await client.generate(
+        SHORT_PROMPT, mode="cool-noalign", max_new_tokens=16, models=names, score_rule="mean-ppl"
+    )
     assert "".join(s.text for s in reply.segments) == reply.text
     check_finish(reply, None, 16)
     assert await check_segments_by_reference(cluster, SHORT_PROMPT, reply, names) >= 1
@@ -232,7 +238,9 @@ async def test_three_models_through_the_services(cluster, client):
     assert await check_segments_by_reference(cluster, SHORT_PROMPT, reply, names) >= 1
 
 
-@pytest.mark.parametrize("mode, labels", [("rerank", ["smollm2", "gemma3"]), ("cool-rerank", ["cool", "smollm2", "gemma3"])])
+@pytest.mark.parametrize(
+    "mode, labels", [("rerank", ["smollm2", "gemma3"]), ("cool-rerank", ["cool", "smollm2", "gemma3"])]
+)
 async def test_rerank_modes_pick_the_lowest_reference_ppl(cluster, client, mode, labels):
     """Rerank: each model's own whole answer (and, for cool-rerank, the cool answer) generated
     alone here, scored by plain forwards from the prompt; the mode must return the answer with
@@ -283,7 +291,10 @@ async def test_chat_messages_use_each_models_own_template(cluster):
 
 async def test_chat_generation_through_fusion(cluster, client):
     reply = await client.generate(
-        messages=[{"role": "user", "content": "Name a color."}], mode="cool", max_new_tokens=12, models=["smollm2", "gemma3"]
+        messages=[{"role": "user", "content": "Name a color."}],
+        mode="cool",
+        max_new_tokens=12,
+        models=["smollm2", "gemma3"],
     )
     assert reply.text == "".join(s.text for s in reply.segments)
     assert reply.usage[0].prompt_tokens > 0
@@ -296,7 +307,9 @@ async def test_fused_utf8_is_whole_in_every_segment(cluster, client):
     prompts = ["用中文回答：中国的首都是哪里？答：", "Reply with emoji only: 🦩🐙🌊🦩🐙🌊"]
     split = 0
     for prompt in prompts:
-        reply = await client.generate(prompt, mode="cool", max_new_tokens=24, models=["smollm2", "gemma3"], score_rule="mean-ppl")
+        reply = await client.generate(
+            prompt, mode="cool", max_new_tokens=24, models=["smollm2", "gemma3"], score_rule="mean-ppl"
+        )
         assert "\ufffd" not in reply.text, reply.text
         assert reply.text == "".join(s.text for s in reply.segments)
         assert any(ord(ch) > 0x2E7F for ch in reply.text), reply.text  # it did write CJK or emoji
@@ -327,7 +340,11 @@ async def test_score_rpc_against_plain_forwards(cluster, client):
             continue
         refs = [await asyncio.to_thread(reference_score, cluster.cores[n], contexts[n], text, flag) for n in names]
         for n, (ppl, tokens, logprob) in zip(names, refs):
-            assert (got[n].tokens, got[n].ppl, got[n].logprob) == (tokens, pytest.approx(ppl, rel=1e-3), pytest.approx(logprob, rel=1e-3)), (text, n)
+            assert (got[n].tokens, got[n].ppl, got[n].logprob) == (
+                tokens,
+                pytest.approx(ppl, rel=1e-3),
+                pytest.approx(logprob, rel=1e-3),
+            ), (text, n)
         mean = sum(r[0] for r in refs) / len(refs)
         assert row.mean_ppl == pytest.approx(mean, rel=1e-3)
         # mean-ppl's log-likelihood: -(mean token count) * ln(mean PPL) (rules.py).
@@ -344,8 +361,12 @@ async def test_score_rpc_against_plain_forwards(cluster, client):
         (dict(prompt="Q:", texts=[" a", " b"], eos=[True]), "eos has 1 flags for 2 texts"),
         (dict(prompt="   ", texts=[" a"]), "prompt is empty"),
         (dict(prompt="Q:", texts=[" a"], models=["nope"]), "unknown model(s) nope"),
-        (dict(prompt="Q:", texts=[" a"], models=["smollm2"], score_rule=ScoreRule("product", weights={"gemma3": 2.0})),
-         "not in this request"),
+        (
+            dict(
+                prompt="Q:", texts=[" a"], models=["smollm2"], score_rule=ScoreRule("product", weights={"gemma3": 2.0})
+            ),
+            "not in this request",
+        ),
     ],
     ids=["no-texts", "eos-count", "empty-prompt", "unknown-model", "rule-names-another-model"],
 )

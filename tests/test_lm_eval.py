@@ -90,7 +90,9 @@ def _argmax(values) -> int:
     return best
 
 
-async def _arc_by_hand(address: str, rows: list[dict], mode: str, rule: ScoreRule | str | None) -> tuple[list[list[float]], float, float]:
+async def _arc_by_hand(
+    address: str, rows: list[dict], mode: str, rule: ScoreRule | str | None
+) -> tuple[list[list[float]], float, float]:
     """The Score RPC per question; acc = argmax loglikelihood, acc_norm = argmax loglikelihood /
     len(choice) (lm-eval's completion_len: the choice text, without the target delimiter)."""
     single = mode.removeprefix("single:") if mode.startswith("single:") else ""
@@ -128,13 +130,30 @@ def test_bundled_tasks_are_lm_eval_own_prompts():
     builtin = Path(lm_eval.__file__).parent / "tasks"
     ours = load_yaml(TASKS_DIR / "coolfusion_arc_easy.yaml", resolve_func=False)
     theirs = load_yaml(builtin / "arc" / "arc_easy.yaml", resolve_func=False)
-    for key in ("output_type", "doc_to_text", "doc_to_target", "doc_to_choice", "metric_list", "training_split", "validation_split"):
+    for key in (
+        "output_type",
+        "doc_to_text",
+        "doc_to_target",
+        "doc_to_choice",
+        "metric_list",
+        "training_split",
+        "validation_split",
+    ):
         assert ours[key] == theirs[key], key
     assert ours["dataset_path"] == "json" and set(ours["dataset_kwargs"]["data_files"]) == {"train", "validation"}
 
     ours = load_yaml(TASKS_DIR / "coolfusion_gsm8k.yaml", resolve_func=False)
     theirs = load_yaml(builtin / "gsm8k" / "gsm8k.yaml", resolve_func=False)
-    for key in ("output_type", "doc_to_text", "doc_to_target", "metric_list", "generation_kwargs", "filter_list", "test_split", "fewshot_split"):
+    for key in (
+        "output_type",
+        "doc_to_text",
+        "doc_to_target",
+        "metric_list",
+        "generation_kwargs",
+        "filter_list",
+        "test_split",
+        "fewshot_split",
+    ):
         assert ours[key] == theirs[key], key
     assert ours["generation_kwargs"]["until"] == GSM8K_UNTIL
     assert (ours["num_fewshot"], ours["fewshot_config"]) == (3, {"sampler": "first_n"})  # coolfusion eval's exemplars
@@ -182,14 +201,20 @@ async def test_arc_easy_equals_score_rpc(cluster, task_dir, mode, rule_args, rul
     data = tmp_path / "arc.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     rules = [ScoreRule(rule) if isinstance(rule, str) else rule] if rule else []
-    summary = await run_task(ChoiceTask("arc-easy", PAIR, rules), cluster.address, load_choice_items(data), tmp_path / "eval", {})
+    summary = await run_task(
+        ChoiceTask("arc-easy", PAIR, rules), cluster.address, load_choice_items(data), tmp_path / "eval", {}
+    )
     label = rules[0].label() if rules else mode
     assert (summary["configs"][label]["acc"], summary["configs"][label]["acc_norm"]) == (acc, acc_norm)
 
 
 async def test_gsm8k_generate_until_equals_generate(cluster, task_dir):
     model_args = {
-        "address": cluster.address, "mode": "cool", "score_rule": "product", "models": "+".join(PAIR), "max_segment_tokens": 8,
+        "address": cluster.address,
+        "mode": "cool",
+        "score_rule": "product",
+        "models": "+".join(PAIR),
+        "max_segment_tokens": 8,
     }
     results = await asyncio.to_thread(
         _evaluate, task_dir, "coolfusion_gsm8k", model_args, 1, gen_kwargs={"max_gen_toks": 32}
@@ -206,7 +231,12 @@ async def test_gsm8k_generate_until_equals_generate(cluster, task_dir):
 
     async with FusionClient(cluster.address) as client:
         reply = await client.generate(
-            context, mode="cool", models=PAIR, max_new_tokens=32, stop=GSM8K_UNTIL, score_rule="product",
+            context,
+            mode="cool",
+            models=PAIR,
+            max_new_tokens=32,
+            stop=GSM8K_UNTIL,
+            score_rule="product",
             max_segment_tokens=8,
         )
     assert reply.text and reply.score_rule == "product"
@@ -237,12 +267,18 @@ async def test_cli_runs_the_coolfusion_model(cluster, task_dir, tmp_path):
     out = tmp_path / "out"
     proc = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).with_name("coolfusion-lm-eval")),
-        "--model", "coolfusion",
-        "--model_args", f"address={cluster.address},mode=single:gemma3,timeout=120",
-        "--tasks", "coolfusion_arc_easy",
-        "--include_path", str(task_dir),
-        "--limit", "2",
-        "--output_path", str(out),
+        "--model",
+        "coolfusion",
+        "--model_args",
+        f"address={cluster.address},mode=single:gemma3,timeout=120",
+        "--tasks",
+        "coolfusion_arc_easy",
+        "--include_path",
+        str(task_dir),
+        "--limit",
+        "2",
+        "--output_path",
+        str(out),
         cwd=tmp_path,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -266,15 +302,38 @@ def _one_line(exc: BaseException) -> str:
 @pytest.mark.parametrize(
     "model_args, message",
     [
-        ("address=127.0.0.1:1,score_rule=nope", "unknown score rule 'nope'; rules: mean-ppl, mean-nll, product, calibrated, gated"),
+        (
+            "address=127.0.0.1:1,score_rule=nope",
+            "unknown score rule 'nope'; rules: mean-ppl, mean-nll, product, calibrated, gated",
+        ),
         ("mode=cool,score_rule=product", "coolfusion needs model_args address=HOST:PORT (a running orchestrator)"),
         ("address=nowhere", "model_args address must be HOST:PORT, got 'nowhere'"),
-        ("address=127.0.0.1:1,mode=blend", "unknown mode 'blend'; modes: cool, cool-noalign, rerank, cool-rerank, single:<model>"),
-        ("address=127.0.0.1:1,rule_weights=gemma3=2", "model_args rule_weights needs a score_rule (a rule name or a rule JSON file)"),
-        ("address=127.0.0.1:1,temperature=0.7", "unknown coolfusion model_args: temperature; known: address, mode, models, score_rule, rule_weights, max_segment_tokens, timeout"),
-        ("address=127.0.0.1:1,mode=single:gemma3,score_rule=product", "score_rule applies to the fused modes; mode=single:gemma3 scores with gemma3's own log-likelihood"),
+        (
+            "address=127.0.0.1:1,mode=blend",
+            "unknown mode 'blend'; modes: cool, cool-noalign, rerank, cool-rerank, single:<model>",
+        ),
+        (
+            "address=127.0.0.1:1,rule_weights=gemma3=2",
+            "model_args rule_weights needs a score_rule (a rule name or a rule JSON file)",
+        ),
+        (
+            "address=127.0.0.1:1,temperature=0.7",
+            "unknown coolfusion model_args: temperature; known: address, mode, models, score_rule, rule_weights, max_segment_tokens, timeout",
+        ),
+        (
+            "address=127.0.0.1:1,mode=single:gemma3,score_rule=product",
+            "score_rule applies to the fused modes; mode=single:gemma3 scores with gemma3's own log-likelihood",
+        ),
     ],
-    ids=["unknown-rule", "no-address", "bad-address", "bad-mode", "weights-without-rule", "unknown-arg", "rule-with-single"],
+    ids=[
+        "unknown-rule",
+        "no-address",
+        "bad-address",
+        "bad-mode",
+        "weights-without-rule",
+        "unknown-arg",
+        "rule-with-single",
+    ],
 )
 def test_bad_model_args_one_line(task_dir, model_args, message):
     with pytest.raises(CoolFusionArgError) as info:
@@ -290,12 +349,22 @@ def test_unreachable_orchestrator_one_line():
 
 def test_cli_bad_input_is_one_line(task_dir, capsys):
     rc = lm_eval_model.main(
-        ["--model", "coolfusion", "--model_args", "address=127.0.0.1:1,score_rule=nope", "--tasks", "coolfusion_arc_easy",
-         "--include_path", str(task_dir)]
+        [
+            "--model",
+            "coolfusion",
+            "--model_args",
+            "address=127.0.0.1:1,score_rule=nope",
+            "--tasks",
+            "coolfusion_arc_easy",
+            "--include_path",
+            str(task_dir),
+        ]
     )
     err = capsys.readouterr().err
     assert rc == 2
-    assert err.endswith("coolfusion-lm-eval: error: unknown score rule 'nope'; rules: mean-ppl, mean-nll, product, calibrated, gated\n")
+    assert err.endswith(
+        "coolfusion-lm-eval: error: unknown score rule 'nope'; rules: mean-ppl, mean-nll, product, calibrated, gated\n"
+    )
     assert "Traceback" not in err
 
 
@@ -306,9 +375,18 @@ async def test_bad_requests_one_line(cluster):
         return Instance(kind, {}, args, 0, ("t", 0, 1))
 
     cases = [
-        ({"until": ["\n"], "do_sample": True}, "coolfusion generates greedily only; got do_sample=True, temperature=None"),
-        ({"until": ["\n"], "temperature": 0.7}, "coolfusion generates greedily only; got do_sample=None, temperature=0.7"),
-        ({"until": ["\n"], "top_p": 0.9}, "coolfusion does not take generation kwargs top_p; it takes until, max_gen_toks, do_sample, temperature"),
+        (
+            {"until": ["\n"], "do_sample": True},
+            "coolfusion generates greedily only; got do_sample=True, temperature=None",
+        ),
+        (
+            {"until": ["\n"], "temperature": 0.7},
+            "coolfusion generates greedily only; got do_sample=None, temperature=0.7",
+        ),
+        (
+            {"until": ["\n"], "top_p": 0.9},
+            "coolfusion does not take generation kwargs top_p; it takes until, max_gen_toks, do_sample, temperature",
+        ),
         ({"max_gen_toks": 0}, "generation kwarg max_gen_toks must be an integer > 0, got 0"),
     ]
     for gen_kwargs, message in cases:
@@ -322,8 +400,14 @@ async def test_bad_requests_one_line(cluster):
         lm.loglikelihood_rolling([request("loglikelihood_rolling", ("Some text.",))])
     assert _one_line(info.value).startswith("coolfusion does not support loglikelihood_rolling")
     for args, message in [
-        ({"models": "smollm2+llama"}, f"model_args models names llama, not served at {cluster.address} (smollm2, gemma3, smollm2b)"),
-        ({"mode": "single:llama", "models": "smollm2+gemma3"}, "mode=single:llama names a model not in smollm2, gemma3"),
+        (
+            {"models": "smollm2+llama"},
+            f"model_args models names llama, not served at {cluster.address} (smollm2, gemma3, smollm2b)",
+        ),
+        (
+            {"mode": "single:llama", "models": "smollm2+gemma3"},
+            "mode=single:llama names a model not in smollm2, gemma3",
+        ),
         (
             {"models": "smollm2+gemma3", "score_rule": "product", "rule_weights": "smollm2b=2"},
             "score rule names model(s) smollm2b not in this request (smollm2, gemma3)",
@@ -333,7 +417,5 @@ async def test_bad_requests_one_line(cluster):
             await asyncio.to_thread(CoolFusionLM, address=cluster.address, **args)
         assert _one_line(info.value) == message
     with pytest.raises(CoolFusionError) as info:  # the server's own check, passed on in one line
-        await asyncio.to_thread(
-            lm.loglikelihood, [request("loglikelihood", ("Q" * 200_001, " yes"))]
-        )
+        await asyncio.to_thread(lm.loglikelihood, [request("loglikelihood", ("Q" * 200_001, " yes"))])
     assert _one_line(info.value).startswith("coolfusion Score failed: INVALID_ARGUMENT: prompt is 200001 characters")

@@ -60,8 +60,10 @@ async def test_request_id_tags_structured_logs_and_comes_back(cluster, caplog):
     else:
         assert (reply.finish_reason, reply.usage[0].output_tokens) == ("length", 2)
     assert ("x-request-id", "req-42") in trailing
-    lines = [json.loads(JsonFormatter().format(r)) for r in caplog.records if getattr(r, "request_id", None) == "req-42"]
-    assert [l["msg"] for l in lines] == ["generation started", "generation finished"]
+    lines = [
+        json.loads(JsonFormatter().format(r)) for r in caplog.records if getattr(r, "request_id", None) == "req-42"
+    ]
+    assert [line["msg"] for line in lines] == ["generation started", "generation finished"]
     # The finished line says how this request ended.
     assert (lines[-1]["finish_reason"], lines[-1]["segments"]) == (reply.finish_reason, len(reply.segments))
     assert lines[-1]["models"] == ["smollm2"] and lines[-1]["request_id"] == "req-42"

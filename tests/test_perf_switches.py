@@ -75,7 +75,12 @@ async def test_every_switch_gives_the_unoptimised_output(engine, mode, models):
         for label, options in CONFIGS.items():
             final, segments = await run(engine, prompt, mode, models, options)
             output_tokens = {n: u.output_tokens for n, u in final.usage.items()}  # "none": the workers' counts
-            results[label] = (final.text, final.finish_reason, [(s.text, s.model, s.eos) for s in segments], output_tokens)
+            results[label] = (
+                final.text,
+                final.finish_reason,
+                [(s.text, s.model, s.eos) for s in segments],
+                output_tokens,
+            )
         ref = results["none"]
         assert ref[0] and len(ref[2]) >= 3
         for label, got in results.items():
@@ -128,13 +133,20 @@ async def test_following_segments_keep_stops_and_budgets(engine, cut):
         for label in ("none", "-follow_segments", "all"):
             segments, final = [], None
             async for item in engine.generate(
-                FusionRequest(prompt=PROMPTS[0], mode="cool", models=models, options=FusionOptions.parse(label), **request)
+                FusionRequest(
+                    prompt=PROMPTS[0], mode="cool", models=models, options=FusionOptions.parse(label), **request
+                )
             ):
                 if isinstance(item, Segment):
                     segments.append((item.text, item.model))
                 else:
                     final = item
-            results[label] = (final.text, final.finish_reason, segments, {n: u.output_tokens for n, u in final.usage.items()})
+            results[label] = (
+                final.text,
+                final.finish_reason,
+                segments,
+                {n: u.output_tokens for n, u in final.usage.items()},
+            )
         assert results["all"] == results["none"] == results["-follow_segments"], (cut, k)
         assert results["none"][1] == ("stop" if cut == "stop" else "length")
 

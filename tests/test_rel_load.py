@@ -16,8 +16,8 @@ import random
 import time
 
 import grpc
-
 from cluster import HANG_GUARD_S
+
 from coolfusion.protos import fusion_pb2, fusion_pb2_grpc
 
 REQUESTS = int(os.environ.get("COOLFUSION_LOAD_REQUESTS", 200))
@@ -49,7 +49,10 @@ async def _wait_idle(cluster, timeout: float = HANG_GUARD_S) -> dict:
 
 def _request(i: int, tokens: int, label: str = "load") -> fusion_pb2.GenerateRequest:
     return fusion_pb2.GenerateRequest(
-        prompt=PROMPTS[i % len(PROMPTS)], mode="cool", models=["smollm2", "gemma3"], max_new_tokens=tokens,
+        prompt=PROMPTS[i % len(PROMPTS)],
+        mode="cool",
+        models=["smollm2", "gemma3"],
+        max_new_tokens=tokens,
         request_id=f"{label}-{i}",
     )
 
@@ -77,7 +80,9 @@ async def test_load_with_random_cancels(cluster, caplog):
 
         async def one(i: int) -> str:
             cancel = cancel_after.get(i)
-            call = stub.GenerateStream(_request(i, TOKENS if cancel is None else CANCELLED_TOKENS), timeout=HANG_GUARD_S)
+            call = stub.GenerateStream(
+                _request(i, TOKENS if cancel is None else CANCELLED_TOKENS), timeout=HANG_GUARD_S
+            )
             if cancel == 0:
                 call.cancel()
             segments, final = [], None
@@ -110,7 +115,9 @@ async def test_load_with_random_cancels(cluster, caplog):
 
         # Warm up (first forwards allocate), then take the memory baseline.
         for _ in range(2):
-            await stub.Generate(fusion_pb2.GenerateRequest(prompt="1, 2,", models=["smollm2", "gemma3"], max_new_tokens=3))
+            await stub.Generate(
+                fusion_pb2.GenerateRequest(prompt="1, 2,", models=["smollm2", "gemma3"], max_new_tokens=3)
+            )
         assert await _wait_idle(cluster) == {n: (0, 0) for n in cluster.cores}
         rss_before = _rss_mib()
 

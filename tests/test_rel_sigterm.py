@@ -51,10 +51,15 @@ async def test_sigterm_during_a_generation(tmp_path, monkeypatch):
         # Long enough that it is still streaming when the probe below is refused (that takes
         # milliseconds after the signal; this generation takes seconds on any machine).
         request = fusion_pb2.GenerateRequest(
-            prompt="Question: Count from one to one hundred in words.\nAnswer:", mode="single:smollm2", max_new_tokens=128,
+            prompt="Question: Count from one to one hundred in words.\nAnswer:",
+            mode="single:smollm2",
+            max_new_tokens=128,
             request_id="long-one",
         )
-        async with grpc.aio.insecure_channel(cluster.address) as channel, grpc.aio.insecure_channel(cluster.address) as other:
+        async with (
+            grpc.aio.insecure_channel(cluster.address) as channel,
+            grpc.aio.insecure_channel(cluster.address) as other,
+        ):
             stub, probe_stub = fusion_pb2_grpc.FusionStub(channel), fusion_pb2_grpc.FusionStub(other)
             first_segment = asyncio.Event()
             ended: list[str] = []  # how the first request ended, once it did

@@ -14,18 +14,20 @@ import time
 import grpc
 import pytest
 import pytest_asyncio
+from cluster import HANG_GUARD_S, gate_worker
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_faults import start_worker
 
 from coolfusion.clients.cli import build_parser
 from coolfusion.orchestrator.fusion import FusionOptions
 from coolfusion.orchestrator.server import build_service as build_orchestrator
-from coolfusion.protos import fusion_pb2, fusion_pb2_grpc, worker_pb2 as wpb, worker_pb2_grpc
+from coolfusion.protos import fusion_pb2, fusion_pb2_grpc, worker_pb2_grpc
+from coolfusion.protos import worker_pb2 as wpb
 from coolfusion.services.common.metrics import KV_BYTES, LIVE_SESSIONS
 from coolfusion.services.common.server import GrpcService
 from coolfusion.services.worker.model import WorkerCore
-from coolfusion.services.worker.server import SERVICE_NAME as WORKER_SERVICE, WorkerServicer
-from cluster import HANG_GUARD_S, gate_worker
-from test_faults import start_worker
+from coolfusion.services.worker.server import SERVICE_NAME as WORKER_SERVICE
+from coolfusion.services.worker.server import WorkerServicer
 
 
 def _gauge(gauge, name: str) -> float:
@@ -77,6 +79,7 @@ async def test_session_lru_cap_kv_budget_and_idle_ttl(cluster):
     core = _copy_core(cluster, name, max_sessions=2)  # the TTL is set for its own phase below
     service, _servicer, channel, stub = await _serve_core(core, reap_interval=0.2)
     try:
+
         async def open_():
             return (await stub.Open(wpb.OpenRequest(prompt=b"1, 2, 3,"))).session_id
 
@@ -86,8 +89,11 @@ async def test_session_lru_cap_kv_budget_and_idle_ttl(cluster):
         await stub.NextText(wpb.NextTextRequest(session_id=a, max_tokens=2))  # a is now more recent than b
         c = await open_()
         assert sorted(core.session_ids()) == sorted([a, c])
-        await _expect(grpc.StatusCode.NOT_FOUND, "evicted (least recently used; max 2 sessions)",
-                      stub.NextText(wpb.NextTextRequest(session_id=b, max_tokens=2)))
+        await _expect(
+            grpc.StatusCode.NOT_FOUND,
+            "evicted (least recently used; max 2 sessions)",
+            stub.NextText(wpb.NextTextRequest(session_id=b, max_tokens=2)),
+        )
         assert _gauge(LIVE_SESSIONS, name) == 2
         assert _gauge(KV_BYTES, name) == core.stats()[1] > 0
 
@@ -101,8 +107,11 @@ async def test_session_lru_cap_kv_budget_and_idle_ttl(cluster):
         core.kv_budget_bytes = int(one * 1.5)
         d = await open_()
         assert core.session_ids() == [d]
-        details = await _expect(grpc.StatusCode.NOT_FOUND, "KV budget",
-                                stub.UpdateState(wpb.UpdateStateRequest(session_id=a, state_id="0.0")))
+        details = await _expect(
+            grpc.StatusCode.NOT_FOUND,
+            "KV budget",
+            stub.UpdateState(wpb.UpdateStateRequest(session_id=a, state_id="0.0")),
+        )
         assert a in details
         core.kv_budget_bytes = 0
 
@@ -114,8 +123,7 @@ async def test_session_lru_cap_kv_budget_and_idle_ttl(cluster):
         core._sessions[d].last_used -= 2 * TTL  # d has been idle for two TTLs
         assert await _until(lambda: d not in core.session_ids())
         assert core.session_ids() == [e]
-        await _expect(grpc.StatusCode.NOT_FOUND, "expired after",
-                      stub.NextToken(wpb.NextTokenRequest(session_id=d)))
+        await _expect(grpc.StatusCode.NOT_FOUND, "expired after", stub.NextToken(wpb.NextTokenRequest(session_id=d)))
         core._sessions[e].last_used -= 2 * TTL
         assert await _until(lambda: core.session_ids() == [])
         # A reaper pass after the last eviction sets the gauges.
@@ -130,8 +138,19 @@ async def test_session_lru_cap_kv_budget_and_idle_ttl(cluster):
 
 def test_worker_session_flags_and_env(monkeypatch):
     args = build_parser().parse_args(
-        ["worker", "--model", "smollm2", "--tokenizer-service", "x:1", "--session-ttl", "5", "--max-sessions", "3",
-         "--kv-budget-mb", "64"]
+        [
+            "worker",
+            "--model",
+            "smollm2",
+            "--tokenizer-service",
+            "x:1",
+            "--session-ttl",
+            "5",
+            "--max-sessions",
+            "3",
+            "--kv-budget-mb",
+            "64",
+        ]
     )
     assert (args.session_ttl, args.max_sessions, args.kv_budget_mb) == (5.0, 3, 64.0)
     monkeypatch.setenv("COOLFUSION_SESSION_TTL", "7")
@@ -186,7 +205,10 @@ async def test_degraded_fusion_survives_a_killed_worker(cluster, fusion_with_a_w
     stub, proc, engine = fusion_with_a_worker_process
     gated = gate_worker(engine, "smollm2", at=2)
     request = fusion_pb2.GenerateRequest(
-        prompt="Question: What is 12 plus 30?\nAnswer:", mode="cool", max_new_tokens=24, max_segment_tokens=4,
+        prompt="Question: What is 12 plus 30?\nAnswer:",
+        mode="cool",
+        max_new_tokens=24,
+        max_segment_tokens=4,
         allow_degraded=True,
     )
     segments, final = [], None
@@ -281,20 +303,54 @@ async def test_worker_bad_input_table(cluster):
         await stub.UpdateState(wpb.UpdateStateRequest(session_id=sid, state_id=first.state_id))
         I, N, F = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION
         table = [
-            ("token id too large", I, "out of range",
-             stub.FeedTokens(wpb.FeedTokensRequest(session_id=sid, token_ids=[core.vocab_size + 5]))),
-            ("negative token id", I, "out of range", stub.FeedTokens(wpb.FeedTokensRequest(session_id=sid, token_ids=[-1]))),
+            (
+                "token id too large",
+                I,
+                "out of range",
+                stub.FeedTokens(wpb.FeedTokensRequest(session_id=sid, token_ids=[core.vocab_size + 5])),
+            ),
+            (
+                "negative token id",
+                I,
+                "out of range",
+                stub.FeedTokens(wpb.FeedTokensRequest(session_id=sid, token_ids=[-1])),
+            ),
             ("unknown session", N, "no session", stub.NextText(wpb.NextTextRequest(session_id="nope", max_tokens=2))),
-            ("stale state id", F, "stale", stub.UpdateState(wpb.UpdateStateRequest(session_id=sid, state_id=first.state_id))),
-            ("unknown state id", F, "unknown state", stub.UpdateState(wpb.UpdateStateRequest(session_id=sid, state_id="x"))),
-            ("negative max_tokens", I, "max_tokens must be >= 0",
-             stub.NextText(wpb.NextTextRequest(session_id=sid, max_tokens=-3))),
+            (
+                "stale state id",
+                F,
+                "stale",
+                stub.UpdateState(wpb.UpdateStateRequest(session_id=sid, state_id=first.state_id)),
+            ),
+            (
+                "unknown state id",
+                F,
+                "unknown state",
+                stub.UpdateState(wpb.UpdateStateRequest(session_id=sid, state_id="x")),
+            ),
+            (
+                "negative max_tokens",
+                I,
+                "max_tokens must be >= 0",
+                stub.NextText(wpb.NextTextRequest(session_id=sid, max_tokens=-3)),
+            ),
             ("invalid UTF-8 prompt", I, "not valid UTF-8", stub.Open(wpb.OpenRequest(prompt=b"ok \xff\xfe"))),
             ("empty prompt", I, "prompt is empty", stub.Open(wpb.OpenRequest(prompt=b""))),
             ("empty messages", I, "messages is empty", stub.Open(wpb.OpenRequest(messages=wpb.ChatMessages()))),
-            ("message without role", I, "non-empty string 'role'",
-             stub.Open(wpb.OpenRequest(messages=wpb.ChatMessages(messages=[wpb.ChatMessage(role="", content="hi")])))),
-            ("no candidates", I, "candidates is empty", stub.ScoreCandidates(wpb.ScoreCandidatesRequest(session_id=sid))),
+            (
+                "message without role",
+                I,
+                "non-empty string 'role'",
+                stub.Open(
+                    wpb.OpenRequest(messages=wpb.ChatMessages(messages=[wpb.ChatMessage(role="", content="hi")]))
+                ),
+            ),
+            (
+                "no candidates",
+                I,
+                "candidates is empty",
+                stub.ScoreCandidates(wpb.ScoreCandidatesRequest(session_id=sid)),
+            ),
         ]
         for label, code, fragment, call in table:
             try:

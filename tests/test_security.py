@@ -10,7 +10,8 @@ import pytest
 import pytest_asyncio
 
 from coolfusion.clients.client import FusionClient
-from coolfusion.orchestrator.server import Admission, build_service as build_orchestrator
+from coolfusion.orchestrator.server import Admission
+from coolfusion.orchestrator.server import build_service as build_orchestrator
 from coolfusion.protos import tokenizer_pb2 as tpb
 from coolfusion.protos import tokenizer_pb2_grpc as tpb_grpc
 from coolfusion.protos import worker_pb2_grpc
@@ -19,7 +20,8 @@ from coolfusion.services.common.security import ClientTls, ServerTls, aio_channe
 from coolfusion.services.common.server import CHANNEL_OPTIONS, GrpcService
 from coolfusion.services.tokenizer.server import build_service as build_tokenizer_service
 from coolfusion.services.worker.model import WorkerCore
-from coolfusion.services.worker.server import SERVICE_NAME as WORKER_SERVICE, WorkerServicer
+from coolfusion.services.worker.server import SERVICE_NAME as WORKER_SERVICE
+from coolfusion.services.worker.server import WorkerServicer
 
 
 def _openssl(*args: str, cwd) -> None:
@@ -31,14 +33,54 @@ def pki(tmp_path_factory):
     """A CA, a server certificate for 127.0.0.1/localhost, and a client certificate; plus a stranger CA."""
     d = tmp_path_factory.mktemp("pki")
     for ca in ("ca", "other-ca"):
-        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={ca}",
-                 "-keyout", f"{ca}.key", "-out", f"{ca}.pem", cwd=d)
+        _openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={ca}",
+            "-keyout",
+            f"{ca}.key",
+            "-out",
+            f"{ca}.pem",
+            cwd=d,
+        )
     (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     for name, ca, ext in (("server", "ca", ["-extfile", "san.ext"]), ("client", "ca", []), ("rogue", "other-ca", [])):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
-                 "-out", f"{name}.csr", cwd=d)
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
-                 "-CAcreateserial", "-days", "2", "-out", f"{name}.pem", *ext, cwd=d)
+        _openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            cwd=d,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            f"{ca}.pem",
+            "-CAkey",
+            f"{ca}.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-out",
+            f"{name}.pem",
+            *ext,
+            cwd=d,
+        )
     return d
 
 
@@ -125,11 +167,20 @@ async def test_orchestrator_reaches_workers_over_mutual_tls(pki, cluster, monkey
     services, addresses = [], {}
     for name in ("smollm2", "gemma3"):
         shared = cluster.cores[name]
-        core = WorkerCore(name, shared.spec, device="cpu", boundary=cluster.registry.common_boundary,
-                          model=shared.model, hf_tokenizer=shared.tokenizer.hf)
+        core = WorkerCore(
+            name,
+            shared.spec,
+            device="cpu",
+            boundary=cluster.registry.common_boundary,
+            model=shared.model,
+            hf_tokenizer=shared.tokenizer.hf,
+        )
         servicer = WorkerServicer(core)
-        service = GrpcService(lambda server, s=servicer: worker_pb2_grpc.add_ModelWorkerServicer_to_server(s, server),
-                              [WORKER_SERVICE], tls=server_tls)
+        service = GrpcService(
+            lambda server, s=servicer: worker_pb2_grpc.add_ModelWorkerServicer_to_server(s, server),
+            [WORKER_SERVICE],
+            tls=server_tls,
+        )
         addresses[name] = f"127.0.0.1:{await service.start()}"
         services.append(service)
     orchestrators = []
@@ -137,8 +188,14 @@ async def test_orchestrator_reaches_workers_over_mutual_tls(pki, cluster, monkey
         kwargs = dict(mode="cool", models=["smollm2", "gemma3"], max_new_tokens=8)
         async with FusionClient(cluster.address) as plain:
             expected = await plain.generate("1, 2, 3,", **kwargs)
-        for env in ({"COOLFUSION_TLS_CA": "ca.pem", "COOLFUSION_TLS_CLIENT_CERT": "client.pem", "COOLFUSION_TLS_CLIENT_KEY": "client.key"},
-                    {"COOLFUSION_TLS_CA": "ca.pem"}):
+        for env in (
+            {
+                "COOLFUSION_TLS_CA": "ca.pem",
+                "COOLFUSION_TLS_CLIENT_CERT": "client.pem",
+                "COOLFUSION_TLS_CLIENT_KEY": "client.key",
+            },
+            {"COOLFUSION_TLS_CA": "ca.pem"},
+        ):
             with monkeypatch.context() as m:  # read when the orchestrator's worker channels are made
                 for key, file in env.items():
                     m.setenv(key, str(pki / file))
@@ -148,7 +205,10 @@ async def test_orchestrator_reaches_workers_over_mutual_tls(pki, cluster, monkey
             async with FusionClient(address) as client:  # plaintext to the orchestrator itself
                 if "COOLFUSION_TLS_CLIENT_CERT" in env:
                     reply = await client.generate("1, 2, 3,", **kwargs)
-                    assert (reply.text, [s.model for s in reply.segments]) == (expected.text, [s.model for s in expected.segments])
+                    assert (reply.text, [s.model for s in reply.segments]) == (
+                        expected.text,
+                        [s.model for s in expected.segments],
+                    )
                 else:
                     with pytest.raises(grpc.aio.AioRpcError) as info:
                         await client.generate("1, 2, 3,", **kwargs)
@@ -164,9 +224,7 @@ async def test_orchestrator_reaches_workers_over_mutual_tls(pki, cluster, monkey
 
 
 async def test_bearer_token_on_the_fusion_service(cluster):
-    service, _ = build_orchestrator(
-        {"smollm2": cluster.worker_addresses["smollm2"]}, auth_tokens=["s3cret", "other"]
-    )
+    service, _ = build_orchestrator({"smollm2": cluster.worker_addresses["smollm2"]}, auth_tokens=["s3cret", "other"])
     port = await service.start()
     address = f"127.0.0.1:{port}"
     try:

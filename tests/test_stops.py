@@ -8,8 +8,8 @@ prompts, where the models go on with "\\n\\nQuestion:" in segments of their own.
 from __future__ import annotations
 
 import pytest
-
 from cluster import gsm8k_prompt, winner_text
+
 from coolfusion.clients.client import FusionClient
 from coolfusion.orchestrator.fusion import Final, FusionEngine, FusionRequest, Segment, find_stop, stop_prefix_start
 from coolfusion.orchestrator.workers import Opened, Proposal, WorkerInfo
@@ -43,8 +43,14 @@ class ScriptedWorker:
         last = i == len(self.pieces) - 1
         eos = last and self.eos
         return Proposal(
-            state_id=f"s{i}", text=self.pieces[i], token_ids=[i], logprobs=[-0.5], eos=eos,
-            finish="eos" if eos else "boundary", generated_tokens=1, lookahead="" if last else "x",
+            state_id=f"s{i}",
+            text=self.pieces[i],
+            token_ids=[i],
+            logprobs=[-0.5],
+            eos=eos,
+            finish="eos" if eos else "boundary",
+            generated_tokens=1,
+            lookahead="" if last else "x",
         )
 
     async def close(self, session_id) -> None:
@@ -141,7 +147,9 @@ async def test_gsm8k_stops_at_question_across_segments(cluster):
     async with FusionClient(cluster.address) as client:
         for index in (1, 3):  # test questions whose answers end within 96 tokens here
             prompt = gsm8k_prompt(index)
-            kwargs = dict(mode="cool", models=["smollm2", "gemma3"], max_new_tokens=96, stop=[STOP], score_rule="mean-ppl")
+            kwargs = dict(
+                mode="cool", models=["smollm2", "gemma3"], max_new_tokens=96, stop=[STOP], score_rule="mean-ppl"
+            )
             streamed, final = [], None
             async for item in client.stream_raw(prompt, **kwargs):
                 if item.HasField("segment"):

@@ -67,7 +67,9 @@ async def test_encode_matches_library(stub, tokenizer_registry, continuation):
     batch = await stub.EncodeBatch(
         pb.EncodeBatchRequest(requests=[pb.EncodeRequest(tokenizer_id=t, text=x.encode()) for t in IDS for x in TEXTS])
     )
-    assert [list(r.ids) for r in batch.responses] == [tokenizer_registry.get(t).encode(x).ids for t in IDS for x in TEXTS]
+    assert [list(r.ids) for r in batch.responses] == [
+        tokenizer_registry.get(t).encode(x).ids for t in IDS for x in TEXTS
+    ]
 
 
 async def test_decode_matches_library(stub, tokenizer_registry):
@@ -86,7 +88,14 @@ async def test_decode_matches_library(stub, tokenizer_registry):
                 head = tok.decode(ids[:k])[0]  # complete characters only: the rest's decode starts after them
                 for prefix, rest, reference in [
                     (ids[:k], ids[k:], ("context", text[len(head) :])),
-                    ([], ids[k : k + 1], ("lone", tok.hf.decode(ids[k : k + 1], skip_special_tokens=True, clean_up_tokenization_spaces=False))),
+                    (
+                        [],
+                        ids[k : k + 1],
+                        (
+                            "lone",
+                            tok.hf.decode(ids[k : k + 1], skip_special_tokens=True, clean_up_tokenization_spaces=False),
+                        ),
+                    ),
                 ]:
                     requests.append(pb.DecodeRequest(tokenizer_id=tid, ids=rest, prefix_ids=prefix))
                     expected.append(tok.decode(rest, prefix))
@@ -168,27 +177,104 @@ async def test_common_boundary_matches_library(stub, tokenizer_registry, service
 
 def _bad_requests(vocab: dict[str, int]):
     bad_utf8 = b"ok \xff\xfe"
-    yield "Encode", pb.EncodeRequest(tokenizer_id="nope", text=b"x"), grpc.StatusCode.NOT_FOUND, "unknown tokenizer 'nope'"
-    yield "Encode", pb.EncodeRequest(tokenizer_id="gemma3", text=bad_utf8), grpc.StatusCode.INVALID_ARGUMENT, "text is not valid UTF-8"
-    yield "Words", pb.WordsRequest(tokenizer_id="smollm2", text=bad_utf8), grpc.StatusCode.INVALID_ARGUMENT, "not valid UTF-8"
+    yield (
+        "Encode",
+        pb.EncodeRequest(tokenizer_id="nope", text=b"x"),
+        grpc.StatusCode.NOT_FOUND,
+        "unknown tokenizer 'nope'",
+    )
+    yield (
+        "Encode",
+        pb.EncodeRequest(tokenizer_id="gemma3", text=bad_utf8),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "text is not valid UTF-8",
+    )
+    yield (
+        "Words",
+        pb.WordsRequest(tokenizer_id="smollm2", text=bad_utf8),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "not valid UTF-8",
+    )
     yield "Words", pb.WordsRequest(tokenizer_id="", text=b"x"), grpc.StatusCode.NOT_FOUND, "unknown tokenizer"
-    yield "Decode", pb.DecodeRequest(tokenizer_id="nope", ids=[1]), grpc.StatusCode.NOT_FOUND, "unknown tokenizer 'nope'"
-    yield "Decode", pb.DecodeRequest(tokenizer_id="smollm2", ids=[vocab["smollm2"]]), grpc.StatusCode.INVALID_ARGUMENT, "out of range"
-    yield "Decode", pb.DecodeRequest(tokenizer_id="gemma3", ids=[5, -3]), grpc.StatusCode.INVALID_ARGUMENT, "token id -3 out of range"
-    yield "Decode", pb.DecodeRequest(tokenizer_id="gemma3", ids=[5], prefix_ids=[10**9]), grpc.StatusCode.INVALID_ARGUMENT, "out of range"
-    yield "CommonBoundary", pb.CommonBoundaryRequest(generated_text=b"a b c", tokenizer_ids=[]), grpc.StatusCode.INVALID_ARGUMENT, "at least one"
-    yield "CommonBoundary", pb.CommonBoundaryRequest(generated_text=b"a b c", tokenizer_ids=["smollm2", "nope"]), grpc.StatusCode.NOT_FOUND, "unknown tokenizer 'nope'"
-    yield "CommonBoundary", pb.CommonBoundaryRequest(context_tail=bad_utf8, generated_text=b"a b", tokenizer_ids=["smollm2"]), grpc.StatusCode.INVALID_ARGUMENT, "context_tail is not valid UTF-8"
-    yield "CommonBoundary", pb.CommonBoundaryRequest(generated_text="你".encode()[:2] + b" b", tokenizer_ids=["gemma3"]), grpc.StatusCode.INVALID_ARGUMENT, "generated_text is not valid UTF-8"
+    yield (
+        "Decode",
+        pb.DecodeRequest(tokenizer_id="nope", ids=[1]),
+        grpc.StatusCode.NOT_FOUND,
+        "unknown tokenizer 'nope'",
+    )
+    yield (
+        "Decode",
+        pb.DecodeRequest(tokenizer_id="smollm2", ids=[vocab["smollm2"]]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "out of range",
+    )
+    yield (
+        "Decode",
+        pb.DecodeRequest(tokenizer_id="gemma3", ids=[5, -3]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "token id -3 out of range",
+    )
+    yield (
+        "Decode",
+        pb.DecodeRequest(tokenizer_id="gemma3", ids=[5], prefix_ids=[10**9]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "out of range",
+    )
+    yield (
+        "CommonBoundary",
+        pb.CommonBoundaryRequest(generated_text=b"a b c", tokenizer_ids=[]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "at least one",
+    )
+    yield (
+        "CommonBoundary",
+        pb.CommonBoundaryRequest(generated_text=b"a b c", tokenizer_ids=["smollm2", "nope"]),
+        grpc.StatusCode.NOT_FOUND,
+        "unknown tokenizer 'nope'",
+    )
+    yield (
+        "CommonBoundary",
+        pb.CommonBoundaryRequest(context_tail=bad_utf8, generated_text=b"a b", tokenizer_ids=["smollm2"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "context_tail is not valid UTF-8",
+    )
+    yield (
+        "CommonBoundary",
+        pb.CommonBoundaryRequest(generated_text="你".encode()[:2] + b" b", tokenizer_ids=["gemma3"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "generated_text is not valid UTF-8",
+    )
     for name, request_type in [
         ("EncodeBatch", pb.EncodeBatchRequest), ("DecodeBatch", pb.DecodeBatchRequest),
         ("WordsBatch", pb.WordsBatchRequest), ("CommonBoundaryBatch", pb.CommonBoundaryBatchRequest),
     ]:  # fmt: skip
         yield name, request_type(), grpc.StatusCode.INVALID_ARGUMENT, "requests must not be empty"
     # One bad item fails the whole batch with that item's status.
-    yield "EncodeBatch", pb.EncodeBatchRequest(requests=[pb.EncodeRequest(tokenizer_id="gemma3", text=b"ok"), pb.EncodeRequest(tokenizer_id="x", text=b"ok")]), grpc.StatusCode.NOT_FOUND, "unknown tokenizer 'x'"
-    yield "DecodeBatch", pb.DecodeBatchRequest(requests=[pb.DecodeRequest(tokenizer_id="gemma3", ids=[vocab["gemma3"] + 7])]), grpc.StatusCode.INVALID_ARGUMENT, "out of range"
-    yield "CommonBoundaryBatch", pb.CommonBoundaryBatchRequest(requests=[pb.CommonBoundaryRequest(generated_text=b"\xc3(", tokenizer_ids=["gemma3"])]), grpc.StatusCode.INVALID_ARGUMENT, "not valid UTF-8"
+    yield (
+        "EncodeBatch",
+        pb.EncodeBatchRequest(
+            requests=[
+                pb.EncodeRequest(tokenizer_id="gemma3", text=b"ok"),
+                pb.EncodeRequest(tokenizer_id="x", text=b"ok"),
+            ]
+        ),
+        grpc.StatusCode.NOT_FOUND,
+        "unknown tokenizer 'x'",
+    )
+    yield (
+        "DecodeBatch",
+        pb.DecodeBatchRequest(requests=[pb.DecodeRequest(tokenizer_id="gemma3", ids=[vocab["gemma3"] + 7])]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "out of range",
+    )
+    yield (
+        "CommonBoundaryBatch",
+        pb.CommonBoundaryBatchRequest(
+            requests=[pb.CommonBoundaryRequest(generated_text=b"\xc3(", tokenizer_ids=["gemma3"])]
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "not valid UTF-8",
+    )
 
 
 async def test_malformed_requests_then_keeps_serving(stub, tokenizer_registry):

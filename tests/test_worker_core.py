@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from cluster import GSM8K  # ../shared/data/gsm8k, or $COOLFUSION_GSM8K_DIR
 
 from coolfusion.services.common.errors import status_for
 from coolfusion.services.worker import model as worker_model
 from coolfusion.services.worker.errors import InvalidArgument, SessionNotFound, StateError
 from coolfusion.services.worker.model import WorkerCore, perplexity
 
-from cluster import GSM8K  # ../shared/data/gsm8k, or $COOLFUSION_GSM8K_DIR
 MODELS = ("smollm2", "gemma3")
 N = 40
 SHORT_PROMPT = "The three primary colors are"
@@ -270,7 +269,11 @@ def test_open_messages(workers):
     messages = [{"role": "user", "content": "Say hi."}]
     sid, n, text = smol.open(messages=messages)
     assert text == smol.tokenizer.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert n == len(smol.tokenizer.hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"])
+    assert n == len(
+        smol.tokenizer.hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)[
+            "input_ids"
+        ]
+    )
     smol.close(sid)
     assert not gemma.tokenizer.has_chat_template
     sid, n, text = gemma.open(messages=[{"role": "system", "content": "Be brief."}] + messages)
@@ -461,7 +464,7 @@ def test_batches_fill_idle_continuations(workers):
         list(pool.map(busy, ["def fibonacci(n):", "Once upon a time, in a small village,"]))
     grown = len(session.ahead_tokens) - ahead_before
     assert w.batcher.stats.filled > filled_before, w.batcher.stats
-    assert 1 <= grown and len(session.ahead_tokens) <= len(first.token_ids) + w.fill_ahead
+    assert grown >= 1 and len(session.ahead_tokens) <= len(first.token_ids) + w.fill_ahead
 
     ids, lps = list(first.token_ids), list(first.logprobs)
     second = w.next_text(sid, [], 10 - len(ids), commit_state_id=first.state_id)
@@ -668,7 +671,12 @@ def test_following_segments_are_the_next_candidates(workers, registry, model, mo
             sequential.append(r)
         assert (sequential[0].text, sequential[0].token_ids) == (first.text, first.token_ids)
         for f, r in zip(first.following, sequential[1:]):
-            assert (f.text, f.token_ids, f.lookahead, f.generated_tokens) == (r.text, r.token_ids, r.lookahead, r.generated_tokens)
+            assert (f.text, f.token_ids, f.lookahead, f.generated_tokens) == (
+                r.text,
+                r.token_ids,
+                r.lookahead,
+                r.generated_tokens,
+            )
             assert f.logprobs == pytest.approx(r.logprobs, abs=1e-5)
         c = w.update_state(a, first.following[-1].state_id)
         ids = first.token_ids + [t for f in first.following for t in f.token_ids]
@@ -715,7 +723,11 @@ def test_scores_from_the_kept_continuation(workers, registry, model, monkeypatch
             assert r.token_ids == p.token_ids
             assert r.logprobs == pytest.approx(p.logprobs, abs=1e-4)
         chosen = reused[2]
-        assert chosen.reused and chosen.token_ids[:-1] == own.token_ids and chosen.token_ids[-1] != cont[len(own.token_ids)]
+        assert (
+            chosen.reused
+            and chosen.token_ids[:-1] == own.token_ids
+            and chosen.token_ids[-1] != cont[len(own.token_ids)]
+        )
         c = w.update_state(sid, chosen.state_id)
         assert c.committed_tokens == len(chosen.token_ids)
         ids, _, _, _, _ = greedy_segments(w, sid, registry.ids, 8, committed=c.committed_tokens)

@@ -15,9 +15,9 @@ runs), so one pass over the data reports every configuration.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from ...orchestrator.rules import RULES, ScoreRule
 from .runner import EvalDataError
@@ -119,7 +119,9 @@ class ChoiceTask:
         correct: dict[str, dict[str, list[bool]]] = {}
         for label, what in self.configurations():
             picks = [
-                self.single_predictions(r, what) if isinstance(what, str) else self.rule_predictions(r, what, self.models)
+                self.single_predictions(r, what)
+                if isinstance(what, str)
+                else self.rule_predictions(r, what, self.models)
                 for r in rows
             ]
             correct[label] = {

@@ -1,8 +1,8 @@
 """``coolfusion eval TASK``: argument parsing and the run, for every task.
 
-    coolfusion eval gsm8k --data ../shared/data/gsm8k/test.jsonl --limit 200
-    coolfusion eval arc-easy --split validation            # ../shared/data/arc/ARC-Easy-validation.jsonl
-    coolfusion eval mgsm --data DIR --lang de               # DIR/mgsm_de.tsv
+coolfusion eval gsm8k --data ../shared/data/gsm8k/test.jsonl --limit 200
+coolfusion eval arc-easy --split validation            # ../shared/data/arc/ARC-Easy-validation.jsonl
+coolfusion eval mgsm --data DIR --lang de               # DIR/mgsm_de.tsv
 """
 
 from __future__ import annotations
@@ -23,8 +23,12 @@ SHARED_DATA = Path(os.environ.get("COOLFUSION_DATA_DIR", Path(__file__).resolve(
 def add_eval_parser(sub, default_models: str) -> None:
     e = sub.add_parser("eval", help="evaluate source models and fused configurations on a benchmark")
     e.add_argument("task", choices=TASKS)
-    e.add_argument("--data", help="data file (gsm8k: JSONL/TSV; arc-*: ARC JSONL; mgsm: a TSV or a folder of mgsm_LANG.tsv)")
-    e.add_argument("--split", default="", help="arc-*: train | validation (default validation), under ../shared/data/arc")
+    e.add_argument(
+        "--data", help="data file (gsm8k: JSONL/TSV; arc-*: ARC JSONL; mgsm: a TSV or a folder of mgsm_LANG.tsv)"
+    )
+    e.add_argument(
+        "--split", default="", help="arc-*: train | validation (default validation), under ../shared/data/arc"
+    )
     e.add_argument("--lang", default="", help="mgsm: language of DIR/mgsm_LANG.tsv")
     e.add_argument("--train", help="gsm8k/mgsm few-shot exemplars (default: train.jsonl beside --data for gsm8k)")
     e.add_argument("--limit", type=int, default=0)
@@ -77,7 +81,9 @@ def build_task(args):
 
     if args.task == "mgsm":
         if not args.data:
-            raise EvalDataError("mgsm needs --data: a TSV question<TAB>answer, or a folder of mgsm_LANG.tsv with --lang")
+            raise EvalDataError(
+                "mgsm needs --data: a TSV question<TAB>answer, or a folder of mgsm_LANG.tsv with --lang"
+            )
         data = Path(args.data)
         if data.is_dir():
             if not args.lang:
@@ -107,8 +113,14 @@ def build_task(args):
         args.task, modes, models, generation.few_shot_prefix(exemplars), args.max_new_tokens
     )
     settings = {
-        "data": str(data), "train": str(train) if train else None, "limit": args.limit, "shots": shots, "modes": modes,
-        "max_new_tokens": args.max_new_tokens, "stop": generation.STOP, "decoding": "greedy",
+        "data": str(data),
+        "train": str(train) if train else None,
+        "limit": args.limit,
+        "shots": shots,
+        "modes": modes,
+        "max_new_tokens": args.max_new_tokens,
+        "stop": generation.STOP,
+        "decoding": "greedy",
     }
     return task, items, settings
 
@@ -128,8 +140,12 @@ def cmd_eval(args) -> int:
 
     async def run(address: str) -> dict:
         with Progress(
-            TextColumn(f"[bold]{args.task}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(), transient=False,
+            TextColumn(f"[bold]{args.task}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            transient=False,
         ) as bar:
             job = bar.add_task("eval", total=len(items), stats="")
 

@@ -21,9 +21,9 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from .runner import EvalDataError
 from .stats import mcnemar, wilson
@@ -77,7 +77,7 @@ def copies_question(output: str, question: str) -> bool:
 
 def repeats_line(output: str) -> bool:
     """Some line (8+ characters) occurs twice in the output."""
-    lines = [l.strip() for l in output.splitlines() if len(l.strip()) >= 8]
+    lines = [line.strip() for line in output.splitlines() if len(line.strip()) >= 8]
     return len(lines) != len(set(lines))
 
 
@@ -105,7 +105,9 @@ def load_items(path: Path) -> list[Item]:
                     row = json.loads(line)
                     question, answer = row["question"], str(row["answer"])
                 except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise EvalDataError(f"{path}:{line_no}: not a question/answer row ({type(exc).__name__}: {exc})") from None
+                    raise EvalDataError(
+                        f"{path}:{line_no}: not a question/answer row ({type(exc).__name__}: {exc})"
+                    ) from None
             items.append(Item(len(items), question, answer, gold_answer(answer)))
     if not items:
         raise EvalDataError(f"{path}: no questions")
@@ -160,7 +162,9 @@ class GenerationTask:
         for mode in self.modes:
             base, rule = split_mode(mode)
             if base in DERIVED:
-                needed = [f"single:{m}" for m in self.models] + ([_with_rule("cool", rule)] if base == "cool-rerank" else [])
+                needed = [f"single:{m}" for m in self.models] + (
+                    [_with_rule("cool", rule)] if base == "cool-rerank" else []
+                )
                 generated += [n for n in needed if n not in generated]
         self.units = list(dict.fromkeys(generated + self.modes))
 
@@ -187,7 +191,12 @@ class GenerationTask:
             ppl = {m: (v if v is not None else math.inf) for m, v in chosen["ppl"].items()}
             return {"mode": unit, **record(item, chosen["output"], chosen["finish"], ppl, picked=pool[best])}
         reply = await client.generate(
-            prompt, mode=base, models=self.models, max_new_tokens=self.max_new_tokens, stop=STOP, score_rule=rule or None
+            prompt,
+            mode=base,
+            models=self.models,
+            max_new_tokens=self.max_new_tokens,
+            stop=STOP,
+            score_rule=rule or None,
         )
         output = reply.text
         scored = await client.score(prompt, [output], models=self.models) if output else None
@@ -196,7 +205,12 @@ class GenerationTask:
         return {
             "mode": unit,
             **record(
-                item, output, reply.finish_reason, ppl, time_s=round(reply.timings.total_s, 3), tokens=used,
+                item,
+                output,
+                reply.finish_reason,
+                ppl,
+                time_s=round(reply.timings.total_s, 3),
+                tokens=used,
                 score_rule=reply.score_rule,
             ),
         }
@@ -217,7 +231,11 @@ class GenerationTask:
             strict = sum(r["strict_correct"] for r in items)
             flexible = sum(r["flexible_correct"] for r in items)
             ppls = [r["mean_ppl"] for r in items if r["mean_ppl"] is not None]
-            clean = [r["mean_ppl"] for r in items if r["mean_ppl"] is not None and not (r["copies_question"] or r["repeats_line"])]
+            clean = [
+                r["mean_ppl"]
+                for r in items
+                if r["mean_ppl"] is not None and not (r["copies_question"] or r["repeats_line"])
+            ]
             per_model: dict[str, list[float]] = {}
             for r in items:
                 for m, v in r["ppl"].items():
@@ -244,7 +262,9 @@ class GenerationTask:
             best = max(singles, key=lambda m: summary[m]["flexible_correct"])
             for mode in self.modes:
                 if mode not in singles and len(by_mode[mode]) == len(by_mode[best]):
-                    test = mcnemar([r["flexible_correct"] for r in by_mode[mode]], [r["flexible_correct"] for r in by_mode[best]])
+                    test = mcnemar(
+                        [r["flexible_correct"] for r in by_mode[mode]], [r["flexible_correct"] for r in by_mode[best]]
+                    )
                     summary[mode]["flexible_vs_best"] = {"best": best, **test}
         return {"modes": summary}
 

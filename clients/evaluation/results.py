@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Callable, Hashable
 
 
 class ResultsFile:
@@ -41,7 +41,7 @@ class ResultsFile:
             os.replace(tmp, self.path)
         return self.rows
 
-    def __enter__(self) -> "ResultsFile":
+    def __enter__(self) -> ResultsFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.load()
         self._sink = open(self.path, "a", encoding="utf-8")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:

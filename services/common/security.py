@@ -35,7 +35,7 @@ class ServerTls:
     client_ca_file: str | None = None  # set: mutual TLS
 
     @classmethod
-    def from_env(cls) -> "ServerTls | None":
+    def from_env(cls) -> ServerTls | None:
         cert, key = os.environ.get("COOLFUSION_TLS_CERT"), os.environ.get("COOLFUSION_TLS_KEY")
         if not cert or not key:
             return None
@@ -56,7 +56,7 @@ class ClientTls:
     key_file: str | None = None
 
     @classmethod
-    def from_env(cls) -> "ClientTls | None":
+    def from_env(cls) -> ClientTls | None:
         ca = os.environ.get("COOLFUSION_TLS_CA")
         if not ca:
             return None

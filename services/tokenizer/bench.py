@@ -15,7 +15,7 @@ import asyncio
 import statistics
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 CONTEXT_TAIL = "Question: what is fusion?\nAnswer:"
 TEXT = " Multi-tasking isn't 1850 héllo 你好世界 OK!"  # 40 characters
@@ -71,11 +71,13 @@ def run(models: str = "smollm2,gemma3", calls: int = 3000) -> list[dict]:
         for ids in sets:
             expected = registry.common_boundary(CONTEXT_TAIL, TEXT, ids)
             assert client.common_boundary(CONTEXT_TAIL, TEXT, ids) == expected
-            local = _measure(lambda: registry.common_boundary(CONTEXT_TAIL, TEXT, ids), calls)
-            remote = _measure(lambda: client.common_boundary(CONTEXT_TAIL, TEXT, ids), calls)
+            local = _measure(lambda ids=ids: registry.common_boundary(CONTEXT_TAIL, TEXT, ids), calls)
+            remote = _measure(lambda ids=ids: client.common_boundary(CONTEXT_TAIL, TEXT, ids), calls)
             rows.append({"tokenizers": "+".join(ids), "boundary": expected, "in_process": local, "grpc": remote})
         fffd = _measure(lambda: registry.common_boundary("", FFFD_TEXT, registry.ids), max(1, calls // 100), warmup=1)
-        rows.append({"tokenizers": "+".join(registry.ids) + " (U+FFFD)", "boundary": 3, "in_process": fffd, "grpc": None})
+        rows.append(
+            {"tokenizers": "+".join(registry.ids) + " (U+FFFD)", "boundary": 3, "in_process": fffd, "grpc": None}
+        )
     finally:
         client.close()
         server.stop()
@@ -93,7 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         (lm, lp), (gm, gp) = r["in_process"], r["grpc"] or (float("nan"), float("nan"))
         print(f"{r['tokenizers']:<24}{r['boundary']!s:>9}{lm:>19.3f}{lp:>8.3f}{gm:>13.3f}{gp:>8.3f}")
-    print(f"(U+FFFD): a text of {len(FFFD_TEXT)} characters with 2000 literal U+FFFD, in-process only; target: well under 1 s")
+    print(
+        f"(U+FFFD): a text of {len(FFFD_TEXT)} characters with 2000 literal U+FFFD, in-process only; target: well under 1 s"
+    )
 
 
 if __name__ == "__main__":

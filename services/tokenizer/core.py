@@ -31,9 +31,9 @@ from __future__ import annotations
 import json
 import re
 from bisect import bisect_left
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer
 
@@ -58,7 +58,9 @@ class Encoded:
 @lru_cache(maxsize=1)
 def _byte_level_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: the printable char each byte is mapped to."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     n = 0
     for b in range(256):
@@ -154,10 +156,16 @@ class TokenizerCore:
                 if idx in added:
                     table[idx] = b"" if added[idx].get("special") else token.encode()
                 else:
-                    table[idx] = bytes(inverse[c] for c in token) if all(c in inverse for c in token) else token.encode()
+                    table[idx] = (
+                        bytes(inverse[c] for c in token) if all(c in inverse for c in token) else token.encode()
+                    )
             return table
         if kinds <= {"Replace", "ByteFallback", "Fuse", "Strip", "Metaspace"}:
-            replaces = [(d["pattern"]["String"], d["content"]) for d in steps if d.get("type") == "Replace" and "String" in d.get("pattern", {})]
+            replaces = [
+                (d["pattern"]["String"], d["content"])
+                for d in steps
+                if d.get("type") == "Replace" and "String" in d.get("pattern", {})
+            ]
             if "Metaspace" in kinds:
                 replaces.append(("▁", " "))
             for token, idx in vocab.items():
@@ -216,7 +224,9 @@ class TokenizerCore:
     def check_ids(self, ids: Iterable[int]) -> None:
         for i in ids:
             if not 0 <= i < self.vocab_size:
-                raise TokenizerError(f"token id {i} out of range for tokenizer {self.id!r} (vocab size {self.vocab_size})")
+                raise TokenizerError(
+                    f"token id {i} out of range for tokenizer {self.id!r} (vocab size {self.vocab_size})"
+                )
 
     def token_bytes(self, token_id: int, keep_special: bool = False) -> bytes:
         if self._token_bytes is None:
@@ -250,15 +260,17 @@ class TokenizerCore:
                 prefix, full = prefix[1:], full[1:]
             before, _ = split_complete_utf8(prefix)
             after, pending = split_complete_utf8(full)
-            return after[len(before):], pending
+            return after[len(before) :], pending
         # Generic decoders: decode in context and strip the prefix's text.
         skip = not keep_special
         before = self.hf.decode(list(prefix_ids), skip_special_tokens=skip, clean_up_tokenization_spaces=False)
-        after = self.hf.decode(list(prefix_ids) + list(ids), skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+        after = self.hf.decode(
+            list(prefix_ids) + list(ids), skip_special_tokens=skip, clean_up_tokenization_spaces=False
+        )
         pending = 0
         while after.endswith("\ufffd") and len(after) > len(before):
             after, pending = after[:-1], pending + 1
-        return after[len(before):], pending
+        return after[len(before) :], pending
 
     # ---- T2: words -----------------------------------------------------------------------
     def word_starts(self, text: str) -> list[int]:
@@ -298,11 +310,7 @@ def _metaspace_word_starts(text: str) -> list[int]:
     starts = [0]
     prev = ""
     for i, ch in enumerate(text):
-        if i and (
-            (ch == " " and prev != " ")
-            or (ch == "\n" and prev != "\n")
-            or (prev == "\n" and ch != "\n")
-        ):
+        if i and ((ch == " " and prev != " ") or (ch == "\n" and prev != "\n") or (prev == "\n" and ch != "\n")):
             starts.append(i)
         prev = ch
     return starts

@@ -15,7 +15,9 @@ def _text(data: bytes, field: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise TokenizerError(f"{field} is not valid UTF-8: byte {exc.start} ({data[exc.start:exc.start + 1]!r})") from None
+        raise TokenizerError(
+            f"{field} is not valid UTF-8: byte {exc.start} ({data[exc.start : exc.start + 1]!r})"
+        ) from None
 
 
 def _nonempty(items, what: str):
@@ -83,4 +85,6 @@ class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
 
 def build_service(registry: TokenizerRegistry, address: str = "127.0.0.1:0") -> GrpcService:
     servicer = TokenizerServicer(registry)
-    return GrpcService(lambda server: pb_grpc.add_TokenizerServiceServicer_to_server(servicer, server), [SERVICE_NAME], address)
+    return GrpcService(
+        lambda server: pb_grpc.add_TokenizerServiceServicer_to_server(servicer, server), [SERVICE_NAME], address
+    )

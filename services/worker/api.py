@@ -7,8 +7,8 @@ the values (``generation.check_options``); this module only carries them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Sequence
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class NextTextOptions:
         object.__setattr__(self, "boundary_tokenizer_ids", tuple(self.boundary_tokenizer_ids))
 
     @classmethod
-    def of(cls, options: "NextTextOptions | Sequence[str]" = (), *args, **kwargs) -> "NextTextOptions":
+    def of(cls, options: NextTextOptions | Sequence[str] = (), *args, **kwargs) -> NextTextOptions:
         """``options`` itself, or options built from the fields as arguments (the older
         ``next_text(session_id, boundary_tokenizer_ids, max_tokens, draft_text=...)`` form)."""
         if isinstance(options, cls):
@@ -73,7 +73,7 @@ class NextTextOptions:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     @classmethod
-    def from_request(cls, request) -> "NextTextOptions":
+    def from_request(cls, request) -> NextTextOptions:
         """The options a ``NextTextRequest`` carries (an unset ``reuse_lookahead``: None)."""
         values = {f.name: getattr(request, f.name) for f in fields(cls)}
         values["reuse_lookahead"] = request.reuse_lookahead if request.HasField("reuse_lookahead") else None

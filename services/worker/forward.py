@@ -70,7 +70,9 @@ class Forwards:
         kwargs = dict(
             input_ids=input_ids,
             past_key_values=cache,
-            attention_mask=torch.ones((input_ids.shape[0], past + input_ids.shape[1]), dtype=torch.long, device=self.device),
+            attention_mask=torch.ones(
+                (input_ids.shape[0], past + input_ids.shape[1]), dtype=torch.long, device=self.device
+            ),
             use_cache=True,
             return_dict=True,
         )

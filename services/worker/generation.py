@@ -16,8 +16,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..tokenizer.core import IncrementalDecoder
 from .api import NextTextOptions
@@ -98,7 +98,7 @@ class SegmentScan:
     (``n`` candidate tokens), at an EOS token, or at the ``limit``-th token (cut at the last
     complete character; ``cap_finish``), else None."""
 
-    def __init__(self, gen: "Generator", text: str, tokenizer_ids: list, limit: int, cap_finish: str):
+    def __init__(self, gen: Generator, text: str, tokenizer_ids: list, limit: int, cap_finish: str):
         self.gen = gen
         self.tail = text[-CONTEXT_TAIL_CHARS:]
         self.tokenizer_ids = tokenizer_ids
@@ -154,7 +154,13 @@ class Generator:
     up to this many tokens past the candidate (and its following segments) while it is idle."""
 
     def __init__(
-        self, loaded: LoadedModel, forwards: Forwards, boundary: BoundaryFn, segment_cap: int, reuse_lookahead: bool, fill_ahead: int
+        self,
+        loaded: LoadedModel,
+        forwards: Forwards,
+        boundary: BoundaryFn,
+        segment_cap: int,
+        reuse_lookahead: bool,
+        fill_ahead: int,
     ):
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
@@ -324,7 +330,11 @@ class Generator:
             tokens, logprobs = s.ahead_tokens[start : start + n], s.ahead_lps[start : start + n]
             parts.append(GenState(s.epoch, s.gen, tokens, logprobs))
             whole = GenState(
-                s.epoch, s.gen, [t for p in parts for t in p.tokens], [x for p in parts for x in p.logprobs], tuple(parts)
+                s.epoch,
+                s.gen,
+                [t for p in parts for t in p.tokens],
+                [x for p in parts for x in p.logprobs],
+                tuple(parts),
             )
             out.append(
                 FollowingSegment(

@@ -23,7 +23,7 @@ Greedy NextText/UpdateState output is bitwise what ``model.generate(do_sample=Fa
 from __future__ import annotations
 
 import uuid
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -58,9 +58,23 @@ from .sessions import Session, SessionTable
 from .states import commit
 
 __all__ = [
-    "BoundaryFn", "CandidateScore", "CommitResult", "DEFAULT_SEGMENT_CAP", "DRAFT_CALL_FORWARDS", "FILL_AHEAD",
-    "FeedResult", "FollowingSegment", "MAX_DRAFT_TOKENS", "MAX_FOLLOW_SEGMENTS", "MAX_LOOKUP_TOKENS",
-    "NextTextOptions", "NextTextResult", "NextTokenResult", "OpenResult", "WorkerCore", "perplexity",
+    "BoundaryFn",
+    "CandidateScore",
+    "CommitResult",
+    "DEFAULT_SEGMENT_CAP",
+    "DRAFT_CALL_FORWARDS",
+    "FILL_AHEAD",
+    "FeedResult",
+    "FollowingSegment",
+    "MAX_DRAFT_TOKENS",
+    "MAX_FOLLOW_SEGMENTS",
+    "MAX_LOOKUP_TOKENS",
+    "NextTextOptions",
+    "NextTextResult",
+    "NextTokenResult",
+    "OpenResult",
+    "WorkerCore",
+    "perplexity",
 ]
 
 
@@ -134,7 +148,11 @@ class WorkerCore:
         self.eos_token_ids = list(loaded.eos_token_ids)
         self._eos_set = loaded.eos_set
         self.eos_token_id = loaded.eos_token_id
-        self.vocab_size, self.max_positions, self.parameters = loaded.vocab_size, loaded.max_positions, loaded.parameters
+        self.vocab_size, self.max_positions, self.parameters = (
+            loaded.vocab_size,
+            loaded.max_positions,
+            loaded.parameters,
+        )
         self.boundary = boundary if boundary is not None else TokenizerRegistry([self.tokenizer]).common_boundary
         self._table = SessionTable(
             name, session_ttl, max_sessions, kv_budget_bytes, forget=lambda session_id: self.batcher.forget(session_id)
@@ -205,10 +223,18 @@ class WorkerCore:
         if not ids:
             raise InvalidArgument("context encodes to no tokens")
         if self.max_positions and len(ids) >= self.max_positions:
-            raise InvalidArgument(f"context has {len(ids)} tokens; {self.name} supports fewer than {self.max_positions}")
+            raise InvalidArgument(
+                f"context has {len(ids)} tokens; {self.name} supports fewer than {self.max_positions}"
+            )
         cache, next_logits = self._forwards.prefill(ids)
         session = Session(
-            id=uuid.uuid4().hex, ids=ids, n_context=len(ids), text=text, cache=cache, next_logits=next_logits, fed=len(ids)
+            id=uuid.uuid4().hex,
+            ids=ids,
+            n_context=len(ids),
+            text=text,
+            cache=cache,
+            next_logits=next_logits,
+            fed=len(ids),
         )
         self._table.add(session)
         return OpenResult(session.id, len(ids), text)
@@ -226,7 +252,7 @@ class WorkerCore:
         """Log-probs and PPL of ``token_ids`` after the committed state; a temp state to commit."""
         ids = self._scorer.check_ids(token_ids)
         with self._table.get(session_id) as s, torch.inference_mode():
-            (state_id, logprobs), = self._scorer.score_rows(s, [ids])
+            ((state_id, logprobs),) = self._scorer.score_rows(s, [ids])
             return FeedResult(state_id, logprobs, perplexity(logprobs))
 
     # ---- Score ---------------------------------------------------------------------------
@@ -241,7 +267,9 @@ class WorkerCore:
             return self._scorer.score(s, rows, own_state_id)
 
     # ---- T1 ------------------------------------------------------------------------------
-    def next_text(self, session_id: str, options: NextTextOptions | Sequence[str] = (), *args, **kwargs) -> NextTextResult:
+    def next_text(
+        self, session_id: str, options: NextTextOptions | Sequence[str] = (), *args, **kwargs
+    ) -> NextTextResult:
         """Greedy-generate from the committed state up to the first word boundary common to the
         tokenizers (``generation.py``). ``options``: a ``NextTextOptions``, or its fields as
         arguments (``next_text(session_id, boundary_tokenizer_ids, max_tokens, draft_text=...)``)."""

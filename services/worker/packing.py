@@ -64,7 +64,11 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Few rows (a decode step: bitwise what nn.Linear gives) or autograd: the plain path.
-        if x.numel() < PACK_MIN_ROWS * x.shape[-1] or torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+        if (
+            x.numel() < PACK_MIN_ROWS * x.shape[-1]
+            or torch.is_grad_enabled()
+            and (x.requires_grad or self.weight.requires_grad)
+        ):
             return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, self.in_features).contiguous()
         out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, self.bias, "none", [], "")
@@ -94,4 +98,3 @@ def pack_linears(model: nn.Module, mode: str = "all") -> int:
     if targets:
         log.info("packed %d linear weights for multi-row products (%s)", len(targets), mode)
     return len(targets)
-

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 
 class OpenResult(NamedTuple):
@@ -85,4 +86,3 @@ def perplexity(logprobs: Sequence[float]) -> float:
     if not logprobs:
         return math.inf
     return math.exp(-sum(logprobs) / len(logprobs))
-

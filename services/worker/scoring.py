@@ -6,7 +6,7 @@ kept greedy continuation) cost no forward.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -77,7 +77,11 @@ class Scorer:
         results.update(zip(todo, scored))
         return [
             CandidateScore(
-                state_id=results[i][0], token_ids=ids, logprobs=results[i][1], ppl=perplexity(results[i][1]), reused=i in known
+                state_id=results[i][0],
+                token_ids=ids,
+                logprobs=results[i][1],
+                ppl=perplexity(results[i][1]),
+                reused=i in known,
             )
             for i, ids in enumerate(rows)
         ]

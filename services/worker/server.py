@@ -151,6 +151,7 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
         try:
             return await asyncio.wrap_future(job)
         except asyncio.CancelledError:
+
             def close_orphan(done):
                 if not done.cancelled() and done.exception() is None:
                     core.close(done.result().session_id)
@@ -171,7 +172,9 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
         (committed_tokens, committed_text), seconds = await self._timed(
             self.core.update_state, request.session_id, request.state_id
         )
-        return pb.UpdateStateResponse(committed_tokens=committed_tokens, committed_text=committed_text, compute_s=seconds)
+        return pb.UpdateStateResponse(
+            committed_tokens=committed_tokens, committed_text=committed_text, compute_s=seconds
+        )
 
     async def NextText(self, request, context):
         if request.max_tokens < 0:
@@ -193,7 +196,11 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
         return pb.ScoreCandidatesResponse(
             scores=[
                 pb.CandidateScore(
-                    state_id=s, token_ids=ids, logprobs=lps, ppl=ppl if math.isfinite(ppl) else float("inf"), reused=reused
+                    state_id=s,
+                    token_ids=ids,
+                    logprobs=lps,
+                    ppl=ppl if math.isfinite(ppl) else float("inf"),
+                    reused=reused,
                 )
                 for s, ids, lps, ppl, reused in scored
             ],
@@ -225,7 +232,9 @@ def build_loading_service(model_spec: str, address: str = "127.0.0.1:0") -> tupl
     """A worker server without its model yet: start it with ``start(serving=False)``, load the
     core (``load_core``, in a thread), then ``servicer.set_core(core)`` and ``service.set_serving()``."""
     servicer = WorkerServicer(None, name=parse_spec(model_spec).name)
-    service = GrpcService(lambda server: pb_grpc.add_ModelWorkerServicer_to_server(servicer, server), [SERVICE_NAME], address)
+    service = GrpcService(
+        lambda server: pb_grpc.add_ModelWorkerServicer_to_server(servicer, server), [SERVICE_NAME], address
+    )
     service.on_stop.append(servicer.stop_reaper)
     return service, servicer
 

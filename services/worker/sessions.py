@@ -13,8 +13,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -52,7 +52,6 @@ class Session:
     closed_reason: str = "was closed"
     last_used: float = field(default_factory=time.monotonic)  # end of the last call (LRU, idle TTL)
     fill_until: int = 0  # batches may grow ahead_tokens up to this length while the session is idle
-
 
     def pick(self, logits: torch.Tensor) -> tuple[int, float]:
         """The greedy token after ``logits`` and its log-prob, appended to the continuation."""
@@ -203,7 +202,11 @@ class SessionTable:
                 return freed
             victims = self._lru_idle()
             evicted = next(
-                (s for s in victims if self._evict(s, f"was evicted (least recently used; max {self.max_sessions} sessions)")),
+                (
+                    s
+                    for s in victims
+                    if self._evict(s, f"was evicted (least recently used; max {self.max_sessions} sessions)")
+                ),
                 None,
             )
             if evicted is None:

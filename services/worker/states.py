@@ -78,9 +78,7 @@ def find_state(s: Session, state_id: str):
         return state
     epoch, dot, _ = str(state_id).partition(".")
     if dot and epoch.isdigit() and int(epoch) < s.epoch:
-        raise StateError(
-            f"state {state_id!r} of session {s.id!r} is stale: the session committed another state since"
-        )
+        raise StateError(f"state {state_id!r} of session {s.id!r} is stale: the session committed another state since")
     if dot and epoch.isdigit() and int(epoch) == s.epoch:
         raise StateError(
             f"state {state_id!r} of session {s.id!r} is no longer valid (superseded by a later NextText) or unknown"
