@@ -9,8 +9,9 @@ In one run on one machine (issue 5):
   T_fused / sum(T_model) and T_fused / max(T_model);
 * a per-segment breakdown from the final message's timings (generation, scoring, commit,
   worker compute vs RPC + tokenizer-service time), segment count and length, identical share;
-* each optimisation switch on/off (an engine in this process over the same worker processes,
-  ``FusionOptions``), with a check that every configuration produced the same text;
+* each optimisation switch off (with the switches that need it) and all off, against all on (an
+  engine in this process over the same worker processes, ``FusionOptions``), with a check that
+  every configuration produced the same text;
 * memory: per-session KV bytes (in-process core) and a worker process's RSS before/after 100
   sessions opened, generated into and closed;
 * throughput with 1, 4, 8 concurrent clients, and at the top level again with workers that do
@@ -93,7 +94,7 @@ def floor(models: list[str], prompts: list[str], n: int, repeats: int, log) -> t
     KV bytes measured on an in-process WorkerCore with the same weights."""
     import torch
 
-    from ..orchestrator.fusion import LOOKUP_TOKENS
+    from ..orchestrator.options import LOOKUP_TOKENS
     from ..services.sources import load_hf_tokenizer, parse_spec
     from ..services.worker.loading import load_hf_model
     from ..services.worker.model import WorkerCore
@@ -273,14 +274,17 @@ async def fused(address: str, names: list[str], prompts: list[str], n: int, repe
 async def switches(worker_addresses: dict, prompts: list[str], n: int, log) -> dict:
     """Each optimisation off (and all off) against all on, through an in-process engine over the
     same worker processes; outputs are compared with the unoptimised loop's."""
-    from ..orchestrator.fusion import FusionEngine, FusionOptions, FusionRequest, Segment
+    from ..orchestrator.engine import FusionEngine
+    from ..orchestrator.options import FusionOptions
+    from ..orchestrator.request import FusionRequest
+    from ..orchestrator.results import Segment
     from ..orchestrator.workers import RemoteWorker
 
     workers = [RemoteWorker(name, addr) for name, addr in worker_addresses.items()]
     engine = FusionEngine(workers)
     configs = {"all": FusionOptions(), "none": FusionOptions.none()}
     for name in FusionOptions.NAMES:
-        configs[f"-{name}"] = FusionOptions.parse(f"-{name}")
+        configs[f"-{name}"] = FusionOptions.without(name)  # and the switches that need it (see "options")
     out = {}
     try:
         for label, opts in configs.items():
@@ -302,7 +306,7 @@ async def switches(worker_addresses: dict, prompts: list[str], n: int, log) -> d
                 segs += final.segments
                 identical += final.timings.identical_segments
             out[label] = {
-                "options": {k: getattr(opts, k) for k in FusionOptions.NAMES},
+                "options": opts.as_dict(),
                 "s": total,
                 "texts": texts,
                 "winners": winners,

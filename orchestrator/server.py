@@ -16,7 +16,9 @@ from coolfusion.protos import fusion_pb2_grpc as pb_grpc
 from ..services.common.errors import InvalidArgument, ResourceExhausted
 from ..services.common.metrics import SEGMENTS, TOKENS
 from ..services.common.server import GrpcService
-from .fusion import MODES, CandidateReport, Final, FusionEngine, FusionRequest, Segment, apply_rule, scored_report
+from .engine import FusionEngine
+from .request import MODES, FusionRequest
+from .results import CandidateReport, Final, Segment, apply_rule, scored_report
 from .rules import DEFAULT_THRESHOLD, RuleError, ScoreRule
 from .workers import call_deadline, make_worker
 

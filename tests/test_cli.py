@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from coolfusion.orchestrator.fusion import pick_winner
+from coolfusion.orchestrator.results import pick_winner
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -13,7 +13,10 @@ import asyncio
 import pytest
 import pytest_asyncio
 
-from coolfusion.orchestrator.fusion import FusionEngine, FusionOptions, FusionRequest, Segment
+from coolfusion.orchestrator.engine import FusionEngine
+from coolfusion.orchestrator.options import FusionOptions, OptionsError
+from coolfusion.orchestrator.request import FusionRequest
+from coolfusion.orchestrator.results import Segment
 from coolfusion.orchestrator.workers import RemoteWorker
 from coolfusion.services.worker.errors import StateError
 
@@ -25,11 +28,9 @@ N = 32
 
 CONFIGS = {
     "none": FusionOptions.none(),
-    **{f"only:{n}": FusionOptions.parse(n) for n in FusionOptions.NAMES},
-    "speculate+reuse_lookahead": FusionOptions.parse("speculate,reuse_lookahead"),
-    "follow_segments+needs": FusionOptions.parse("follow_segments,reuse_lookahead,skip_identical,fold_commits"),
-    "all-but-follow_segments": FusionOptions.parse("-follow_segments"),
-    "all-but-lookup_draft": FusionOptions.parse("-lookup_draft"),
+    **{f"only:{n}": FusionOptions.only(n) for n in FusionOptions.NAMES},  # with the switches it needs
+    "all-but-follow_segments": FusionOptions.without("follow_segments"),
+    "all-but-lookup_draft": FusionOptions.without("lookup_draft"),
     "all": FusionOptions(),
 }
 
@@ -57,11 +58,31 @@ async def run(engine, prompt, mode, models, options):
 def test_options_parse():
     assert FusionOptions.parse("all") == FusionOptions()
     assert FusionOptions.parse("none") == FusionOptions.none()
-    assert FusionOptions.parse("-skip_identical") == FusionOptions(skip_identical=False)
-    only = FusionOptions.parse("reuse_lookahead")
-    assert only.reuse_lookahead and not only.skip_identical
-    with pytest.raises(ValueError):
+    assert FusionOptions.parse("-lookup_draft") == FusionOptions(lookup_draft=False)
+    only = FusionOptions.parse("speculate")
+    assert only.speculate and not only.lookup_draft and not only.follow_segments
+    with pytest.raises(ValueError, match="unknown optimisation 'bogus'"):
         FusionOptions.parse("bogus")
+    # Switches that measured no effect alone are gone; their behaviour is always on.
+    for name in ("skip_identical", "dedup_candidates", "reuse_lookahead"):
+        with pytest.raises(OptionsError, match=f"{name} is no longer a switch"):
+            FusionOptions.parse(f"-{name}")
+
+
+def test_switch_dependencies_are_checked_when_options_are_built():
+    """follow_segments works through speculation and folded commits: without them it is refused,
+    not silently turned off."""
+    for kwargs in (dict(speculate=False), dict(fold_commits=False)):
+        with pytest.raises(OptionsError, match="follow_segments needs"):
+            FusionOptions(**kwargs)
+        assert not FusionOptions(follow_segments=False, **kwargs).follow_segments
+    with pytest.raises(OptionsError, match="follow_segments needs speculate and fold_commits"):
+        FusionOptions.parse("follow_segments")
+    with pytest.raises(OptionsError, match="follow_segments needs speculate"):
+        FusionOptions.parse("-speculate")
+    assert FusionOptions.only("follow_segments") == FusionOptions(reuse_own_logprobs=False, lookup_draft=False)
+    assert FusionOptions.without("fold_commits") == FusionOptions(fold_commits=False, follow_segments=False)
+    assert FusionOptions.without("lookup_draft") == FusionOptions(lookup_draft=False)
 
 
 @pytest.mark.parametrize(
@@ -88,18 +109,20 @@ async def test_every_switch_gives_the_unoptimised_output(engine, mode, models):
 
 
 async def test_switches_take_effect(engine):
-    """All on: identical segments skip scoring, own rows are reused, lookahead gets replayed
-    (two copies: every segment is identical); all off: none of it."""
+    """Each switch on does its work, off does none of it. Always on, whatever the switches:
+    identical segments skip scoring and the lookahead gets replayed (two copies: every segment
+    is identical)."""
     on, _ = await run(engine, PROMPTS[0], "cool", ["smollm2", "smollm2b"], FusionOptions())
     assert on.timings.identical_segments == on.segments == on.timings.skipped_scores
     off, _ = await run(engine, PROMPTS[0], "cool", ["smollm2", "smollm2b"], FusionOptions.none())
-    assert off.timings.skipped_scores == off.timings.reused_rows == off.timings.reused_tokens == 0
-    assert off.timings.scored_rows == 2 * 2 * off.segments  # 2 workers x 2 candidates
-    cool, _ = await run(engine, PROMPTS[1], "cool", ["smollm2", "gemma3"], FusionOptions(skip_identical=False))
+    # Identical candidates are never scored and the lookahead is always replayed (no switch).
+    assert off.timings.identical_segments == off.segments == off.timings.skipped_scores
+    assert off.timings.reused_rows == off.timings.scored_rows == 0 and off.timings.reused_tokens > 0
+    cool, _ = await run(engine, PROMPTS[1], "cool", ["smollm2", "gemma3"], FusionOptions.without("follow_segments"))
     assert cool.timings.reused_rows > 0
     # speculate: the smaller SmolLM2 drafts, Gemma-3 verifies some of it; off: neither.
     assert cool.timings.drafted_tokens > 0 and cool.timings.verified_tokens > 0 and cool.timings.verify_forwards > 0
-    plain, _ = await run(engine, PROMPTS[1], "cool", ["smollm2", "gemma3"], FusionOptions(speculate=False))
+    plain, _ = await run(engine, PROMPTS[1], "cool", ["smollm2", "gemma3"], FusionOptions.without("speculate"))
     assert plain.timings.drafted_tokens == plain.timings.verified_tokens == plain.timings.verify_forwards == 0
     # follow_segments: identical rounds commit the following segments decided alike; off: none.
     # (Two copies: the drafter's continuation is verified whole, so runs of segments follow.)
@@ -113,8 +136,10 @@ async def test_switches_take_effect(engine):
     assert unlooked.timings.lookup_accepted == unlooked.timings.lookup_forwards == off.timings.lookup_forwards == 0
     # fold_commits: the commits ride on the next NextText, no UpdateState round trip is timed.
     assert cool.timings.commit_s == 0 and off.timings.commit_s > 0
-    distinct = cool.segments - cool.timings.identical_segments  # identical ones: one row per worker (dedup)
-    assert cool.timings.scored_rows + cool.timings.reused_rows == 2 * (2 * distinct + cool.timings.identical_segments)
+    # Two distinct candidates: one row each per worker; identical ones: no scoring call.
+    distinct = cool.segments - cool.timings.identical_segments
+    assert cool.timings.skipped_scores == cool.timings.identical_segments > 0
+    assert cool.timings.scored_rows + cool.timings.reused_rows == 2 * 2 * distinct
 
 
 @pytest.mark.parametrize("cut", ["stop", "budget"])

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_faults import start_worker
 
 from coolfusion.clients.cli import build_parser
-from coolfusion.orchestrator.fusion import FusionOptions
+from coolfusion.orchestrator.options import FusionOptions
 from coolfusion.orchestrator.server import build_service as build_orchestrator
 from coolfusion.protos import fusion_pb2, fusion_pb2_grpc, worker_pb2_grpc
 from coolfusion.protos import worker_pb2 as wpb

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from coolfusion.orchestrator.fusion import pick_winner
+from coolfusion.orchestrator.results import pick_winner
 from coolfusion.orchestrator.rules import RULES, RuleError, ScoreRule
 
 # Two candidates scored by two models: model -> (sum of log-probs, tokens).

@@ -2,59 +2,22 @@
 the caller, streamed or final. A tail of the output that may still become a stop sequence is held
 back until it is resolved (as vLLM, TGI and OpenAI do).
 
-Control flow with a scripted fake worker (no model); then real fused generations on GSM8K
+Control flow with the scripted fake worker of fakes.py (no model); then real fused generations on GSM8K
 prompts, where the models go on with "\\n\\nQuestion:" in segments of their own."""
 
 from __future__ import annotations
 
 import pytest
 from cluster import gsm8k_prompt, winner_text
+from fakes import ScriptedWorker
 
 from coolfusion.clients.client import FusionClient
-from coolfusion.orchestrator.fusion import Final, FusionEngine, FusionRequest, Segment, find_stop, stop_prefix_start
-from coolfusion.orchestrator.workers import Opened, Proposal, WorkerInfo
+from coolfusion.orchestrator.engine import FusionEngine
+from coolfusion.orchestrator.request import FusionRequest
+from coolfusion.orchestrator.results import Final, Segment
+from coolfusion.orchestrator.stops import find_stop, stop_prefix_start
 
 STOP = "\n\nQuestion:"
-
-
-class ScriptedWorker:
-    """A worker whose every NextText returns the next piece of a script (one token each; EOS
-    after the last piece when ``eos``). Before each call it records what the caller of the
-    engine had received by then (``seen``, filled by ``run``)."""
-
-    name = "fake"
-
-    def __init__(self, pieces: list[str], eos: bool = True):
-        self.pieces, self.eos = pieces, eos
-        self.calls = 0
-        self.seen: list[str] = []  # the caller's streamed text so far
-        self.snapshots: list[str] = []  # ``seen`` joined, at each NextText
-
-    async def info(self) -> WorkerInfo:
-        return WorkerInfo(self.name, "fake", self.name, "float32", "cpu", [0])
-
-    async def open(self, prompt, messages) -> Opened:
-        return Opened("session", 1, prompt or "")
-
-    async def next_text(self, session_id, options) -> Proposal:
-        self.snapshots.append("".join(self.seen))
-        i = self.calls
-        self.calls += 1
-        last = i == len(self.pieces) - 1
-        eos = last and self.eos
-        return Proposal(
-            state_id=f"s{i}",
-            text=self.pieces[i],
-            token_ids=[i],
-            logprobs=[-0.5],
-            eos=eos,
-            finish="eos" if eos else "boundary",
-            generated_tokens=1,
-            lookahead="" if last else "x",
-        )
-
-    async def close(self, session_id) -> None:
-        pass
 
 
 async def run(pieces, stop=(STOP,), eos=True, max_new_tokens=64):

@@ -1,0 +1,58 @@
+"""Opening and closing one session per model for a generation (paper M1)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+
+from .degraded import Dropping
+from .request import FusionRequest
+from .results import Timings, Usage
+from .workers import Opened, WorkerHandle
+
+
+async def open_sessions(
+    workers: Mapping[str, WorkerHandle],
+    names: Sequence[str],
+    request: FusionRequest,
+    usage: dict[str, Usage],
+    timings: Timings,
+    dropping: Dropping,
+) -> dict[str, str]:
+    """A session per model (model -> session id). On a failure the sessions opened are closed
+    again, unless ``dropping`` allows dropping the models whose workers are down."""
+    t0 = time.perf_counter()
+    opening = asyncio.ensure_future(
+        asyncio.gather(*(workers[n].open(request.prompt, request.messages) for n in names), return_exceptions=True)
+    )
+    try:
+        opened = await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        # The caller left while sessions were opening: close each one as soon as it exists.
+        def close_opened(done):
+            if not done.cancelled():
+                ids = {n: o.session_id for n, o in zip(names, done.result()) if not isinstance(o, BaseException)}
+                if ids:
+                    asyncio.ensure_future(close_sessions(workers, ids))
+
+        opening.add_done_callback(close_opened)
+        raise
+    timings.open_s += time.perf_counter() - t0
+    sessions = {n: o.session_id for n, o in zip(names, opened) if not isinstance(o, BaseException)}
+    errors = [(n, o) for n, o in zip(names, opened) if isinstance(o, BaseException)]
+    if errors:
+        fatal = dropping.fatal([e for _, e in errors], any_left=bool(sessions))
+        if fatal is not None:
+            await close_sessions(workers, sessions)
+            raise fatal
+        for n, exc in errors:
+            dropping.drop(n, exc)
+    for n, o in zip(names, opened):
+        if n in sessions and isinstance(o, Opened):
+            usage[n].prompt_tokens += o.context_tokens
+    return sessions
+
+
+async def close_sessions(workers: Mapping[str, WorkerHandle], sessions: Mapping[str, str]) -> None:
+    await asyncio.gather(*(workers[n].close(s) for n, s in sessions.items()), return_exceptions=True)
