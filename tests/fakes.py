@@ -1,8 +1,10 @@
 """A scripted ``WorkerHandle``: the fusion loop's control flow in milliseconds, no model.
 
-Each session of a ``ScriptedWorker`` walks the worker's script from its start: its k-th NextText
-returns the k-th ``Piece``. Scores come from a table of PPLs by text; every call is recorded
-(NextText options, scored candidates, commits), so a test checks what the loop asked and committed.
+Each session of a ``ScriptedWorker`` walks the worker's script from its start: after k pieces were
+committed (any model's candidate counts as one piece, a following segment as one more), NextText
+returns piece k, again and again until a commit moves on, as a real worker regenerates from its
+committed state. Scores come from a table of PPLs by text; every call is recorded (NextText
+options, scored candidates, commits), so a test checks what the loop asked and committed.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class Piece:
 
 class ScriptedWorker:
     """A ``WorkerHandle`` playing ``script`` (strings are one-token pieces; the last one carries
-    EOS when ``eos``). ``ppl``: PPL by candidate text for scoring (others: ``default_ppl``).
+    EOS when ``eos``). ``ppl``: PPL by candidate text, or by (text, eos), for scoring (others: ``default_ppl``).
     ``fail_at=(method, n)``: the n-th call of that method (from 1) and every call after it raise
     UNAVAILABLE, as when the worker process is gone. Before each NextText the worker records
     ``seen`` (what the engine's caller had received by then, when a test fills it) in ``snapshots``."""
@@ -41,7 +43,7 @@ class ScriptedWorker:
         script: Sequence[str | Piece],
         eos: bool = True,
         name: str = "fake",
-        ppl: dict[str, float] | None = None,
+        ppl: dict | None = None,
         default_ppl: float = 4.0,
         parameters: int = 0,
         fail_at: tuple[str, int] | None = None,
@@ -54,9 +56,8 @@ class ScriptedWorker:
         ]
         self.ppl, self.default_ppl, self.fail_at = dict(ppl or {}), default_ppl, fail_at
         self.calls: dict[str, int] = {}  # method -> calls so far
-        self.cursor: dict[str, int] = {}  # session -> NextTexts so far
-        self.states: dict[str, tuple[str, int]] = {}  # state id -> (text, tokens) it commits
-        self.committed: dict[str, tuple[str, int]] = {}  # session -> (text, tokens) committed
+        self.states: dict[str, tuple[str, int, int]] = {}  # state id -> (text, tokens, pieces) it commits
+        self.committed: dict[str, tuple[str, int, int]] = {}  # session -> (text, tokens, pieces) committed
         self.options: list[NextTextOptions] = []  # every NextText's options, in order
         self.scored: list[tuple[list[tuple[str, bool]], str]] = []  # every score call: (candidates, own_state_id)
         self.commits: list[str] = []  # every state id committed (with a NextText or UpdateState)
@@ -72,9 +73,9 @@ class ScriptedWorker:
             raise Unavailable(f"worker {self.name} is unavailable (scripted)")
 
     def _commit(self, session_id: str, state_id: str) -> None:
-        text, tokens = self.committed[session_id]
-        add_text, add_tokens = self.states[state_id]
-        self.committed[session_id] = (text + add_text, tokens + add_tokens)
+        text, tokens, pieces = self.committed[session_id]
+        more_text, more_tokens, more_pieces = self.states[state_id]
+        self.committed[session_id] = (text + more_text, tokens + more_tokens, pieces + more_pieces)
         self.commits.append(state_id)
 
     async def info(self) -> WorkerInfo:
@@ -83,7 +84,7 @@ class ScriptedWorker:
     async def open(self, prompt, messages) -> Opened:
         self._call("open")
         session_id = f"{self.name}-session{self.calls['open']}"
-        self.cursor[session_id], self.committed[session_id] = 0, ("", 0)
+        self.committed[session_id] = ("", 0, 0)
         return Opened(session_id, 1, prompt or "")
 
     async def next_text(self, session_id: str, options: NextTextOptions) -> Proposal:
@@ -92,17 +93,15 @@ class ScriptedWorker:
         self.options.append(options)
         if options.commit_state_id:
             self._commit(session_id, options.commit_state_id)
-        k = self.cursor[session_id]
-        self.cursor[session_id] = k + 1
+        k = self.committed[session_id][2]
         piece = self.script[k]
-        state_id = f"{self.name}/{session_id}/n{k}"
-        self.states[state_id] = (piece.text, piece.tokens)
+        state_id = f"{self.name}/{session_id}/n{self.calls['next_text']}"
+        self.states[state_id] = (piece.text, piece.tokens, 1)
         following = []
-        done_text, done_tokens = piece.text, piece.tokens
         for m, text in enumerate(piece.following[: options.follow_segments]):
-            done_text, done_tokens = done_text + text, done_tokens + 1
             following.append(Following(f"{state_id}f{m}", text, [m], [piece.logprob], 0, "x"))
-            self.states[following[-1].state_id] = (done_text, done_tokens)
+            done_text = piece.text + "".join(piece.following[: m + 1])
+            self.states[following[-1].state_id] = (done_text, piece.tokens + m + 1, m + 2)
         return Proposal(
             state_id=state_id,
             text=piece.text,
@@ -123,23 +122,24 @@ class ScriptedWorker:
         scores = Scores()
         for i, (text, eos) in enumerate(candidates):
             own = self.states.get(own_state_id)
+            ppl = self._ppl(text, eos)
             if own is not None and own[0] == text:
-                scores.append(Score(own_state_id, [0], [-math.log(self._ppl(text))], self._ppl(text), reused=True))
+                scores.append(Score(own_state_id, [0], [-math.log(ppl)], ppl, reused=True))
                 continue
             state_id = f"{self.name}/{session_id}/s{self.calls['score']}.{i}"
             tokens = 1 if (text or eos) else 0
-            self.states[state_id] = (text, tokens)
-            ppl = self._ppl(text) if tokens else math.inf
+            self.states[state_id] = (text, tokens, 1)
+            ppl = ppl if tokens else math.inf
             scores.append(Score(state_id, [0] * tokens, [-math.log(ppl)] * tokens, ppl))
         return scores
 
-    def _ppl(self, text: str) -> float:
-        return self.ppl.get(text, self.default_ppl)
+    def _ppl(self, text: str, eos: bool) -> float:
+        return self.ppl.get((text, eos), self.ppl.get(text, self.default_ppl))
 
     async def update_state(self, session_id: str, state_id: str) -> Committed:
         self._call("update_state")
         self._commit(session_id, state_id)
-        text, tokens = self.committed[session_id]
+        text, tokens, _ = self.committed[session_id]
         return Committed(tokens, text)
 
     async def close(self, session_id: str) -> None:
