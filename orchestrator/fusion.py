@@ -35,7 +35,7 @@ from ..services.worker.api import NextTextOptions
 from .degraded import Degraded, Dropping, gather_live
 from .options import DRAFT_TOKENS, FOLLOW_SEGMENTS, LOOKUP_TOKENS
 from .request import FusionRequest
-from .results import CandidateReport, Segment, apply_rule, own_score, scored_report
+from .results import CandidateReport, Segment, Timings, Usage, apply_rule, own_score, scored_report
 from .rules import ScoreRule
 from .speculation import agreed_following, draft_after_commit, following_segments
 from .stops import HeldOutput
@@ -81,8 +81,8 @@ class FusionLoop:
         request: FusionRequest,
         rule: ScoreRule,
         sessions: dict[str, str],
-        usage,
-        timings,
+        usage: dict[str, Usage],
+        timings: Timings,
         align: bool,
         dropping: Dropping,
     ):
