@@ -25,14 +25,13 @@ so the tokens it actually produced are reported next to every time.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
+
+from .bench_floor import floor, machine, median, rss_bytes
 
 PROMPTS = [
     "The history of the city is long and complicated. It began",
@@ -44,137 +43,6 @@ PROMPTS = [
     "Here is a long list of ideas for a weekend trip, with a short explanation of each:\n1.",
     "The engineers gathered in the meeting room to discuss the new bridge design. The lead engineer said",
 ]
-
-
-# ---- machine ---------------------------------------------------------------------------------
-def machine() -> dict:
-    import torch
-    import transformers
-
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return {
-        "cores": os.cpu_count(),
-        "cpu_model": cpu,
-        "memory": mem,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "loadavg_start": list(os.getloadavg()),
-    }
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
-# ---- floor -------------------------------------------------------------------------------------
-def floor(models: list[str], prompts: list[str], n: int, repeats: int, log) -> tuple[dict, dict]:
-    """Each model's own greedy generate() time per prompt (median of ``repeats``), and per-session
-    KV bytes measured on an in-process WorkerCore with the same weights."""
-    import torch
-
-    from ..orchestrator.options import LOOKUP_TOKENS
-    from ..services.sources import load_hf_tokenizer, parse_spec
-    from ..services.worker.loading import load_hf_model
-    from ..services.worker.model import WorkerCore
-
-    torch.set_num_threads(os.cpu_count() or 1)
-    results, memory = {}, {}
-    for spec_text in models:
-        spec = parse_spec(spec_text)
-        t0 = time.perf_counter()
-        model = load_hf_model(spec, "cpu", torch.float32)
-        tok = load_hf_tokenizer(spec)
-        load_s = time.perf_counter() - t0
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        with torch.inference_mode():  # warm-up
-            ids = tok(prompts[0], return_tensors="pt")
-            model.generate(**ids, do_sample=False, max_new_tokens=4, pad_token_id=pad)
-        rows = []
-        for p in prompts:
-            ids = tok(p, return_tensors="pt")
-            times, lookup_times = [], []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                with torch.inference_mode():
-                    out = model.generate(**ids, do_sample=False, min_new_tokens=n, max_new_tokens=n, pad_token_id=pad)
-                times.append(time.perf_counter() - t0)
-                # A reference, not the floor: generate's own prompt-lookup decoding (what a user
-                # running the model alone could turn on; the fused loop's lookup_draft does the same).
-                t0 = time.perf_counter()
-                with torch.inference_mode():
-                    model.generate(
-                        **ids,
-                        do_sample=False,
-                        min_new_tokens=n,
-                        max_new_tokens=n,
-                        pad_token_id=pad,
-                        prompt_lookup_num_tokens=LOOKUP_TOKENS,
-                    )
-                lookup_times.append(time.perf_counter() - t0)
-            produced = out.shape[1] - ids["input_ids"].shape[1]
-            rows.append(
-                {
-                    "prompt_tokens": ids["input_ids"].shape[1],
-                    "tokens": produced,
-                    "s": median(times),
-                    "runs": times,
-                    "lookup_s": median(lookup_times),
-                }
-            )
-            log(
-                f"floor {spec.name}: {produced} tokens in {median(times):.2f} s (with prompt lookup {median(lookup_times):.2f} s)"
-            )
-        results[spec.name] = {
-            "load_s": load_s,
-            "threads": torch.get_num_threads(),
-            "prompts": rows,
-            "median_s": median([r["s"] for r in rows]),
-            "ms_per_token": 1000 * sum(r["s"] for r in rows) / sum(r["tokens"] for r in rows),
-        }
-        # Per-session KV: a session on the first prompt after n committed tokens.
-        core = WorkerCore(spec.name, spec, device="cpu", model=model, hf_tokenizer=tok)
-        sid, ctx, _ = core.open(prompts[0])
-        done = 0
-        while done < n:
-            r = core.next_text(sid, [], n - done)
-            done = core.update_state(sid, r.state_id).committed_tokens
-            if r.eos or not r.token_ids:
-                break
-        b = core.session_bytes(sid)
-        core.close(sid)
-        memory[spec.name] = {
-            "context_tokens": ctx,
-            "output_tokens": done,
-            "kv_bytes": b["kv_bytes"],
-            "kv_bytes_per_token": b["kv_bytes"] / max(1, b["tokens"]),
-            "logits_bytes": b["logits_bytes"],
-            "note": "sliding-window layers (Gemma-3) hold at most window-1 (+ kept lookahead) tokens",
-        }
-        del core, model
-        gc.collect()
-    return results, memory
 
 
 # ---- fused -------------------------------------------------------------------------------------
@@ -397,6 +265,62 @@ async def throughput(address: str, names: list[str], prompts: list[str], n: int,
     return out
 
 
+def fused_ratios(rows: list[dict], floors: dict, names: list[str]) -> dict:
+    """Fused time against the sum and the max of the models' own floors, per prompt and in total."""
+    per_prompt = []
+    for i, row in enumerate(rows):
+        prompt_floors = {m: floors[m]["prompts"][i]["s"] for m in names}
+        per_prompt.append(
+            {
+                "fused_s": row["s"],
+                "fused_tokens": row["tokens"],
+                "floor_s": prompt_floors,
+                "ratio_sum": row["s"] / sum(prompt_floors.values()),
+                "ratio_max": row["s"] / max(prompt_floors.values()),
+            }
+        )
+    fused_total = sum(r["s"] for r in rows)
+    floor_total = {m: sum(p["s"] for p in floors[m]["prompts"]) for m in names}
+    lookup_total = {m: sum(p["lookup_s"] for p in floors[m]["prompts"]) for m in names}
+    return {
+        "per_prompt": per_prompt,
+        "fused_total_s": fused_total,
+        "floor_total_s": floor_total,
+        "T_fused/sum(T_model)": fused_total / sum(floor_total.values()),
+        "T_fused/max(T_model)": fused_total / max(floor_total.values()),
+        "lookup_total_s": lookup_total,
+        "T_fused/sum(T_model with prompt lookup)": fused_total / sum(lookup_total.values()),
+        "fused_tokens_per_prompt": median([max(r["tokens"].values()) for r in rows]),
+        "note": "floor forces N tokens; fused stops at EOS (tokens actually produced are in fused_tokens)",
+    }
+
+
+def variant_throughput(models: list[str], names: list[str], prompts: list[str], n: int, clients: int, log) -> dict:
+    """Throughput at the top concurrency with workers that never batch decode steps, and with
+    workers that batch but do not fill batches with idle sessions' continuation steps."""
+    from .launcher import LocalCluster
+
+    out = {}
+    for key, env in (
+        ("throughput_unbatched", {"COOLFUSION_MAX_BATCH": "1"}),
+        ("throughput_unfilled", {"COOLFUSION_FILL_AHEAD": "0"}),
+    ):
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        variant = LocalCluster(models)
+        try:
+            address = variant.start()
+            out[key] = asyncio.run(throughput(address, names, prompts, n, [clients], log))
+        finally:
+            variant.stop()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return out
+
+
 # ---- driver ------------------------------------------------------------------------------------
 def run(args) -> dict:
     from .launcher import LocalCluster
@@ -423,32 +347,7 @@ def run(args) -> dict:
         pids = {p.name.split(":", 1)[1]: p.proc.pid for p in cluster.processes if p.name.startswith("worker:")}
         rows = asyncio.run(fused(address, names, prompts, n, args.repeats, log))
         result["fused"] = {"prompts": rows, "breakdown": breakdown(rows)}
-        per_prompt = []
-        for i, row in enumerate(rows):
-            floors = {m: result["floor"][m]["prompts"][i]["s"] for m in names}
-            per_prompt.append(
-                {
-                    "fused_s": row["s"],
-                    "fused_tokens": row["tokens"],
-                    "floor_s": floors,
-                    "ratio_sum": row["s"] / sum(floors.values()),
-                    "ratio_max": row["s"] / max(floors.values()),
-                }
-            )
-        fused_total = sum(r["s"] for r in rows)
-        floor_total = {m: sum(p["s"] for p in result["floor"][m]["prompts"]) for m in names}
-        lookup_total = {m: sum(p["lookup_s"] for p in result["floor"][m]["prompts"]) for m in names}
-        result["ratios"] = {
-            "per_prompt": per_prompt,
-            "fused_total_s": fused_total,
-            "floor_total_s": floor_total,
-            "T_fused/sum(T_model)": fused_total / sum(floor_total.values()),
-            "T_fused/max(T_model)": fused_total / max(floor_total.values()),
-            "lookup_total_s": lookup_total,
-            "T_fused/sum(T_model with prompt lookup)": fused_total / sum(lookup_total.values()),
-            "fused_tokens_per_prompt": median([max(r["tokens"].values()) for r in rows]),
-            "note": "floor forces N tokens; fused stops at EOS (tokens actually produced are in fused_tokens)",
-        }
+        result["ratios"] = fused_ratios(rows, result["floor"], names)
         if not args.skip_switches:
             result["switches"] = asyncio.run(switches(worker_addresses, prompts[: args.switch_prompts], n, log))
         result["rss"] = {
@@ -459,25 +358,7 @@ def run(args) -> dict:
     finally:
         cluster.stop()
     if not args.skip_unbatched and levels[-1] > 1:
-        # Item 6's switches at the top concurrency: workers that never batch decode steps, and
-        # workers that batch but do not fill batches with idle sessions' continuation steps.
-        for key, env in (
-            ("throughput_unbatched", {"COOLFUSION_MAX_BATCH": "1"}),
-            ("throughput_unfilled", {"COOLFUSION_FILL_AHEAD": "0"}),
-        ):
-            saved = {k: os.environ.get(k) for k in env}
-            os.environ.update(env)
-            variant = LocalCluster(models)
-            try:
-                address = variant.start()
-                result[key] = asyncio.run(throughput(address, names, prompts, n, [levels[-1]], log))
-            finally:
-                variant.stop()
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
+        result.update(variant_throughput(models, names, prompts, n, levels[-1], log))
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     result["bench_s"] = time.perf_counter() - t0
     return result

@@ -59,26 +59,34 @@ def _fail(message: str) -> int:
 
 def build_task(args):
     """(task, items, settings) for the arguments; EvalDataError/RuleError/ValueError on bad input."""
-    from . import choice, generation
-
     models = [m.split("=", 1)[0].strip() for m in args.models.split(",") if m.strip()]
     if args.task.startswith("arc-"):
-        split = args.split or "validation"
-        if split not in ("train", "validation", "test"):
-            raise ValueError(f"--split takes train, validation or test, got {split!r}")
-        name = {"arc-easy": "ARC-Easy", "arc-challenge": "ARC-Challenge"}[args.task]
-        data = Path(args.data) if args.data else SHARED_DATA / "arc" / f"{name}-{split}.jsonl"
-        if not data.exists():
-            raise EvalDataError(f"data file not found: {data} (pass --data PATH to an ARC JSONL)")
-        items = choice.load_choice_items(data)[: args.limit or None]
-        rules = [ScoreRule.parse(spec.strip()) for spec in args.rules.split(",") if spec.strip()]
-        shipped = default_rule()
-        if shipped.label() not in [r.label() for r in rules]:
-            rules.append(shipped)
-        task = choice.ChoiceTask(args.task, models, rules)
-        settings = {"data": str(data), "limit": args.limit, "models": models, "rules": [r.to_dict() for r in rules]}
-        return task, items, settings
+        return _choice_task(args, models)
+    return _generation_task(args, models)
 
+
+def _choice_task(args, models: list[str]):
+    from . import choice
+
+    split = args.split or "validation"
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"--split takes train, validation or test, got {split!r}")
+    name = {"arc-easy": "ARC-Easy", "arc-challenge": "ARC-Challenge"}[args.task]
+    data = Path(args.data) if args.data else SHARED_DATA / "arc" / f"{name}-{split}.jsonl"
+    if not data.exists():
+        raise EvalDataError(f"data file not found: {data} (pass --data PATH to an ARC JSONL)")
+    items = choice.load_choice_items(data)[: args.limit or None]
+    rules = [ScoreRule.parse(spec.strip()) for spec in args.rules.split(",") if spec.strip()]
+    shipped = default_rule()
+    if shipped.label() not in [r.label() for r in rules]:
+        rules.append(shipped)
+    task = choice.ChoiceTask(args.task, models, rules)
+    settings = {"data": str(data), "limit": args.limit, "models": models, "rules": [r.to_dict() for r in rules]}
+    return task, items, settings
+
+
+def _generation_data(args) -> tuple[Path, int, Path | None]:
+    """The test file, the number of few-shot exemplars and the file they come from."""
     if args.task == "mgsm":
         if not args.data:
             raise EvalDataError(
@@ -89,15 +97,16 @@ def build_task(args):
             if not args.lang:
                 raise EvalDataError(f"{data} is a folder: name the language with --lang (reads mgsm_LANG.tsv)")
             data = data / f"mgsm_{args.lang}.tsv"
-        shots = 0 if args.shots is None else args.shots
-        train = Path(args.train) if args.train else None
-    else:
-        if not args.data:
-            data = SHARED_DATA / "gsm8k" / "test.jsonl"
-        else:
-            data = Path(args.data)
-        shots = 3 if args.shots is None else args.shots
-        train = Path(args.train) if args.train else data.with_name("train.jsonl")
+        return data, 0 if args.shots is None else args.shots, Path(args.train) if args.train else None
+    data = Path(args.data) if args.data else SHARED_DATA / "gsm8k" / "test.jsonl"
+    train = Path(args.train) if args.train else data.with_name("train.jsonl")
+    return data, 3 if args.shots is None else args.shots, train
+
+
+def _generation_task(args, models: list[str]):
+    from . import generation
+
+    data, shots, train = _generation_data(args)
     if not data.exists():
         raise EvalDataError(f"data file not found: {data}")
     if shots and (train is None or not train.exists()):
@@ -129,7 +138,7 @@ def cmd_eval(args) -> int:
     import grpc
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..cli import _start_cluster
+    from ..commands.common import start_cluster
     from ..launcher import StartError
 
     try:
@@ -158,7 +167,7 @@ def cmd_eval(args) -> int:
     try:
         address = args.connect
         if not address:
-            cluster = _start_cluster([m.strip() for m in args.models.split(",") if m.strip()], args.device)
+            cluster = start_cluster([m.strip() for m in args.models.split(",") if m.strip()], args.device)
             address = cluster.address
         summary = asyncio.run(run(address))
     except KeyboardInterrupt:

@@ -5,18 +5,14 @@ for several: the time goes into reading the weights. So when several sessions of
 generating at once, their next-token steps run as one forward with a row per session.
 
 ``StepBatcher`` is a group commit: a thread that needs a step queues it; if no batch is running it
-becomes the leader, waits up to ``gather_s`` (20 ms) for the other sessions that are generating
-(each is usually between two steps, in a boundary check; measured at 8 clients, 2 cores: 4 ms
-24.5-26.2 tokens/s, 10 ms 26.8-27.0, 20 ms 26.8-28.4) and for those that queued a forward in the
-last ``recent_s`` (0.5 s): under load a session spends much of a segment outside its generation
-loop (scoring, commit, RPCs, waiting for the other models) and is back within a forward's time.
-At 8 clients, waiting only for generating sessions left 124 of 239 SmolLM2 batches and 45 of
-176 Gemma-3 ones at one real row, each a whole forward for one session (Gemma-3: ~110 ms for one
-row, ~180 ms for eight); waiting for recent ones too: 46 of 190 and 21 of 168, and 8 clients
-25.6 / 26.2 -> 28.7 / 28.3 tokens/s (same-run pairs). Then it runs every queued step in one
-forward and hands each thread its logits. Alone, a session never waits: a batch of one (with no
-idle session to fill it) is the plain forward, so single-session output stays bitwise what
-``generate`` gives.
+becomes the leader, waits up to ``gather_s`` for the other sessions that are generating (each is
+usually between two steps, in a boundary check) and for those that queued a forward in the last
+``recent_s``: under load a session spends much of a segment outside its generation loop (scoring,
+commit, RPCs, waiting for the other models) and is back within a forward's time, and a forward
+for one row reads every weight for one session. Then it runs every queued step in one forward and
+hands each thread its logits. Alone, a session never waits: a batch of one (with no idle session
+to fill it) is the plain forward, so single-session output stays bitwise what ``generate`` gives.
+docs/performance.md has the measurements behind both waits.
 
 Filling: a batch costs little more with a few rows added (the weights are read once), so when
 ``fill`` is given the leader tops a batch of real steps up with steps of idle sessions (``Fill``:
@@ -26,11 +22,9 @@ next NextText replays it).
 ``forward_sessions`` runs the batch without building a batch-wide KV cache: the linear layers
 (nearly all of the cost) take the rows as one matrix, and attention runs row by row, each row on
 its own session's cache, through the lone step's own cache update and sdpa call. Stacking the
-caches into one left-padded tensor instead copied every session's whole cache three times per
-step (stack, padding, the batch cache's append) plus once more to hand the new states back:
-at 8 sessions of 200-340 cached tokens that was 46 % of a SmolLM2 step and 28 % of a Gemma-3
-one (8 rows, one thread: 247 -> 164 ms and 248 -> 193 ms). Rows of a batch may differ from a
-lone forward in the last bits of float rounding (different matrix shapes); greedy picks match.
+caches into one left-padded tensor instead copied every session's whole cache several times per
+step (46 % of a SmolLM2 step at 8 sessions). Rows of a batch may differ from a lone forward in the
+last bits of float rounding (different matrix shapes); greedy picks match.
 """
 
 from __future__ import annotations

@@ -25,11 +25,11 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 PACK_MODES = ("all", "head", "none")
-# The row count oneDNN picks its blocking for; packed for 8, the output layer was faster than
-# packed for 1 at every row count from 2 to 32 (8 rows: 58 ms vs 77) and as fast at 1 row.
+# The row count oneDNN picks its blocking for: packed for 8, the output layer was faster than
+# packed for 1 at every row count from 2 to 32, and as fast at 1 row.
 PACK_ROWS_HINT = 8
-# Below this many rows MKL's own kernels win (Gemma-3 forward on 100 cached tokens, one thread:
-# 2 rows 104 ms plain vs 120 ms packed, 3 rows 113 vs 123; 4 rows 180 vs 123, 8 rows 261 vs 138).
+# Below this many rows MKL's own kernels win (Gemma-3, one thread: 3 rows 113 ms plain against
+# 123 packed; docs/performance.md has the rest).
 PACK_MIN_ROWS = 4
 
 

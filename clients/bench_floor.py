@@ -1,0 +1,150 @@
+"""The bench's references: the machine it ran on, and each source model's own greedy time (floor).
+
+The floor is ``generate(do_sample=False, min_new_tokens=N, max_new_tokens=N)`` per prompt, with
+the model loaded as the workers load it (``services.worker.loading.load_hf_model``) on all cores,
+plus the per-session KV bytes of an in-process ``WorkerCore`` after N committed tokens.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+
+def machine() -> dict:
+    import torch
+    import transformers
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": cpu,
+        "memory": mem,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def floor(models: list[str], prompts: list[str], n: int, repeats: int, log) -> tuple[dict, dict]:
+    """Each model's own greedy generate() time per prompt (median of ``repeats``), and per-session
+    KV bytes measured on an in-process WorkerCore with the same weights."""
+    import torch
+
+    from ..services.sources import load_hf_tokenizer, parse_spec
+    from ..services.worker.loading import load_hf_model
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    results, memory = {}, {}
+    for spec_text in models:
+        spec = parse_spec(spec_text)
+        t0 = time.perf_counter()
+        model = load_hf_model(spec, "cpu", torch.float32)
+        tok = load_hf_tokenizer(spec)
+        load_s = time.perf_counter() - t0
+        _warm_up(model, tok, prompts[0])
+        rows = [_time_prompt(model, tok, p, n, repeats, spec.name, log) for p in prompts]
+        results[spec.name] = {
+            "load_s": load_s,
+            "threads": torch.get_num_threads(),
+            "prompts": rows,
+            "median_s": median([r["s"] for r in rows]),
+            "ms_per_token": 1000 * sum(r["s"] for r in rows) / sum(r["tokens"] for r in rows),
+        }
+        memory[spec.name] = _session_memory(spec, model, tok, prompts[0], n)
+        del model
+        gc.collect()
+    return results, memory
+
+
+def _pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def _warm_up(model, tok, prompt: str) -> None:
+    import torch
+
+    with torch.inference_mode():
+        model.generate(**tok(prompt, return_tensors="pt"), do_sample=False, max_new_tokens=4, pad_token_id=_pad_id(tok))
+
+
+def _time_prompt(model, tok, prompt: str, n: int, repeats: int, name: str, log) -> dict:
+    """Median time of ``repeats`` greedy generations of exactly ``n`` tokens, with and without
+    generate's own prompt lookup (a reference, not the floor: what a user running the model alone
+    could turn on; the fused loop's lookup_draft does the same)."""
+    import torch
+
+    from ..orchestrator.options import LOOKUP_TOKENS
+
+    ids = tok(prompt, return_tensors="pt")
+    settings = dict(do_sample=False, min_new_tokens=n, max_new_tokens=n, pad_token_id=_pad_id(tok))
+    times, lookup_times = [], []
+    for _ in range(repeats):
+        for extra, into in (({}, times), ({"prompt_lookup_num_tokens": LOOKUP_TOKENS}, lookup_times)):
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(**ids, **settings, **extra)
+            into.append(time.perf_counter() - t0)
+    produced = out.shape[1] - ids["input_ids"].shape[1]
+    log(f"floor {name}: {produced} tokens in {median(times):.2f} s (with prompt lookup {median(lookup_times):.2f} s)")
+    return {
+        "prompt_tokens": ids["input_ids"].shape[1],
+        "tokens": produced,
+        "s": median(times),
+        "runs": times,
+        "lookup_s": median(lookup_times),
+    }
+
+
+def _session_memory(spec, model, tok, prompt: str, n: int) -> dict:
+    """KV bytes of a session on ``prompt`` after ``n`` committed tokens."""
+    from ..services.worker.model import WorkerCore
+
+    core = WorkerCore(spec.name, spec, device="cpu", model=model, hf_tokenizer=tok)
+    sid, ctx, _ = core.open(prompt)
+    done = 0
+    while done < n:
+        r = core.next_text(sid, [], n - done)
+        done = core.update_state(sid, r.state_id).committed_tokens
+        if r.eos or not r.token_ids:
+            break
+    b = core.session_bytes(sid)
+    core.close(sid)
+    return {
+        "context_tokens": ctx,
+        "output_tokens": done,
+        "kv_bytes": b["kv_bytes"],
+        "kv_bytes_per_token": b["kv_bytes"] / max(1, b["tokens"]),
+        "logits_bytes": b["logits_bytes"],
+        "note": "sliding-window layers (Gemma-3) hold at most window-1 (+ kept lookahead) tokens",
+    }

@@ -1,0 +1,20 @@
+"""One module per ``coolfusion`` subcommand: each has ``add_parser(sub)`` and a ``run(args)``.
+
+``clients/cli.py`` builds the parser from ``SUBCOMMANDS`` in this order (the order of ``--help``).
+"""
+
+from __future__ import annotations
+
+SUBCOMMANDS = (
+    "generate",
+    "serve",
+    "tokenizer",
+    "worker",
+    "orchestrator",
+    "eval",
+    "drain",
+    "healthcheck",
+    "bench",
+)
+# Long-running services: INFO logs by default (the other commands log WARNING and above).
+SERVICES = ("tokenizer", "worker", "orchestrator", "drain")

@@ -1,0 +1,128 @@
+"""``coolfusion generate``: one fused generation, streamed to stdout or printed as JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+
+from .common import add_rule_args, default_models, models_arg, rule_from_args, start_cluster
+
+TIMINGS = ("total_s", "first_segment_s", "open_s", "generate_s", "score_s", "commit_s")
+
+
+def add_parser(sub) -> None:
+    g = sub.add_parser("generate", help="fused generation (starts local services unless --connect)")
+    g.add_argument("prompt", nargs="?", default="")
+    g.add_argument("--messages", help='chat messages as JSON: [{"role": "user", "content": "..."}]')
+    g.add_argument("--mode", default="cool", help="cool | cool-noalign | rerank | cool-rerank | single:<model>")
+    g.add_argument("--models", help=f"comma-separated: bundled names or NAME=SOURCE (default {default_models()})")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--max-segment-tokens", type=int, default=0)
+    g.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("--connect", help="HOST:PORT of a running orchestrator")
+    g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    add_rule_args(g)
+    g.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..launcher import StartError
+
+    if not args.prompt and not args.messages:
+        print("error: give a PROMPT or --messages", file=sys.stderr)
+        return 2
+    if args.connect:
+        return asyncio.run(generate(args.connect, args))
+    try:
+        cluster = start_cluster(models_arg(args.models or default_models()), args.device)
+    except StartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return asyncio.run(generate(cluster.address, args))
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        cluster.stop()
+
+
+async def generate(address: str, args) -> int:
+    """Stream one generation from the orchestrator at ``address``; 2 on an RPC error."""
+    import grpc
+
+    from ..client import FusionClient
+
+    options = dict(
+        # Embedded services run exactly --models; a remote orchestrator gets the subset when given.
+        models=models_arg(args.models) if args.models and args.connect else [],
+        mode=args.mode,
+        max_new_tokens=args.max_new_tokens,
+        stop=args.stop or [],
+        max_segment_tokens=args.max_segment_tokens,
+        score_rule=rule_from_args(args),
+    )
+    messages = json.loads(args.messages) if args.messages else None
+    prompt = None if messages else args.prompt
+    segments, final = [], None
+    async with FusionClient(address) as client:
+        try:
+            async for item in client.stream_raw(prompt, messages, **options):
+                if item.HasField("segment"):
+                    segments.append(item.segment)
+                    if not args.json:
+                        sys.stdout.write(item.segment.text)
+                        sys.stdout.flush()
+                else:
+                    final = item.final
+        except grpc.RpcError as exc:
+            if not args.json:
+                sys.stdout.write("\n")
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 2
+    assert final is not None  # a stream that ends without an error ends with its final message
+    if args.json:
+        print(json.dumps(result_json(final, segments), ensure_ascii=False, indent=2))
+    else:
+        print(f"\n[{final.finish_reason}; {final.segments} segments; {final.timings.total_s:.1f} s]", file=sys.stderr)
+    return 0
+
+
+def result_json(final, segments) -> dict:
+    return {
+        "text": final.text,
+        "finish_reason": final.finish_reason,
+        "mode": final.mode,
+        "segments": [segment_json(s) for s in segments],
+        "usage": {
+            u.model: {
+                "prompt_tokens": u.prompt_tokens,
+                "generated_tokens": u.generated_tokens,
+                "output_tokens": u.output_tokens,
+                "scored_tokens": u.scored_tokens,
+            }
+            for u in final.usage
+        },
+        "timings": {k: getattr(final.timings, k) for k in TIMINGS},
+    }
+
+
+def segment_json(segment) -> dict:
+    return {
+        "text": segment.text,
+        "model": segment.model,
+        "eos": segment.eos,
+        "candidates": [
+            {
+                "model": c.model,
+                "text": c.text,
+                "eos": c.eos,
+                "finish": c.finish,
+                "mean_ppl": c.mean_ppl if math.isfinite(c.mean_ppl) else None,
+                "ppl": {p.scorer: (p.ppl if math.isfinite(p.ppl) else None) for p in c.ppl},
+            }
+            for c in segment.candidates
+        ],
+    }

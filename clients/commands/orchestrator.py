@@ -1,0 +1,66 @@
+"""``coolfusion orchestrator``: the public Fusion service over a set of workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from .common import add_rule_args, add_service_args, bind, default_rule, models_arg, rule_from_args, serve
+
+
+def add_parser(sub) -> None:
+    o = sub.add_parser("orchestrator", help="run the public Fusion service")
+    o.add_argument(
+        "--worker",
+        action="append",
+        help="NAME=HOST:PORT | NAME=ADDR1|ADDR2 (replicas) | NAME=dns:///HOST:PORT (headless Service), "
+        "in tie-break order (default: $COOLFUSION_WORKERS, comma-separated)",
+    )
+    add_service_args(o, port=50051, grace=30.0)
+    o.add_argument(
+        "--auth-token", action="append", help="bearer token callers must send (repeatable; env COOLFUSION_AUTH_TOKENS)"
+    )
+    o.add_argument("--max-concurrent", type=int, default=16, help="generations running at once")
+    o.add_argument("--max-queue", type=int, default=64, help="generations waiting; beyond: RESOURCE_EXHAUSTED")
+    add_rule_args(o)
+    o.set_defaults(func=run)
+
+
+def worker_targets(items: list[str]) -> dict[str, str]:
+    """``NAME=ADDRESS`` items as a name -> address map; a malformed one exits with its message."""
+    from ...orchestrator.workers import parse_worker_target
+
+    if not items:
+        raise SystemExit("give --worker NAME=HOST:PORT (repeatable) or COOLFUSION_WORKERS=NAME=HOST:PORT,...")
+    workers = {}
+    for item in items:
+        name, sep, address = item.partition("=")
+        if not sep or not name or not address:
+            raise SystemExit(f"--worker takes NAME=HOST:PORT, NAME=ADDR1|ADDR2 or NAME=dns:///HOST:PORT, got {item!r}")
+        try:
+            parse_worker_target(address)
+        except ValueError as exc:
+            raise SystemExit(f"--worker {item!r}: {exc}") from None
+        workers[name] = address
+    return workers
+
+
+def run(args) -> int:
+    from ...orchestrator.server import build_service
+    from ...services.common.security import tokens_from_env
+
+    workers = worker_targets(args.worker or models_arg(os.environ.get("COOLFUSION_WORKERS", "")))
+    rule = rule_from_args(args) or default_rule()
+
+    def make():
+        return build_service(
+            workers,
+            bind(args.host, args.port),
+            max_concurrent=args.max_concurrent,
+            max_queue=args.max_queue,
+            auth_tokens=args.auth_token or tokens_from_env(),
+            score_rule=rule,
+        )[0]
+
+    asyncio.run(serve(make, "orchestrator", args.grace, args.metrics_port))
+    return 0

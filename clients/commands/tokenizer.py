@@ -1,0 +1,25 @@
+"""``coolfusion tokenizer``: the tokenizer service (boundary checks, T2/T3) for a set of models."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from .common import add_service_args, bind, default_models, serve
+
+
+def add_parser(sub) -> None:
+    t = sub.add_parser("tokenizer", help="run the tokenizer service")
+    t.add_argument("--models", default=os.environ.get("COOLFUSION_MODELS") or default_models())
+    add_service_args(t, port=50050, grace=5.0)
+    t.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ...services.tokenizer.loading import load_registry
+    from ...services.tokenizer.server import build_service
+
+    registry = load_registry(args.models)
+    make = lambda: build_service(registry, bind(args.host, args.port))  # noqa: E731
+    asyncio.run(serve(make, "tokenizer", args.grace, args.metrics_port))
+    return 0
