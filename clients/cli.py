@@ -37,6 +37,13 @@ def _models_arg(text: str) -> list[str]:
     return [m.strip() for m in text.split(",") if m.strip()]
 
 
+def _seed_arg(text: str) -> int:
+    seed = int(text)
+    if not 0 <= seed < 2**64:
+        raise argparse.ArgumentTypeError(f"a seed is in [0, 2**64), got {seed}")
+    return seed
+
+
 def _setup_logging(level: str, fmt: str = "text") -> None:
     from ..services.common.logs import setup_logging
 
@@ -254,6 +261,10 @@ async def _generate(address: str, args) -> int:
         stop=args.stop or [],
         max_segment_tokens=args.max_segment_tokens,
         score_rule=rule_from_args(args),
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
     )
     messages = json.loads(args.messages) if args.messages else None
     prompt = None if messages else args.prompt
@@ -280,6 +291,7 @@ async def _generate(address: str, args) -> int:
                     "text": final.text,
                     "finish_reason": final.finish_reason,
                     "mode": final.mode,
+                    "seed": final.seed if final.HasField("seed") else None,
                     "segments": [_segment_json(s) for s in segments],
                     "usage": {
                         u.model: {
@@ -300,8 +312,9 @@ async def _generate(address: str, args) -> int:
             )
         )
     else:
+        seed = f"; seed {final.seed}" if final.HasField("seed") else ""
         print(
-            f"\n[{final.finish_reason}; {final.segments} segments; {final.timings.total_s:.1f} s]",
+            f"\n[{final.finish_reason}; {final.segments} segments; {final.timings.total_s:.1f} s{seed}]",
             file=sys.stderr,
         )
     return 0
@@ -421,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-segment-tokens", type=int, default=0)
     g.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
+    g.add_argument("--top-p", type=float, default=0.0, help="nucleus cut when sampling (0 or 1: off)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens when sampling (0: off)")
+    g.add_argument("--seed", type=_seed_arg, help="sampling seed (default: drawn and reported, so it can be reused)")
     g.add_argument("--connect", help="HOST:PORT of a running orchestrator")
     g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     add_rule_args(g)

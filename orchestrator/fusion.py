@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from ..services.common.errors import InvalidArgument, Unavailable
-from ..services.worker.api import NextTextOptions
+from ..services.worker.api import GREEDY, NextTextOptions, Sampling
 from .rules import RuleError, ScoreRule, default_rule
 from .workers import Opened, Proposal, Score, WorkerHandle
 
@@ -151,6 +151,8 @@ class FusionRequest:
     # A worker failing mid-generation (UNAVAILABLE) is dropped and the others go on (cool modes).
     allow_degraded: bool = False
     score_rule: ScoreRule | None = None  # None: the engine's
+    # Each model samples its own candidates (rerank: its whole answer); the rule still chooses.
+    sampling: Sampling = GREEDY
 
 
 @dataclass
@@ -250,6 +252,7 @@ class Final:
     mode: str
     degraded_models: list[str] = field(default_factory=list)  # dropped after a worker failure
     score_rule: str = ""  # label of the rule that chose the segments
+    seed: int | None = None  # the sampling seed (None: greedy)
 
 
 def pick_winner(mean_ppls: Sequence[float]) -> int:
@@ -395,7 +398,8 @@ class FusionEngine:
             else:
                 text, finish = item
         timings.total_s = time.perf_counter() - started
-        yield Final(text, finish, usage, timings, count, mode, list(dropped), rule.label())
+        seed = None if request.sampling.greedy else request.sampling.seed
+        yield Final(text, finish, usage, timings, count, mode, list(dropped), rule.label(), seed)
 
     # ---- the loop ------------------------------------------------------------------------
     async def _open(self, names, request, usage, timings, dropped: dict | None = None) -> dict[str, str]:
@@ -536,6 +540,7 @@ class FusionEngine:
                     commit_state_id=to_commit.get(n, ""),
                     follow_segments=FOLLOW_SEGMENTS if follow and drafting else 0,
                     lookup_tokens=lookup,
+                    sampling=request.sampling,
                 )
                 return self.workers[n].next_text(sessions[n], options)
 
