@@ -22,6 +22,7 @@ from scipy.stats import chisquare
 from coolfusion.protos import fusion_pb2 as fusion_pb
 from coolfusion.protos import worker_pb2 as worker_pb
 from coolfusion.services.common.errors import InvalidArgument as OrchestratorInvalidArgument
+from coolfusion.services.sources import parse_specs
 from coolfusion.services.worker.api import GREEDY, NextTextOptions, Sampling
 from coolfusion.services.worker.errors import InvalidArgument
 from coolfusion.services.worker.model import WorkerCore
@@ -234,19 +235,72 @@ def _segments(
     return ids, texts, results
 
 
-def test_sampled_segments_are_the_reference_samples(smollm2):
+def _check_sampled_segments(core: WorkerCore) -> None:
     sampling = Sampling(0.9, top_p=0.95, seed=20261202)
-    plain, texts, _ = _segments(smollm2, sampling, N)
-    assert plain == _reference(smollm2, PROMPT, sampling, len(plain))
-    assert plain != _segments(smollm2, Sampling(0.9, top_p=0.95, seed=1), N)[0]
+    plain, texts, _ = _segments(core, sampling, N)
+    assert plain == _reference(core, PROMPT, sampling, len(plain))
+    assert plain != _segments(core, Sampling(0.9, top_p=0.95, seed=1), N)[0]
     # Speculation, lookup and replay cannot move a draw: same tokens with each of them.
-    ids, _, results = _segments(smollm2, sampling, N, drafts=lambda k: "".join(texts[k:]))
+    ids, _, results = _segments(core, sampling, N, drafts=lambda k: "".join(texts[k:]))
     verified, forwards = sum(r.verified_tokens for r in results), sum(r.verify_forwards for r in results)
     assert ids == plain and verified > forwards > 0  # the own future text: several per forward
-    assert _segments(smollm2, sampling, N, lookup_tokens=2)[0] == plain
-    assert _segments(smollm2, sampling, N, reuse_lookahead=False)[0] == plain
+    assert _segments(core, sampling, N, lookup_tokens=2)[0] == plain
+    assert _segments(core, sampling, N, reuse_lookahead=False)[0] == plain
     # top_k 1 is the argmax: the greedy tokens.
-    assert _segments(smollm2, Sampling(1.0, top_k=1, seed=5), N)[0] == _segments(smollm2, GREEDY, N)[0]
+    assert _segments(core, Sampling(1.0, top_k=1, seed=5), N)[0] == _segments(core, GREEDY, N)[0]
+
+
+def test_sampled_segments_are_the_reference_samples(smollm2):
+    _check_sampled_segments(smollm2)
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer_registry):
+    """A small random Llama over SmolLM2's tokenizer (no weights to load): its distributions are
+    nearly flat over tens of thousands of tokens, the hardest case for reproducible draws."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = tokenizer_registry.get("smollm2").hf
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(hf),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=hf.eos_token_id,
+    )
+    spec = next(s for s in parse_specs("smollm2"))
+    model = LlamaForCausalLM(config).eval()
+    return WorkerCore(
+        "smollm2", spec, device="cpu", boundary=tokenizer_registry.common_boundary, model=model, hf_tokenizer=hf
+    )
+
+
+def test_tiny_model_sampled_segments_are_the_reference_samples(tiny):
+    _check_sampled_segments(tiny)
+
+
+def test_concurrent_sessions_draw_what_they_draw_alone(tiny):
+    """Sessions generating at once share batched forwards; each draws the tokens it draws alone
+    (same seed twice included), next to a greedy one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    samplings = [
+        Sampling(1.0, seed=1),
+        Sampling(1.0, seed=2),
+        Sampling(1.0, seed=1),
+        Sampling(0.7, top_k=50, seed=9),
+        GREEDY,
+    ]
+    alone = [_segments(tiny, s, N, lookup_tokens=2)[0] for s in samplings]
+    assert alone[0] == alone[2] and alone[0] != alone[1]
+    before = tiny.batcher.stats.steps - tiny.batcher.stats.sizes.get(1, 0)
+    with ThreadPoolExecutor(len(samplings)) as pool:
+        together = list(pool.map(lambda s: _segments(tiny, s, N, lookup_tokens=2)[0], samplings))
+    assert tiny.batcher.stats.steps - tiny.batcher.stats.sizes.get(1, 0) > before
+    assert together == alone
 
 
 def test_bad_sampling_is_invalid_argument(smollm2):

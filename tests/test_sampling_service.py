@@ -6,6 +6,8 @@ model's whole answer; bad values are INVALID_ARGUMENT."""
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 
 import grpc
 import pytest
@@ -96,3 +98,31 @@ async def test_bad_sampling_is_invalid_argument(client, fields, message):
         await client.generate(PROMPT, **fields)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in info.value.details() and "\n" not in info.value.details()
+
+
+async def test_cli_reports_and_reuses_the_seed(cluster, client):
+    """``coolfusion generate --temperature``: the drawn seed is in --json; --seed reproduces the
+    text (the client library's too); a bad value is one line on stderr, no traceback."""
+
+    async def cli(*args: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *("-m", "coolfusion.clients.cli", "generate", PROMPT, "--connect", cluster.address),
+            *("--models", "smollm2,gemma3", "--max-new-tokens", str(TOKENS), *args),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await proc.communicate()
+        return proc.returncode, out.decode(), err.decode()
+
+    sampled = ("--temperature", "0.8", "--top-p", "0.9", "--top-k", "40")
+    code, out, err = await cli(*sampled, "--json")
+    assert code == 0, err
+    drawn = json.loads(out)
+    assert isinstance(drawn["seed"], int)
+    code, out, err = await cli(*sampled, "--seed", str(drawn["seed"]))
+    assert code == 0 and out == drawn["text"] and f"seed {drawn['seed']}" in err
+    reply = await client.generate(PROMPT, **_models(temperature=0.8, top_p=0.9, top_k=40, seed=drawn["seed"]))
+    assert reply.text == drawn["text"]
+    code, out, err = await cli("--temperature", "1", "--top-p", "2")
+    assert code == 2 and "INVALID_ARGUMENT: top_p must be in [0, 1]" in err and "Traceback" not in err

@@ -1,4 +1,5 @@
-"""NextText (paper T1): greedy generation from the committed state to a word boundary.
+"""NextText (paper T1): generation (greedy, or sampled: ``sampling.py``) from the committed state
+to a word boundary.
 
 Generation stops at the first boundary b common to the tokenizers (candidate = text[:b] and the
 tokens whose text ends at b; tokens past b are lookahead, not part of the candidate), at an EOS

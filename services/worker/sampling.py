@@ -8,7 +8,7 @@ candidate was committed, a batched step, a multi-token forward that checks draft
 tokens - the same prefix draws the same token, and the same request with the same seed gives the
 same text on any number of concurrent clients. (A batched forward may differ from a lone one in
 the last bits of float rounding; that moves a draw only when its uniform falls within rounding
-distance of the edge between two tokens.)
+distance of the edge between two tokens, see ``choose``.)
 
 Keyed on the whole prefix rather than on the position alone: a model whose candidate lost
 regenerates at the same positions from another text, and reusing the uniforms its rejected
@@ -22,6 +22,7 @@ continuation is the model's own sampled text with or without proposals.
 from __future__ import annotations
 
 import hashlib
+import math
 from array import array
 
 import torch
@@ -29,6 +30,7 @@ import torch
 from .api import Sampling
 
 PERSON = b"coolfusion.draw1"  # blake2b personalisation: these draws and no other hash's
+NUCLEUS_FIRST_LOOK = 64  # most likely tokens looked at first for the nucleus's end
 
 
 def _packed(ids) -> bytes:
@@ -64,20 +66,38 @@ def uniform(seed: int, key: bytes) -> float:
 
 def choose(logits: torch.Tensor, sampling: Sampling, u: float) -> int:
     """The token at ``u`` in the distribution ``sampling`` makes of ``logits`` (one row):
-    temperature, then top-k, then top-p (transformers' and vLLM's order), in float64."""
+    temperature, then top-k, then top-p (transformers' and vLLM's order; as there, tokens tied
+    with the last one kept stay), in float64.
+
+    The cumulative distribution runs over the token ids in id order, never in probability order:
+    near-equal probabilities (a model's long tail) swap places under float rounding (a batched
+    forward, a cached one), which in probability order would hand whole intervals of ``u`` to
+    another token; in id order rounding only moves each edge by its own size."""
     scaled = logits.to(torch.float64) / sampling.temperature
-    ids = None  # token ids of ``scaled``'s entries once they are cut and sorted
     if 0 < sampling.top_k < scaled.numel():
-        scaled, ids = torch.topk(scaled, sampling.top_k)
+        scaled = scaled.masked_fill(scaled < torch.topk(scaled, sampling.top_k).values[-1], -math.inf)
     probs = torch.softmax(scaled, -1)
     if 0.0 < sampling.top_p < 1.0:
-        if ids is None:
-            probs, ids = torch.sort(probs, descending=True, stable=True)
-        before = torch.cumsum(probs, -1) - probs  # mass of the more likely tokens
-        probs = probs[: max(1, int((before < sampling.top_p).sum()))]
+        probs = probs.masked_fill(probs < _nucleus_floor(probs, sampling.top_p), 0.0)
     cdf = torch.cumsum(probs, -1)
-    at = min(int(torch.searchsorted(cdf, u * cdf[-1], right=True)), cdf.numel() - 1)
-    return int(ids[at]) if ids is not None else at
+    at = int(torch.searchsorted(cdf, u * cdf[-1], right=True))
+    if at >= cdf.numel():  # u * total rounded up to the total: the last token that can be drawn
+        at = int(torch.nonzero(probs).max())
+    return at
+
+
+def _nucleus_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The smallest probability in the nucleus: the most likely tokens, most likely first, up to
+    the first whose more likely ones reach ``top_p`` in mass. Found among the top few (a
+    nucleus is short), widening until it ends inside them: no sort of the whole vocabulary."""
+    k = NUCLEUS_FIRST_LOOK
+    while True:
+        k = min(k, probs.numel())
+        ordered = torch.topk(probs, k).values
+        inside = int((torch.cumsum(ordered, -1) - ordered < top_p).sum())
+        if inside < k or k == probs.numel():
+            return ordered[max(1, inside) - 1]
+        k *= 8
 
 
 def draw(logits: torch.Tensor, sampling: Sampling, keys: PrefixKeys, committed: list[int], extra: list[int]) -> int:
