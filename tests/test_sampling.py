@@ -26,7 +26,7 @@ from coolfusion.services.sources import parse_specs
 from coolfusion.services.worker.api import GREEDY, NextTextOptions, Sampling
 from coolfusion.services.worker.errors import InvalidArgument
 from coolfusion.services.worker.model import WorkerCore
-from coolfusion.services.worker.sampling import PrefixKeys, choose, uniform
+from coolfusion.services.worker.sampling import PrefixKeys, choose, cumulative, token_at, uniform
 
 UNCERTAIN_PROMPT = "My favourite animal is the"
 SEEDS = range(2000)  # fixed: the chi-square tests are deterministic
@@ -176,12 +176,9 @@ def test_first_token_follows_the_softmax(smollm2, sampling):
     softmax = torch.softmax(logits.double(), -1)
     assert softmax.max() < 0.5 and int((softmax > 0.01).sum()) >= 5  # the model does hesitate here
     probs = _cut_probs(logits, sampling)
-    keys = PrefixKeys()
-    key = keys.key(ids, [])
-    drawn = [
-        choose(logits, Sampling(sampling.temperature, sampling.top_p, sampling.top_k, s), uniform(s, key))
-        for s in SEEDS
-    ]
+    key = PrefixKeys().key(ids, [])
+    cdf = cumulative(logits, sampling)  # what ``choose`` computes for every draw (the seed aside)
+    drawn = [token_at(cdf, uniform(seed, key)) for seed in SEEDS]
     assert all(probs[t] > 0 for t in drawn)  # nothing outside the top-k / nucleus
     likely = {int(t) for t in torch.nonzero(probs * len(SEEDS) >= 20).flatten()}
     assert len(likely) >= 3 and likely <= set(drawn)

@@ -65,24 +65,34 @@ def uniform(seed: int, key: bytes) -> float:
 
 
 def choose(logits: torch.Tensor, sampling: Sampling, u: float) -> int:
-    """The token at ``u`` in the distribution ``sampling`` makes of ``logits`` (one row):
-    temperature, then top-k, then top-p (transformers' and vLLM's order; as there, tokens tied
-    with the last one kept stay), in float64.
+    """The token at ``u`` in the distribution ``sampling`` makes of ``logits`` (one row)."""
+    return token_at(cumulative(logits, sampling), u)
 
-    The cumulative distribution runs over the token ids in id order, never in probability order:
-    near-equal probabilities (a model's long tail) swap places under float rounding (a batched
-    forward, a cached one), which in probability order would hand whole intervals of ``u`` to
-    another token; in id order rounding only moves each edge by its own size."""
+
+def cumulative(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
+    """The cumulative distribution (float64, not normalised) that ``sampling`` makes of ``logits``:
+    temperature, then top-k, then top-p (transformers' and vLLM's order; as there, tokens tied
+    with the last one kept stay).
+
+    It runs over the token ids in id order, never in probability order: near-equal probabilities
+    (a model's long tail) swap places under float rounding (a batched forward, a cached one),
+    which in probability order would hand whole intervals of ``u`` to another token; in id order
+    rounding only moves each edge by its own size."""
     scaled = logits.to(torch.float64) / sampling.temperature
     if 0 < sampling.top_k < scaled.numel():
         scaled = scaled.masked_fill(scaled < torch.topk(scaled, sampling.top_k).values[-1], -math.inf)
     probs = torch.softmax(scaled, -1)
     if 0.0 < sampling.top_p < 1.0:
         probs = probs.masked_fill(probs < _nucleus_floor(probs, sampling.top_p), 0.0)
-    cdf = torch.cumsum(probs, -1)
+    return torch.cumsum(probs, -1)
+
+
+def token_at(cdf: torch.Tensor, u: float) -> int:
+    """The token whose interval of ``cdf`` holds ``u`` (scaled to the total); a token of
+    probability 0 has an empty interval and is never drawn."""
     at = int(torch.searchsorted(cdf, u * cdf[-1], right=True))
     if at >= cdf.numel():  # u * total rounded up to the total: the last token that can be drawn
-        at = int(torch.nonzero(probs).max())
+        at = int(torch.nonzero(torch.diff(cdf, prepend=cdf.new_zeros(1)) > 0).max())
     return at
 
 
