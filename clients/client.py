@@ -35,7 +35,13 @@ def build_request(
     max_segment_tokens: int = 0,
     request_id: str = "",
     score_rule: ScoreRule | str | None = None,
+    temperature: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    seed: int | None = None,
 ) -> pb.GenerateRequest:
+    """``temperature`` 0: greedy; ``top_p`` 0 and ``top_k`` 0: no cut; ``seed`` None: the server
+    draws one when sampling (the reply's ``seed``)."""
     return pb.GenerateRequest(
         score_rule=rule_to_proto(score_rule),
         prompt=prompt or "",
@@ -46,6 +52,10 @@ def build_request(
         stop=list(stop),
         max_segment_tokens=max_segment_tokens,
         request_id=request_id,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
     )
 
 

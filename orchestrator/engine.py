@@ -66,7 +66,8 @@ class FusionEngine:
             else:
                 text, finish = item
         timings.total_s = time.perf_counter() - started
-        yield Final(text, finish, usage, timings, count, mode, list(dropping.dropped), rule.label())
+        seed = None if request.sampling.greedy else request.sampling.seed
+        yield Final(text, finish, usage, timings, count, mode, list(dropping.dropped), rule.label(), seed)
 
     async def fuse(self, request, rule, names, usage, timings, align: bool = True, dropping: Dropping = NEVER):
         """One fused generation over new sessions (one name: that model alone)."""

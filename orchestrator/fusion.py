@@ -150,6 +150,7 @@ class FusionLoop:
             commit_state_id=state.to_commit.get(name, ""),
             follow_segments=FOLLOW_SEGMENTS if self.opts.follow_segments and drafting else 0,
             lookup_tokens=LOOKUP_TOKENS if self.opts.lookup_draft else 0,
+            sampling=self.request.sampling,
         )
 
     # 2. Score -------------------------------------------------------------------------------

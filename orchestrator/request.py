@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..services.common.errors import InvalidArgument
+from ..services.worker.api import GREEDY, Sampling
 from .options import FusionOptions
 from .rules import RuleError, ScoreRule
 
@@ -29,6 +30,8 @@ class FusionRequest:
     # A worker failing mid-generation (UNAVAILABLE) is dropped and the others go on (cool modes).
     allow_degraded: bool = False
     score_rule: ScoreRule | None = None  # None: the engine's
+    # Each model samples its own candidates (rerank: its whole answer); the rule still chooses.
+    sampling: Sampling = GREEDY
 
 
 def resolve_models(request: FusionRequest, available: Sequence[str]) -> tuple[str, list[str]]:

@@ -153,3 +153,4 @@ class Final:
     mode: str
     degraded_models: list[str] = field(default_factory=list)  # dropped after a worker failure
     score_rule: str = ""  # label of the rule that chose the segments
+    seed: int | None = None  # the sampling seed (None: greedy)

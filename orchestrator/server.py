@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from coolfusion.protos import fusion_pb2_grpc as pb_grpc
 from ..services.common.errors import InvalidArgument, ResourceExhausted
 from ..services.common.metrics import SEGMENTS, TOKENS
 from ..services.common.server import GrpcService
+from ..services.worker.api import GREEDY, Sampling
 from .engine import FusionEngine
 from .request import MODES, FusionRequest
 from .results import CandidateReport, Final, Segment, apply_rule, scored_report
@@ -49,6 +51,19 @@ def rule_from_proto(r: pb.ScoreRule) -> ScoreRule | None:
         )
     except RuleError as exc:
         raise InvalidArgument(str(exc)) from None
+
+
+def sampling_from_proto(r: pb.GenerateRequest) -> Sampling:
+    """The request's sampling; a sampled request without a seed gets a fresh one (reported back
+    in the reply, so the text can be reproduced). Seeds drawn here stay below 2**53, which a
+    JSON number (the HTTP gateway, JavaScript clients) holds exactly."""
+    if r.temperature == 0 and not (r.top_p or r.top_k or r.HasField("seed")):
+        return GREEDY
+    sampling = Sampling(r.temperature, r.top_p, r.top_k, r.seed if r.HasField("seed") else secrets.randbits(53))
+    problem = sampling.check()
+    if problem:
+        raise InvalidArgument(problem)
+    return GREEDY if sampling.greedy else sampling
 
 
 def request_from_proto(r: pb.GenerateRequest, limits: Limits) -> FusionRequest:
@@ -91,6 +106,7 @@ def request_from_proto(r: pb.GenerateRequest, limits: Limits) -> FusionRequest:
         max_segment_tokens=seg,
         allow_degraded=r.allow_degraded,
         score_rule=rule_from_proto(r.score_rule),
+        sampling=sampling_from_proto(r),
     )
 
 
@@ -143,6 +159,7 @@ def final_to_proto(f: Final) -> pb.FinalInfo:
         mode=f.mode,
         degraded_models=f.degraded_models,
         score_rule=f.score_rule,
+        seed=f.seed,
     )
 
 
@@ -242,6 +259,7 @@ class FusionServicer(pb_grpc.FusionServicer):
             mode=final.mode,
             degraded_models=final.degraded_models,
             score_rule=final.score_rule,
+            seed=final.seed if final.HasField("seed") else None,
         )
 
     async def Score(self, request, context):

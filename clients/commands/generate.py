@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import math
@@ -22,10 +23,21 @@ def add_parser(sub) -> None:
     g.add_argument("--max-segment-tokens", type=int, default=0)
     g.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
+    g.add_argument("--top-p", type=float, default=0.0, help="nucleus cut when sampling (0 or 1: off)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens when sampling (0: off)")
+    g.add_argument("--seed", type=seed_arg, help="sampling seed (default: drawn and reported, so it can be reused)")
     g.add_argument("--connect", help="HOST:PORT of a running orchestrator")
     g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     add_rule_args(g)
     g.set_defaults(func=run)
+
+
+def seed_arg(text: str) -> int:
+    seed = int(text)
+    if not 0 <= seed < 2**64:
+        raise argparse.ArgumentTypeError(f"a seed is in [0, 2**64), got {seed}")
+    return seed
 
 
 def run(args) -> int:
@@ -63,6 +75,10 @@ async def generate(address: str, args) -> int:
         stop=args.stop or [],
         max_segment_tokens=args.max_segment_tokens,
         score_rule=rule_from_args(args),
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
     )
     messages = json.loads(args.messages) if args.messages else None
     prompt = None if messages else args.prompt
@@ -86,7 +102,11 @@ async def generate(address: str, args) -> int:
     if args.json:
         print(json.dumps(result_json(final, segments), ensure_ascii=False, indent=2))
     else:
-        print(f"\n[{final.finish_reason}; {final.segments} segments; {final.timings.total_s:.1f} s]", file=sys.stderr)
+        seed = f"; seed {final.seed}" if final.HasField("seed") else ""
+        print(
+            f"\n[{final.finish_reason}; {final.segments} segments; {final.timings.total_s:.1f} s{seed}]",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -95,6 +115,7 @@ def result_json(final, segments) -> dict:
         "text": final.text,
         "finish_reason": final.finish_reason,
         "mode": final.mode,
+        "seed": final.seed if final.HasField("seed") else None,
         "segments": [segment_json(s) for s in segments],
         "usage": {
             u.model: {

@@ -7,8 +7,58 @@ the values (``generation.check_options``); this module only carries them.
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+
+
+def _float32(value: float) -> float:
+    """``value`` as the wire's float32 carries it, so an in-process caller and a gRPC one that
+    ask for the same temperature sample with the very same number."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:  # beyond float32: infinite, as the wire would make it
+        return math.copysign(math.inf, value)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a worker picks its tokens (``sampling.py``), applied in the usual order: logits divided
+    by ``temperature``, then the ``top_k`` most likely tokens kept, then the smallest set of the
+    most likely ones whose probabilities reach ``top_p``, then one drawn.
+
+    ``temperature`` 0 is greedy (the argmax; the other fields are ignored). ``top_k`` 0 and
+    ``top_p`` 0 or 1 cut nothing (0 is the wire's unset). ``seed``: the draws are a function of the
+    seed and the tokens before the drawn one, so the same request gives the same text."""
+
+    temperature: float = 0.0
+    top_p: float = 0.0
+    top_k: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "temperature", _float32(float(self.temperature)))
+        object.__setattr__(self, "top_p", _float32(float(self.top_p)))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def check(self) -> str | None:
+        """What is wrong with the values (one line), or None."""
+        if not 0.0 <= self.temperature < math.inf:  # also NaN
+            return f"temperature must be a finite number >= 0, got {self.temperature!r}"
+        if not 0.0 <= self.top_p <= 1.0:
+            return f"top_p must be in [0, 1], got {self.top_p!r}"
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            return f"top_k must be >= 0, got {self.top_k!r}"
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
+            return f"seed must be in [0, 2**64), got {self.seed!r}"
+        return None
+
+
+GREEDY = Sampling()
 
 
 @dataclass(frozen=True)
@@ -43,6 +93,10 @@ class NextTextOptions:
     ``lookup_tokens`` (prompt-lookup decoding): whenever a forward is due and no ``draft_text``
     applies, up to this many tokens that followed the latest earlier occurrence of the session's
     last few ids go into the same forward and are kept while they are greedy picks.
+
+    ``sampling`` (default greedy): how tokens are picked (``Sampling``). With sampling, "greedy"
+    above reads "drawn": a draft or looked-up token is kept only while it is the very token this
+    model draws at its place, and the kept continuation is the model's own drawn text.
     """
 
     boundary_tokenizer_ids: tuple[str, ...] = ()
@@ -53,6 +107,7 @@ class NextTextOptions:
     commit_state_id: str = ""
     follow_segments: int = 0
     lookup_tokens: int = 0
+    sampling: Sampling = GREEDY
 
     def __post_init__(self) -> None:
         # Callers pass lists (and protobuf repeated fields); a tuple keeps the options immutable.
@@ -70,11 +125,18 @@ class NextTextOptions:
 
     def request_fields(self) -> dict:
         """Keyword arguments of a ``NextTextRequest`` (besides ``session_id``)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        # Greedy sends no sampling message: the request is the one it was before sampling existed.
+        sampling = values.pop("sampling")
+        if not sampling.greedy:
+            values["sampling"] = {f.name: getattr(sampling, f.name) for f in fields(sampling)}
+        return values
 
     @classmethod
     def from_request(cls, request) -> NextTextOptions:
         """The options a ``NextTextRequest`` carries (an unset ``reuse_lookahead``: None)."""
         values = {f.name: getattr(request, f.name) for f in fields(cls)}
         values["reuse_lookahead"] = request.reuse_lookahead if request.HasField("reuse_lookahead") else None
+        wire = request.sampling
+        values["sampling"] = Sampling(**{f.name: getattr(wire, f.name) for f in fields(Sampling)})
         return cls(**values)

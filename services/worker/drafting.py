@@ -5,6 +5,13 @@ tokenizer) or from the session's own ids (prompt-lookup decoding, ``lookup_token
 of the picked, not yet forwarded token plus the proposed ones keeps each proposed token only
 while it is this model's own argmax after the tokens before it, so the continuation stays this
 model's greedy text; a mismatch costs nothing but the rows of that forward.
+
+Sampling keeps the same rule with "argmax" read as "the token the session draws there"
+(``sampling.py``): a draw depends on the seed and the tokens before it only, so a kept proposal
+is exactly the token plain sampling would have produced, and the output does not depend on what
+was proposed. (Speculative sampling's accept-with-probability rule would keep more proposals but
+draw tokens that depend on the proposal, so the same seed could give different texts depending
+on batching, which decides whether lookup runs.)
 """
 
 from __future__ import annotations
@@ -73,10 +80,14 @@ class Drafts:
         ``logits[i]`` the logits before ``proposed[i]``): keep the longest prefix that greedy
         decoding picks (each token the argmax after the ones before it) as continuation tokens
         with their log-probs and logits, and crop the rest from the cache. Returns tokens kept."""
-        picks = torch.argmax(logits[: len(proposed)], -1).tolist()
         kept = 0
-        while kept < len(proposed) and picks[kept] == proposed[kept]:
-            kept += 1
+        if s.sampling.greedy:
+            picks = torch.argmax(logits[: len(proposed)], -1).tolist()
+            while kept < len(proposed) and picks[kept] == proposed[kept]:
+                kept += 1
+        else:
+            while kept < len(proposed) and s.draw(logits[kept], proposed[:kept]) == proposed[kept]:
+                kept += 1
         if kept < len(proposed):
             crop_tail(s.cache, len(proposed) - kept)
         if kept:

@@ -1,4 +1,5 @@
-"""NextText (paper T1): greedy generation from the committed state to a word boundary.
+"""NextText (paper T1): generation (greedy, or sampled: ``sampling.py``) from the committed state
+to a word boundary.
 
 Generation stops at the first boundary b common to the tokenizers (candidate = text[:b] and the
 tokens whose text ends at b; tokens past b are lookahead, not part of the candidate), at an EOS
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..tokenizer.core import IncrementalDecoder
-from .api import NextTextOptions
+from .api import NextTextOptions, Sampling
 from .drafting import Drafts
 from .errors import InvalidArgument
 from .forward import Forwards
@@ -66,6 +67,8 @@ def check_options(options: NextTextOptions) -> None:
         raise InvalidArgument(f"follow_segments must be in [0, {MAX_FOLLOW_SEGMENTS}], got {o.follow_segments!r}")
     if not isinstance(o.lookup_tokens, int) or not 0 <= o.lookup_tokens <= MAX_LOOKUP_TOKENS:
         raise InvalidArgument(f"lookup_tokens must be in [0, {MAX_LOOKUP_TOKENS}], got {o.lookup_tokens!r}")
+    if not isinstance(o.sampling, Sampling) or (problem := o.sampling.check()):
+        raise InvalidArgument(problem or "sampling must be a Sampling")
 
 
 class BoundaryMemo:
@@ -190,10 +193,11 @@ class Generator:
         options = call.options
         if options.commit_state_id:
             commit(s, options.commit_state_id, self.tokenizer, self.loaded.device)
-        if call.reuse:
+        if call.reuse and s.sampling == options.sampling:
             drop_gen_states(s)
-        else:
+        else:  # also when the kept continuation was picked under other sampling settings
             drop_lookahead(s)
+            s.sampling = options.sampling
         s.gen += 1
         self._feed_committed(s, call)
         found, tokens, logprobs, scan = self._scan(s, call)

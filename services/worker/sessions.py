@@ -19,7 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..common.errors import ResourceExhausted
+from .api import GREEDY, Sampling
 from .errors import SessionNotFound
+from .sampling import PrefixKeys, draw
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +54,25 @@ class Session:
     closed_reason: str = "was closed"
     last_used: float = field(default_factory=time.monotonic)  # end of the last call (LRU, idle TTL)
     fill_until: int = 0  # batches may grow ahead_tokens up to this length while the session is idle
+    # How the continuation's tokens are picked (the last NextText's); the draws' keys.
+    sampling: Sampling = GREEDY
+    keys: PrefixKeys = field(default_factory=PrefixKeys)
 
     def pick(self, logits: torch.Tensor) -> tuple[int, float]:
-        """The greedy token after ``logits`` and its log-prob, appended to the continuation."""
-        token = int(torch.argmax(logits))
+        """The next token of the continuation after ``logits`` (greedy, or drawn as ``sampling``
+        says) and its log-prob under the unmodified distribution, appended to the continuation."""
+        if self.sampling.greedy:
+            token = int(torch.argmax(logits))
+        else:
+            token = self.draw(logits, [])
         lp = float(torch.log_softmax(logits, -1)[token])
         self.ahead_tokens.append(token)
         self.ahead_lps.append(lp)
         return token, lp
+
+    def draw(self, logits: torch.Tensor, proposed: list[int]) -> int:
+        """The token ``sampling`` draws after the continuation and then ``proposed``."""
+        return draw(logits, self.sampling, self.keys, self.ids, self.ahead_tokens + proposed)
 
     def clear_ahead(self) -> None:
         self.ahead_tokens.clear()
