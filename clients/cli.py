@@ -130,16 +130,24 @@ def cmd_orchestrator(args) -> int:
     address = _bind(args.host, args.port)
 
     def make():
+        from ..orchestrator.server import Limits
         from ..services.common.security import tokens_from_env
 
         tokens = args.auth_token or tokens_from_env()
+        limits = Limits(
+            max_prompt_chars=args.max_prompt_chars,
+            max_messages=args.max_messages,
+            max_rendered_chars=args.max_rendered_chars,
+        )
         return build_service(
             workers,
             address,
+            limits=limits,
             max_concurrent=args.max_concurrent,
             max_queue=args.max_queue,
             auth_tokens=tokens,
             score_rule=rule,
+            tokenizer_address=args.tokenizer_service,
         )[0]
 
     rule = rule_from_args(args) or default_rule()
@@ -514,6 +522,18 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--max-concurrent", type=int, default=16, help="generations running at once")
     o.add_argument("--max-queue", type=int, default=64, help="generations waiting; beyond: RESOURCE_EXHAUSTED")
     o.add_argument("--grace", type=float, default=30.0)
+    o.add_argument(
+        "--tokenizer-service",
+        default=os.environ.get("COOLFUSION_TOKENIZER") or None,
+        help="HOST:PORT of the tokenizer service: each request's context is counted in every model's "
+        "tokens and checked against its context length before any worker works ($COOLFUSION_TOKENIZER; "
+        "without it only sizes in characters and messages are checked)",
+    )
+    o.add_argument("--max-messages", type=int, default=1024, help="chat messages per request")
+    o.add_argument("--max-prompt-chars", type=int, default=200_000, help="characters of prompt or message contents")
+    o.add_argument(
+        "--max-rendered-chars", type=int, default=300_000, help="characters of a context after its chat template"
+    )
     add_rule_args(o)
     o.set_defaults(func=cmd_orchestrator)
 

@@ -36,6 +36,7 @@ import grpc
 
 from ..services.common.errors import InvalidArgument, Unavailable
 from ..services.worker.api import NextTextOptions
+from .opening import open_all
 from .rules import RuleError, ScoreRule, default_rule
 from .workers import Opened, Proposal, Score, WorkerHandle
 
@@ -402,26 +403,18 @@ class FusionEngine:
         """Open a session per model. On a failure the sessions opened are closed again, unless
         ``dropped`` is given (degraded fusion) and only workers that are down failed."""
         t0 = time.perf_counter()
-        opening = asyncio.ensure_future(
-            asyncio.gather(
-                *(self.workers[n].open(request.prompt, request.messages) for n in names), return_exceptions=True
-            )
+        # A fatal failure cancels the other Opens (their workers stop prefilling), as does the caller leaving.
+        opened = await open_all(
+            [self.workers[n].open(request.prompt, request.messages) for n in names],
+            fatal=lambda exc: dropped is None or not request.allow_degraded or not worker_down(exc),
+            close_orphans=lambda done: asyncio.ensure_future(
+                self._close({names[i]: o.session_id for i, o in done.items()})
+            ),
         )
-        try:
-            opened = await asyncio.shield(opening)
-        except asyncio.CancelledError:
-            # The caller left while sessions were opening: close each one as soon as it exists.
-            def close_opened(done):
-                if not done.cancelled():
-                    ids = {n: o.session_id for n, o in zip(names, done.result()) if not isinstance(o, BaseException)}
-                    if ids:
-                        asyncio.ensure_future(self._close(ids))
-
-            opening.add_done_callback(close_opened)
-            raise
         timings.open_s += time.perf_counter() - t0
         sessions = {n: o.session_id for n, o in zip(names, opened) if not isinstance(o, BaseException)}
         errors = [(n, o) for n, o in zip(names, opened) if isinstance(o, BaseException)]
+        errors.sort(key=lambda e: isinstance(e[1], asyncio.CancelledError))  # the cause first, not its victims
         if errors:
             fatal = [e for _, e in errors if dropped is None or not worker_down(e)]
             if fatal or not sessions or not request.allow_degraded:

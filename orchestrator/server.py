@@ -16,6 +16,7 @@ from coolfusion.protos import fusion_pb2_grpc as pb_grpc
 from ..services.common.errors import InvalidArgument, ResourceExhausted
 from ..services.common.metrics import SEGMENTS, TOKENS
 from ..services.common.server import GrpcService
+from .admission import ContextAdmission, ContextLimits
 from .fusion import MODES, CandidateReport, Final, FusionEngine, FusionRequest, Segment, apply_rule, scored_report
 from .rules import DEFAULT_THRESHOLD, RuleError, ScoreRule
 from .workers import call_deadline, make_worker
@@ -32,6 +33,8 @@ class Limits:
     max_segment_tokens: int = 256
     max_prompt_chars: int = 200_000
     max_stop_sequences: int = 16
+    max_messages: int = ContextLimits.max_messages
+    max_rendered_chars: int = ContextLimits.max_rendered_chars
 
 
 def rule_from_proto(r: pb.ScoreRule) -> ScoreRule | None:
@@ -177,11 +180,20 @@ class Admission:
 
 class FusionServicer(pb_grpc.FusionServicer):
     def __init__(
-        self, engine: FusionEngine, limits: Limits | None = None, max_concurrent: int = 16, max_queue: int = 64
+        self,
+        engine: FusionEngine,
+        limits: Limits | None = None,
+        max_concurrent: int = 16,
+        max_queue: int = 64,
+        tokenizer_address: str | None = None,
     ):
         self.engine = engine
         self.limits = limits or Limits()
         self.admission = Admission(max_concurrent, max_queue)
+        # Sizes checked before any worker does work (admission.py).
+        self.context_check = ContextAdmission(
+            engine.workers, tokenizer_address, ContextLimits(self.limits.max_messages, self.limits.max_rendered_chars)
+        )
 
     async def _run(self, request: pb.GenerateRequest, context):
         # A request id from the caller (field or x-request-id metadata) or a fresh one: it tags every
@@ -196,6 +208,7 @@ class FusionServicer(pb_grpc.FusionServicer):
             mode, names = self.engine.resolve(fusion_request)  # unknown model/mode fail before any work
             tags.update(mode=mode, models=names, max_new_tokens=fusion_request.max_new_tokens)
             log.info("generation started", extra=tags)
+            await self.context_check.check(fusion_request, names)
             async with self.admission.slot():
                 async for item in self.engine.generate(fusion_request):
                     if isinstance(item, Segment):
@@ -255,6 +268,8 @@ class FusionServicer(pb_grpc.FusionServicer):
         rule = self.engine.rule_for(fusion_request, names)  # a bad rule fails before any work
         eos = list(request.eos) or [False] * len(request.texts)
         call_deadline(context.time_remaining())
+        fusion_request.max_new_tokens = 0  # the texts are scored, not generated
+        await self.context_check.check(fusion_request, names)
         async with self.admission.slot():
             rows = await self.engine.score_texts(fusion_request, names, list(zip(request.texts, eos)))
         reports = [scored_report("", text, flag, "", row) for text, flag, row in zip(request.texts, eos, rows)]
@@ -302,18 +317,22 @@ def build_service(
     max_queue: int = 64,
     auth_tokens: list[str] | None = None,
     score_rule: ScoreRule | None = None,
+    tokenizer_address: str | None = None,
 ) -> tuple[GrpcService, FusionEngine]:
     """Fusion service over remote workers given as {model name: address}, in config order.
 
     An address is ``HOST:PORT``, ``ADDR1|ADDR2|...`` (replicas) or ``dns:///HOST:PORT`` (replicas
     from a headless Service's DNS records); see ``workers.make_worker``. With ``auth_tokens``
-    callers must send one as ``authorization: Bearer <token>``."""
+    callers must send one as ``authorization: Bearer <token>``. With ``tokenizer_address`` (the
+    tokenizer service) every request's context is measured against each model's limits before
+    any worker opens a session."""
     engine = FusionEngine([make_worker(name, addr) for name, addr in workers.items()], score_rule=score_rule)
-    servicer = FusionServicer(engine, limits, max_concurrent, max_queue)
+    servicer = FusionServicer(engine, limits, max_concurrent, max_queue, tokenizer_address)
     service = GrpcService(
         lambda server: pb_grpc.add_FusionServicer_to_server(servicer, server),
         [SERVICE_NAME],
         address,
         auth_tokens=auth_tokens,
     )
+    service.on_stop.append(servicer.context_check.aclose)
     return service, engine

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from coolfusion.protos import tokenizer_pb2 as pb
 from coolfusion.protos import tokenizer_pb2_grpc as pb_grpc
 
 from ..common.server import GrpcService
+from .context import context_ids, render
 from .core import TokenizerError, TokenizerRegistry
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TokenizerService"].full_name
@@ -52,6 +55,29 @@ class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
             list(r.allowed_offsets) or None,
         )
         return pb.CommonBoundaryResponse(found=offset is not None, offset=offset or 0)
+
+    def _count_one(self, tokenizer_id: str, prompt: str | None, messages: list[dict] | None) -> pb.ContextCount:
+        tokenizer = self.registry.get(tokenizer_id)
+        rendered = render(tokenizer, prompt, messages)
+        return pb.ContextCount(
+            tokenizer_id=tokenizer_id, tokens=len(context_ids(tokenizer, rendered)), chars=len(rendered.text)
+        )
+
+    async def CountContext(self, request, context):
+        if request.prompt and request.messages:
+            raise TokenizerError("give either prompt or messages, not both")
+        messages = [
+            {"role": m.role, "content": _text(m.content, f"messages[{i}].content")}
+            for i, m in enumerate(request.messages)
+        ]
+        prompt = None if messages else _text(request.prompt, "prompt")
+        ids = _nonempty(request.tokenizer_ids, "tokenizer_ids")
+        for tokenizer_id in ids:
+            self.registry.get(tokenizer_id)  # NOT_FOUND before any work
+        # Long contexts take tenths of a second per tokenizer: each in a thread (the Rust encoder
+        # releases the GIL), off the event loop that answers boundary checks.
+        counts = await asyncio.gather(*(asyncio.to_thread(self._count_one, t, prompt, messages or None) for t in ids))
+        return pb.CountContextResponse(counts=counts)
 
     async def ListTokenizers(self, request, context):
         return pb.ListTokenizersResponse(tokenizers=[pb.TokenizerInfo(**t.info()) for t in self.registry])

@@ -217,6 +217,10 @@ class SessionTable:
                 return freed
             freed.append(evicted.id)
 
+    def enforce_budget(self, keep: str | None = None) -> list[str]:
+        """Evict LRU idle sessions (never ``keep``) while the KV bytes exceed the budget."""
+        return self._enforce_budget(keep) if self.kv_budget_bytes else []
+
     def _enforce_budget(self, keep: str | None = None) -> list[str]:
         """Evict LRU idle sessions (never ``keep``) while the KV bytes exceed the budget."""
         freed = []
