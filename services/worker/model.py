@@ -56,7 +56,7 @@ from .results import (
     perplexity,
 )
 from .scoring import Scorer
-from .sessions import Session, SessionTable
+from .sessions import Session, SessionTable, cache_bytes
 from .states import commit
 
 __all__ = [
@@ -172,6 +172,7 @@ class WorkerCore:
         )
         self._generator = Generator(loaded, self._forwards, self.boundary, segment_cap, reuse_lookahead, fill_ahead)
         self._scorer = Scorer(loaded, self._forwards, reuse_own_logprobs)
+        self._kv_per_token: int | None = None  # measured when a KV budget first needs it
 
     # ---- info ----------------------------------------------------------------------------
     def info(self) -> dict:
@@ -216,6 +217,8 @@ class WorkerCore:
         session = Session(
             uuid.uuid4().hex, ids, len(ids), context.text, self._forwards.new_cache(), next_logits=None, fed=0
         )
+        if self.kv_budget_bytes:
+            session.reserved_bytes = len(ids) * self._kv_bytes_per_token()
         session.lock.acquire()  # held until the prefill is done: no other call, batch fill or eviction
         try:
             self._table.add(session)
@@ -226,6 +229,7 @@ class WorkerCore:
             self._table.close(session.id)
             raise
         session.last_used = time.monotonic()
+        session.reserved_bytes = 0
         session.lock.release()
         self._table.enforce_budget(keep=session.id)
         return OpenResult(session.id, len(ids), context.text)
@@ -307,6 +311,14 @@ class WorkerCore:
             return {"kv_bytes": s.kv_bytes(), "logits_bytes": logits, "tokens": len(s.ids), "lookahead": s.lookahead}
 
     # ---- internals -----------------------------------------------------------------------
+    def _kv_bytes_per_token(self) -> int:
+        """KV bytes per context token, measured once on a one-token prefill: every layer holds a
+        state per token (a sliding layer at most its window, so this bounds it from above)."""
+        if self._kv_per_token is None:
+            cache, _ = self._forwards.prefill([self.eos_token_id or 0])
+            self._kv_per_token = cache_bytes(cache)
+        return self._kv_per_token
+
     def _fill_rows(self, n: int) -> list[Fill]:
         """Idle sessions' steps to top a batch up with (``forward.fill_rows``)."""
         return fill_rows(self._table.live(), n, self._eos_set, self.max_positions)

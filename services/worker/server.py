@@ -155,6 +155,7 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
             return await asyncio.wrap_future(job)
         except asyncio.CancelledError:
             left.set()
+            log.info("worker %s: an Open was cancelled; its prefill stops at the next chunk", self.name)
 
             def close_orphan(done):
                 if not done.cancelled() and done.exception() is None:
