@@ -29,10 +29,14 @@ INFO_TTL_S = 60.0  # a worker's facts (tokenizer, context length) are asked agai
 
 
 def count_request(
-    tokenizer_ids: Sequence[str], prompt: str | None, messages: Sequence[dict] | None = None
+    tokenizer_ids: Sequence[str],
+    prompt: str | None,
+    messages: Sequence[dict] | None = None,
+    stop_above: Mapping[str, int] | None = None,
 ) -> tok_pb.CountContextRequest:
     return tok_pb.CountContextRequest(
         tokenizer_ids=list(tokenizer_ids),
+        stop_above=dict(stop_above or {}),
         prompt=(prompt or "").encode(),
         messages=[tok_pb.ContextMessage(role=m["role"], content=m["content"].encode()) for m in messages or ()],
     )
@@ -78,9 +82,15 @@ class ContextAdmission:
         facts = await self._model_facts(names)
         if not facts:
             return
-        counts = await self._count({f.tokenizer_id for f in facts.values()}, request.prompt, messages)
+        # A tokenizer's count only matters up to the most room any of its models has (0: count it all).
+        stop_above: dict[str, int] = {}
+        for fact in facts.values():
+            room = max(fact.context_length - request.max_new_tokens, 0) if fact.context_length else 0
+            known = stop_above.get(fact.tokenizer_id)
+            stop_above[fact.tokenizer_id] = room if known is None else max(known, room) if known and room else 0
+        counts = await self._count(stop_above, request.prompt, messages)
         for name, fact in facts.items():
-            tokens, chars = counts[fact.tokenizer_id]
+            tokens, chars, at_least = counts[fact.tokenizer_id]
             if chars > self.limits.max_rendered_chars:
                 raise InvalidArgument(
                     f"model {name}: the rendered context has {chars} characters; the limit is "
@@ -89,7 +99,8 @@ class ContextAdmission:
             room = fact.context_length - request.max_new_tokens
             if fact.context_length and tokens > room:
                 raise InvalidArgument(
-                    f"model {name}: context has {tokens} tokens and max_new_tokens is {request.max_new_tokens}; "
+                    f"model {name}: context has {'more than ' if at_least else ''}{tokens} tokens and "
+                    f"max_new_tokens is {request.max_new_tokens}; "
                     f"its context length {fact.context_length} leaves room for {max(room, 0)} context tokens"
                 )
 
@@ -105,11 +116,14 @@ class ContextAdmission:
                 self._facts[name] = (now, ModelFacts(tokenizer_id, int(getattr(info, "context_length", 0) or 0)))
         return {n: self._facts[n][1] for n in names if n in self._facts}
 
-    async def _count(self, tokenizer_ids: set[str], prompt: str | None, messages) -> dict[str, tuple[int, int]]:
+    async def _count(
+        self, stop_above: dict[str, int], prompt: str | None, messages
+    ) -> dict[str, tuple[int, int, bool]]:
+        """tokenizer id -> (tokens, rendered characters, tokens is a lower bound)."""
         assert self._stub is not None
         try:
             reply = await self._stub.CountContext(
-                count_request(sorted(tokenizer_ids), prompt, messages), timeout=call_timeout(30.0)
+                count_request(sorted(stop_above), prompt, messages, stop_above), timeout=call_timeout(30.0)
             )
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
@@ -122,7 +136,7 @@ class ContextAdmission:
             if code == grpc.StatusCode.NOT_FOUND:
                 raise FailedPrecondition(f"tokenizer service at {self.tokenizer_address}: {exc.details()}") from None
             raise
-        return {c.tokenizer_id: (c.tokens, c.chars) for c in reply.counts}
+        return {c.tokenizer_id: (c.tokens, c.chars, c.lower_bound) for c in reply.counts}
 
     async def aclose(self) -> None:
         if self._stub is not None:

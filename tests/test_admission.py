@@ -22,7 +22,7 @@ from coolfusion.protos import tokenizer_pb2, tokenizer_pb2_grpc, worker_pb2_grpc
 from coolfusion.protos import worker_pb2 as wpb
 from coolfusion.services.common.errors import FailedPrecondition
 from coolfusion.services.common.server import GrpcService
-from coolfusion.services.tokenizer.context import context_ids, render
+from coolfusion.services.tokenizer.context import Context, context_ids, count_tokens, render
 from coolfusion.services.tokenizer.server import build_service as build_tokenizer_service
 from coolfusion.services.worker.server import SERVICE_NAME as WORKER_SERVICE
 
@@ -105,7 +105,7 @@ async def test_too_many_messages_and_too_many_characters(services):
     assert "200001 characters" in details
     # At the character limit: the token count refuses it (SmolLM2 and Gemma-3 both too short).
     details = await _refused(services, prompt="The cat sat. " * 15_384 + "x" * 8)
-    assert "model smollm2" in details and "context length 8192" in details
+    assert "model smollm2: context has more than" in details and "context length 8192" in details
 
 
 async def test_rendered_characters_are_limited_after_the_chat_template(services):
@@ -139,6 +139,22 @@ async def test_count_context_is_what_a_worker_prefills(services, tokenizer_regis
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.CountContext(tokenizer_pb2.CountContextRequest(tokenizer_ids=["gemma3"], prompt=b"\xff"))
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "UTF-8" in caught.value.details()
+
+
+@pytest.mark.parametrize("tokenizer_id", ["smollm2", "gemma3"])
+def test_a_prefix_count_is_a_lower_bound_of_the_whole(tokenizer_registry, tokenizer_id):
+    """Counting stops on a prefix cut where no token can span: its count is at most the whole's."""
+    tokenizer = tokenizer_registry.get(tokenizer_id)
+    texts = [
+        "Héllo wörld, 你好 🦩! " * 3000,
+        "def f(x):\n    return x  # comment\n" * 2000,
+        "The cat sat on the mat. " * 4000,
+    ]
+    for text in texts:
+        whole = len(context_ids(tokenizer, Context(text, False)))
+        tokens, lower_bound = count_tokens(tokenizer, Context(text, False), stop_above=1000)
+        assert tokens <= whole and (not lower_bound or tokens > 1000), (tokens, whole)
+        assert count_tokens(tokenizer, Context(text, False)) == (whole, False)
 
 
 async def test_an_unavailable_tokenizer_service_is_named(services):

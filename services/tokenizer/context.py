@@ -6,6 +6,7 @@ tokens a worker would prefill.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..common.errors import InvalidArgument
@@ -61,3 +62,46 @@ def render(tokenizer, prompt: str | None, messages: list[dict] | None, model: st
 def context_ids(tokenizer, context: Context) -> list[int]:
     """The tokenizer's own call, exactly what the ``generate()`` oracle sees."""
     return list(tokenizer.hf(context.text, add_special_tokens=not context.templated)["input_ids"])
+
+
+# A prefix of a long context is counted first when a caller only needs to know that it exceeds a
+# limit: about this many characters per token of the limit (English text has 4-5).
+PREFIX_CHARS_PER_TOKEN = 6
+_CUT_SEARCH = 2000  # characters searched past the target for a cut no token can span
+_ALNUM_SPACE = re.compile(r"[^\W_] ")
+
+
+def cuts_cleanly(tokenizer) -> bool:
+    """Whether no vocabulary token's text holds a letter or digit followed by a space: then no
+    token spans a cut between ``<alnum>`` and ``" <letter>"``, the tokens before the cut are the
+    prefix's own tokens, and the prefix's count is a lower bound of the whole's. Computed once
+    per tokenizer (a pass over the vocabulary)."""
+    cached = getattr(tokenizer, "_coolfusion_cuts_cleanly", None)
+    if cached is None:
+        cached = tokenizer.byte_exact and not any(
+            _ALNUM_SPACE.search(tokenizer.token_bytes(i).decode("utf-8", "ignore")) for i in range(tokenizer.vocab_size)
+        )
+        tokenizer._coolfusion_cuts_cleanly = cached
+    return cached
+
+
+def _clean_cut(text: str, start: int) -> int | None:
+    for i in range(max(1, start), min(len(text) - 1, start + _CUT_SEARCH)):
+        if text[i] == " " and text[i - 1].isalnum() and text[i + 1].isalpha():
+            return i
+    return None
+
+
+def count_tokens(tokenizer, context: Context, stop_above: int = 0) -> tuple[int, bool]:
+    """(tokens, lower_bound). With ``stop_above`` > 0 a long context may be counted on a prefix
+    only: when that already has more than ``stop_above`` tokens it is returned as a lower bound
+    (refusing a 200,000-character prompt then costs a fraction of its full count)."""
+    target = PREFIX_CHARS_PER_TOKEN * (stop_above + 1)
+    if stop_above > 0 and len(context.text) > 2 * target and cuts_cleanly(tokenizer):
+        cut = _clean_cut(context.text, target)
+        if cut is not None:
+            prefix = Context(context.text[:cut], context.templated)
+            count = len(context_ids(tokenizer, prefix))
+            if count > stop_above:
+                return count, True
+    return len(context_ids(tokenizer, context)), False
