@@ -30,7 +30,7 @@ from coolfusion.protos import worker_pb2 as wpb
 from coolfusion.protos import worker_pb2_grpc
 
 MODELS = ["smollm2", "gemma3"]
-LONG_PROMPT = "The quick brown fox jumps over the lazy dog near the river bank. " * 615  # ~8,000 tokens
+LONG_PROMPT = "The quick brown fox jumps over the lazy dog near the river bank. " * 570  # ~8,000 tokens
 PREFILL_STARTED_S = 2.0  # the cancel comes this long after the session appeared (mid-prefill)
 
 

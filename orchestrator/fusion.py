@@ -414,7 +414,9 @@ class FusionEngine:
         timings.open_s += time.perf_counter() - t0
         sessions = {n: o.session_id for n, o in zip(names, opened) if not isinstance(o, BaseException)}
         errors = [(n, o) for n, o in zip(names, opened) if isinstance(o, BaseException)]
-        errors.sort(key=lambda e: isinstance(e[1], asyncio.CancelledError))  # the cause first, not its victims
+        errors = [
+            e for e in errors if not isinstance(e[1], asyncio.CancelledError)
+        ] or errors  # the cause, not its victims
         if errors:
             fatal = [e for _, e in errors if dropped is None or not worker_down(e)]
             if fatal or not sessions or not request.allow_degraded:

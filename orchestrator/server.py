@@ -37,6 +37,13 @@ class Limits:
     max_rendered_chars: int = ContextLimits.max_rendered_chars
 
 
+MAX_REQUEST_ID = 128
+
+
+def _metadata_safe(value: str) -> bool:
+    return 0 < len(value) <= MAX_REQUEST_ID and all(" " <= c <= "~" for c in value)
+
+
 def rule_from_proto(r: pb.ScoreRule) -> ScoreRule | None:
     """None when the request names no rule (the engine's default applies)."""
     if not (r.name or r.weights or r.primary or r.threshold):
@@ -200,6 +207,10 @@ class FusionServicer(pb_grpc.FusionServicer):
         # log line of this request and goes back to the caller as x-request-id.
         metadata = dict(context.invocation_metadata() or ())
         request_id = request.request_id or metadata.get("x-request-id") or uuid.uuid4().hex[:16]
+        if not _metadata_safe(request_id):  # it goes back as metadata: printable ASCII only
+            raise InvalidArgument(
+                f"request_id must be 1-{MAX_REQUEST_ID} printable ASCII characters, got {request_id[:40]!r}"
+            )
         context.set_trailing_metadata((("x-request-id", request_id),))
         tags = {"request_id": request_id}
         started = time.perf_counter()

@@ -198,3 +198,10 @@ async def test_a_failed_open_cancels_the_other_opens():
         async for _ in engine.generate(FusionRequest(prompt="hi", max_new_tokens=2)):
             pass
     assert slow.cancelled.is_set()  # cancelled, not awaited (it would never have returned)
+
+
+async def test_a_request_id_that_cannot_go_back_as_metadata_is_refused(services):
+    """Found by fuzzing: a control character in request_id made the reply's trailing metadata
+    invalid (INTERNAL)."""
+    details = await _refused(services, prompt="hi", max_new_tokens=2, request_id="a\x1fb")
+    assert details.startswith("request_id must be 1-128 printable ASCII characters")

@@ -159,7 +159,7 @@ def test_chunked_prefill_keeps_the_unchunked_greedy_tokens(workers, long_prompt,
     up to float noise."""
     w = workers[model]
     context = w.tokenizer.hf(long_prompt)["input_ids"]
-    assert len(context) > 512 + PREFILL_CHUNK
+    assert len(context) > 512 and len(context) > 2 * PREFILL_CHUNK  # chunks cross Gemma-3's window
     sid, _, _ = w.open(long_prompt)
     try:
         ids, lps, *_ = greedy_segments(w, sid, [], 12)

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..common.errors import InvalidArgument as CommonInvalidArgument
 from ..sources import ModelSpec
 from ..tokenizer.context import context_ids, render, render_messages
 from ..tokenizer.core import TokenizerRegistry
@@ -195,7 +196,12 @@ class WorkerCore:
     def render_messages(self, messages: list[dict]) -> tuple[str, bool]:
         """Context text for chat messages and whether it already holds its special tokens
         (``tokenizer.context.render_messages``: the model's chat template, else plain lines)."""
-        context = render_messages(self.tokenizer, messages, self.name)
+        try:
+            context = render_messages(self.tokenizer, messages, self.name)
+        except InvalidArgument:
+            raise
+        except CommonInvalidArgument as exc:
+            raise InvalidArgument(str(exc)) from None
         return context.text, context.templated
 
     def open(
@@ -206,7 +212,12 @@ class WorkerCore:
         The session is live (counted, its KV budgeted) from the first prefill chunk on;
         ``cancelled()`` is asked between chunks (``Forwards.prefill``): when the caller left, the
         session is freed and ``PrefillCancelled`` raised."""
-        context = render(self.tokenizer, prompt, messages, self.name)
+        try:
+            context = render(self.tokenizer, prompt, messages, self.name)
+        except InvalidArgument:
+            raise
+        except CommonInvalidArgument as exc:  # the worker's own kind, as every other bad Open
+            raise InvalidArgument(str(exc)) from None
         ids = context_ids(self.tokenizer, context)
         if not ids:
             raise InvalidArgument("context encodes to no tokens")
