@@ -143,7 +143,16 @@ class LocalCluster:
                 worker_args += ["--worker", f"{spec.split('=', 1)[0]}={w.address}"]
             orch = self._spawn(
                 "orchestrator",
-                ["orchestrator", *worker_args, "--host", self.host, "--port", str(self.orchestrator_port)],
+                [
+                    "orchestrator",
+                    *worker_args,
+                    "--tokenizer-service",
+                    tok.address,
+                    "--host",
+                    self.host,
+                    "--port",
+                    str(self.orchestrator_port),
+                ],
                 1,
             )
             self._wait([orch], timeout)

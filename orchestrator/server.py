@@ -18,6 +18,7 @@ from ..services.common.errors import InvalidArgument, ResourceExhausted
 from ..services.common.metrics import SEGMENTS, TOKENS
 from ..services.common.server import GrpcService
 from ..services.worker.api import GREEDY, Sampling
+from .admission import ContextAdmission, ContextLimits
 from .engine import FusionEngine
 from .request import MODES, FusionRequest
 from .results import CandidateReport, Final, Segment, apply_rule, scored_report
@@ -36,6 +37,15 @@ class Limits:
     max_segment_tokens: int = 256
     max_prompt_chars: int = 200_000
     max_stop_sequences: int = 16
+    max_messages: int = ContextLimits.max_messages
+    max_rendered_chars: int = ContextLimits.max_rendered_chars
+
+
+MAX_REQUEST_ID = 128
+
+
+def _metadata_safe(value: str) -> bool:
+    return 0 < len(value) <= MAX_REQUEST_ID and all(" " <= c <= "~" for c in value)
 
 
 def rule_from_proto(r: pb.ScoreRule) -> ScoreRule | None:
@@ -196,17 +206,30 @@ class Admission:
 
 class FusionServicer(pb_grpc.FusionServicer):
     def __init__(
-        self, engine: FusionEngine, limits: Limits | None = None, max_concurrent: int = 16, max_queue: int = 64
+        self,
+        engine: FusionEngine,
+        limits: Limits | None = None,
+        max_concurrent: int = 16,
+        max_queue: int = 64,
+        tokenizer_address: str | None = None,
     ):
         self.engine = engine
         self.limits = limits or Limits()
         self.admission = Admission(max_concurrent, max_queue)
+        # Sizes checked before any worker does work (admission.py).
+        self.context_check = ContextAdmission(
+            engine.workers, tokenizer_address, ContextLimits(self.limits.max_messages, self.limits.max_rendered_chars)
+        )
 
     async def _run(self, request: pb.GenerateRequest, context):
         # A request id from the caller (field or x-request-id metadata) or a fresh one: it tags every
         # log line of this request and goes back to the caller as x-request-id.
         metadata = dict(context.invocation_metadata() or ())
         request_id = request.request_id or metadata.get("x-request-id") or uuid.uuid4().hex[:16]
+        if not _metadata_safe(request_id):  # it goes back as metadata: printable ASCII only
+            raise InvalidArgument(
+                f"request_id must be 1-{MAX_REQUEST_ID} printable ASCII characters, got {request_id[:40]!r}"
+            )
         context.set_trailing_metadata((("x-request-id", request_id),))
         tags = {"request_id": request_id}
         started = time.perf_counter()
@@ -215,6 +238,7 @@ class FusionServicer(pb_grpc.FusionServicer):
             mode, names = self.engine.resolve(fusion_request)  # unknown model/mode fail before any work
             tags.update(mode=mode, models=names, max_new_tokens=fusion_request.max_new_tokens)
             log.info("generation started", extra=tags)
+            await self.context_check.check(fusion_request, names)
             async with self.admission.slot():
                 async for item in self.engine.generate(fusion_request):
                     if isinstance(item, Segment):
@@ -275,6 +299,8 @@ class FusionServicer(pb_grpc.FusionServicer):
         rule = self.engine.rule_for(fusion_request, names)  # a bad rule fails before any work
         eos = list(request.eos) or [False] * len(request.texts)
         call_deadline(context.time_remaining())
+        fusion_request.max_new_tokens = 0  # the texts are scored, not generated
+        await self.context_check.check(fusion_request, names)
         async with self.admission.slot():
             rows = await self.engine.score_texts(fusion_request, names, list(zip(request.texts, eos)))
         reports = [scored_report("", text, flag, "", row) for text, flag, row in zip(request.texts, eos, rows)]
@@ -322,18 +348,22 @@ def build_service(
     max_queue: int = 64,
     auth_tokens: list[str] | None = None,
     score_rule: ScoreRule | None = None,
+    tokenizer_address: str | None = None,
 ) -> tuple[GrpcService, FusionEngine]:
     """Fusion service over remote workers given as {model name: address}, in config order.
 
     An address is ``HOST:PORT``, ``ADDR1|ADDR2|...`` (replicas) or ``dns:///HOST:PORT`` (replicas
     from a headless Service's DNS records); see ``workers.make_worker``. With ``auth_tokens``
-    callers must send one as ``authorization: Bearer <token>``."""
+    callers must send one as ``authorization: Bearer <token>``. With ``tokenizer_address`` (the
+    tokenizer service) every request's context is measured against each model's limits before
+    any worker opens a session."""
     engine = FusionEngine([make_worker(name, addr) for name, addr in workers.items()], score_rule=score_rule)
-    servicer = FusionServicer(engine, limits, max_concurrent, max_queue)
+    servicer = FusionServicer(engine, limits, max_concurrent, max_queue, tokenizer_address)
     service = GrpcService(
         lambda server: pb_grpc.add_FusionServicer_to_server(servicer, server),
         [SERVICE_NAME],
         address,
         auth_tokens=auth_tokens,
     )
+    service.on_stop.append(servicer.context_check.aclose)
     return service, engine

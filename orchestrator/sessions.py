@@ -6,7 +6,8 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 
-from .degraded import Dropping
+from .degraded import Dropping, worker_down
+from .opening import open_all
 from .request import FusionRequest
 from .results import Timings, Usage
 from .workers import Opened, WorkerHandle
@@ -23,24 +24,19 @@ async def open_sessions(
     """A session per model (model -> session id). On a failure the sessions opened are closed
     again, unless ``dropping`` allows dropping the models whose workers are down."""
     t0 = time.perf_counter()
-    opening = asyncio.ensure_future(
-        asyncio.gather(*(workers[n].open(request.prompt, request.messages) for n in names), return_exceptions=True)
+    # A fatal failure cancels the other Opens (their workers stop prefilling), as does the caller leaving.
+    opened = await open_all(
+        [workers[n].open(request.prompt, request.messages) for n in names],
+        fatal=lambda exc: not dropping.allowed or not worker_down(exc),
+        close_orphans=lambda done: asyncio.ensure_future(
+            close_sessions(workers, {names[i]: o.session_id for i, o in done.items()})
+        ),
     )
-    try:
-        opened = await asyncio.shield(opening)
-    except asyncio.CancelledError:
-        # The caller left while sessions were opening: close each one as soon as it exists.
-        def close_opened(done):
-            if not done.cancelled():
-                ids = {n: o.session_id for n, o in zip(names, done.result()) if not isinstance(o, BaseException)}
-                if ids:
-                    asyncio.ensure_future(close_sessions(workers, ids))
-
-        opening.add_done_callback(close_opened)
-        raise
     timings.open_s += time.perf_counter() - t0
     sessions = {n: o.session_id for n, o in zip(names, opened) if not isinstance(o, BaseException)}
     errors = [(n, o) for n, o in zip(names, opened) if isinstance(o, BaseException)]
+    # the cause, not its victims (the Opens cancelled because of it)
+    errors = [e for e in errors if not isinstance(e[1], asyncio.CancelledError)] or errors
     if errors:
         fatal = dropping.fatal([e for _, e in errors], any_left=bool(sessions))
         if fatal is not None:

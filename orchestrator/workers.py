@@ -146,6 +146,7 @@ class WorkerInfo:
     has_chat_template: bool = False
     address: str = ""
     parameters: int = 0
+    context_length: int = 0  # most tokens a session holds (0: unknown)
 
 
 class WorkerHandle(Protocol):
@@ -216,6 +217,7 @@ class RemoteWorker:
             has_chat_template=r.has_chat_template,
             address=self.address,
             parameters=r.parameters,
+            context_length=r.context_length,
         )
 
     async def open(self, prompt: str | None, messages: list[dict] | None) -> Opened:

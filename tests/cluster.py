@@ -102,7 +102,7 @@ async def start_cluster(models: dict | None = None) -> Cluster:
         cores[spec.name] = core
         addresses[spec.name] = f"127.0.0.1:{port}"
 
-    orchestrator, _ = build_orchestrator(addresses)
+    orchestrator, _ = build_orchestrator(addresses, tokenizer_address=tokenizer_address)
     port = await orchestrator.start()
     services.append(orchestrator)
     return Cluster(registry, cores, tokenizer_address, addresses, f"127.0.0.1:{port}", services)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 
 import grpc
@@ -16,6 +17,7 @@ from cluster import HANG_GUARD_S, gate_worker, gsm8k_prompt
 
 from coolfusion.clients.client import FusionClient, build_request
 from coolfusion.orchestrator.server import build_service as build_orchestrator
+from coolfusion.protos import worker_pb2, worker_pb2_grpc
 
 
 async def _wait_no_sessions(cluster, timeout: float = HANG_GUARD_S) -> dict:
@@ -102,3 +104,45 @@ async def test_deadline_exceeded_frees_every_session(cluster, caplog):
         ), lines
     finally:
         await _stop(service, engine, gated)
+
+
+async def test_cancel_mid_prefill_stops_within_a_chunk_and_frees_the_session(cluster, caplog, monkeypatch):
+    """An Open of an ~8,000-token prompt, cancelled while its second prefill chunk runs: the
+    prefill stops after that chunk (not 60 chunks later) and the session is freed."""
+    caplog.set_level(logging.INFO, logger="coolfusion.services.worker.server")
+    core = cluster.cores["smollm2"]
+    forwards, inner = core._forwards, core._forwards.forward
+    calls, reached, gate = [], threading.Event(), threading.Event()
+
+    def gated(rows, cache, keep_last):
+        calls.append(len(rows[0]))
+        if len(calls) == 2:  # the second chunk waits until the Open was cancelled
+            reached.set()
+            gate.wait(HANG_GUARD_S)
+        return inner(rows, cache, keep_last)
+
+    monkeypatch.setattr(forwards, "forward", gated)
+    prompt = "The quick brown fox jumps over the lazy dog near the river bank. " * 570
+    tokens = len(core.tokenizer.hf(prompt)["input_ids"])
+    assert 7500 < tokens < core.max_positions
+    try:
+        async with grpc.aio.insecure_channel(cluster.worker_addresses["smollm2"]) as channel:
+            call = worker_pb2_grpc.ModelWorkerStub(channel).Open(worker_pb2.OpenRequest(prompt=prompt.encode()))
+            assert await asyncio.to_thread(reached.wait, HANG_GUARD_S)
+            assert core.info()["live_sessions"] == 1  # live (and counted) while it prefills
+            call.cancel()
+            assert await _until(lambda: any("Open was cancelled" in r.getMessage() for r in caplog.records))
+            gate.set()
+            assert await _wait_no_sessions(cluster) == {"smollm2": 0, "gemma3": 0, "smollm2b": 0}
+        assert calls == [core.prefill_chunk, core.prefill_chunk]  # of ceil(tokens / chunk) chunks
+    finally:
+        gate.set()
+
+
+async def _until(condition, timeout: float = HANG_GUARD_S) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True

@@ -15,6 +15,7 @@ from coolfusion.clients.client import FusionClient
 from coolfusion.orchestrator.rules import ScoreRule
 from coolfusion.orchestrator.server import build_service as build_orchestrator
 from coolfusion.orchestrator.workers import RemoteWorker
+from coolfusion.services.worker.forward import PREFILL_CHUNK
 
 LONG_PROMPT = gsm8k_prompt(0, shots=5)  # > 512 Gemma tokens: crosses the sliding window
 SHORT_PROMPT = "Question: Tom has 3 apples and buys 5 more. How many apples does he have?\nAnswer:"
@@ -32,7 +33,11 @@ def greedy(core, prompt: str, max_new_tokens: int) -> list[int]:
     inputs = hf(prompt, return_tensors="pt")
     with torch.inference_mode():
         out = core.model.generate(
-            **inputs, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=hf.pad_token_id
+            **inputs,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=hf.pad_token_id,
+            prefill_chunk_size=PREFILL_CHUNK,  # the worker prefills in chunks, each forward as generate's
         )
     return out[0, inputs["input_ids"].shape[1] :].tolist()
 

@@ -20,6 +20,7 @@ from cluster import GSM8K  # ../shared/data/gsm8k, or $COOLFUSION_GSM8K_DIR
 from coolfusion.services.common.errors import status_for
 from coolfusion.services.worker import model as worker_model
 from coolfusion.services.worker.errors import InvalidArgument, SessionNotFound, StateError
+from coolfusion.services.worker.forward import PREFILL_CHUNK
 from coolfusion.services.worker.model import WorkerCore, perplexity
 
 MODELS = ("smollm2", "gemma3")
@@ -70,6 +71,7 @@ def oracle_generate(worker: WorkerCore, input_ids: list[int], n: int):
         attention_mask=torch.ones_like(ids),
         do_sample=False,
         max_new_tokens=n,
+        prefill_chunk_size=PREFILL_CHUNK,  # the worker prefills in chunks, each forward as generate's
         return_dict_in_generate=True,
         output_logits=True,
     )
@@ -148,6 +150,33 @@ def test_next_text_matches_generate(workers, registry, long_prompt, model, case)
     for i, r in enumerate(results[:-1]):  # lookahead = the greedy text after the boundary, cropped
         rest = "".join(texts[i + 1 :])
         assert rest.startswith(r.lookahead) or r.lookahead.startswith(rest)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_chunked_prefill_keeps_the_unchunked_greedy_tokens(workers, long_prompt, model):
+    """A context longer than Gemma-3's 512-token sliding window, prefilled in chunks, continues
+    with the tokens of one unchunked prefill (generate without prefill_chunk_size), log-probs equal
+    up to float noise."""
+    w = workers[model]
+    context = w.tokenizer.hf(long_prompt)["input_ids"]
+    assert len(context) > 512 and len(context) > 2 * PREFILL_CHUNK  # chunks cross Gemma-3's window
+    sid, _, _ = w.open(long_prompt)
+    try:
+        ids, lps, *_ = greedy_segments(w, sid, [], 12)
+    finally:
+        w.close(sid)
+    out = w.model.generate(
+        input_ids=torch.tensor([context]),
+        attention_mask=torch.ones((1, len(context)), dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=12,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    expected = out.sequences[0, len(context) :].tolist()
+    assert ids == expected[: len(ids)] and len(ids) >= 9
+    unchunked = [float(torch.log_softmax(out.logits[i][0].float(), -1)[t]) for i, t in enumerate(ids)]
+    assert lps == pytest.approx(unchunked, abs=1e-3)
 
 
 def test_gemma_window_is_trimmed_after_commits(workers, long_prompt):

@@ -22,8 +22,24 @@ def add_parser(sub) -> None:
     )
     o.add_argument("--max-concurrent", type=int, default=16, help="generations running at once")
     o.add_argument("--max-queue", type=int, default=64, help="generations waiting; beyond: RESOURCE_EXHAUSTED")
+    _add_admission_args(o)
     add_rule_args(o)
     o.set_defaults(func=run)
+
+
+def _add_admission_args(o) -> None:
+    o.add_argument(
+        "--tokenizer-service",
+        default=os.environ.get("COOLFUSION_TOKENIZER") or None,
+        help="HOST:PORT of the tokenizer service: each request's context is counted in every model's "
+        "tokens and checked against its context length before any worker works ($COOLFUSION_TOKENIZER; "
+        "without it only sizes in characters and messages are checked)",
+    )
+    o.add_argument("--max-messages", type=int, default=1024, help="chat messages per request")
+    o.add_argument("--max-prompt-chars", type=int, default=200_000, help="characters of prompt or message contents")
+    o.add_argument(
+        "--max-rendered-chars", type=int, default=300_000, help="characters of a context after its chat template"
+    )
 
 
 def worker_targets(items: list[str]) -> dict[str, str]:
@@ -46,16 +62,24 @@ def worker_targets(items: list[str]) -> dict[str, str]:
 
 
 def run(args) -> int:
-    from ...orchestrator.server import build_service
+    from ...orchestrator.server import Limits, build_service
     from ...services.common.security import tokens_from_env
 
     workers = worker_targets(args.worker or models_arg(os.environ.get("COOLFUSION_WORKERS", "")))
     rule = rule_from_args(args) or default_rule()
 
+    limits = Limits(
+        max_prompt_chars=args.max_prompt_chars,
+        max_messages=args.max_messages,
+        max_rendered_chars=args.max_rendered_chars,
+    )
+
     def make():
         return build_service(
             workers,
             bind(args.host, args.port),
+            limits=limits,
+            tokenizer_address=args.tokenizer_service,
             max_concurrent=args.max_concurrent,
             max_queue=args.max_queue,
             auth_tokens=args.auth_token or tokens_from_env(),

@@ -9,6 +9,7 @@ import grpc
 from coolfusion.protos import tokenizer_pb2 as pb
 from coolfusion.protos import tokenizer_pb2_grpc as pb_grpc
 
+from ..common.errors import Unavailable
 from ..common.security import sync_channel
 from ..common.server import CHANNEL_OPTIONS
 
@@ -33,15 +34,19 @@ class TokenizerClient:
         tokenizer_ids: Sequence[str],
         allowed_offsets: Sequence[int] | None = None,
     ) -> int | None:
-        reply = self.stub.CommonBoundary(
-            pb.CommonBoundaryRequest(
-                context_tail=context_tail.encode(),
-                generated_text=generated_text.encode(),
-                tokenizer_ids=list(tokenizer_ids),
-                allowed_offsets=list(allowed_offsets or ()),
-            ),
-            timeout=self.timeout,
+        request = pb.CommonBoundaryRequest(
+            context_tail=context_tail.encode(),
+            generated_text=generated_text.encode(),
+            tokenizer_ids=list(tokenizer_ids),
+            allowed_offsets=list(allowed_offsets or ()),
         )
+        try:
+            reply = self.stub.CommonBoundary(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                # Name it: the worker's caller would otherwise blame the worker.
+                raise Unavailable(f"tokenizer service at {self.address} is unavailable: {exc.details()}") from None
+            raise
         return reply.offset if reply.found else None
 
     __call__ = common_boundary

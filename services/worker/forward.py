@@ -17,14 +17,28 @@ from __future__ import annotations
 import copy
 import inspect
 import threading
+from collections.abc import Callable
 
+import grpc
 import torch
 from transformers import DynamicCache
 
+from ..common.errors import CoolFusionError
 from .batching import StepBatcher, batchable, forward_sessions
 from .sessions import Session
 
 _COMPUTE_LOCKS_GUARD = threading.Lock()
+# Tokens per prefill forward. A cancelled Open stops within one chunk: mid-prefill of an
+# 8,000-token context its session was freed within 0.38 s of the cancel (2 CPU cores,
+# bench/reliability.json).
+PREFILL_CHUNK = 128
+Cancelled = Callable[[], bool]  # asked between chunks: stop now?
+
+
+class PrefillCancelled(CoolFusionError):
+    """The caller left while its context was prefilled (CANCELLED)."""
+
+    code = grpc.StatusCode.CANCELLED
 
 
 def compute_lock(model) -> threading.Lock:
@@ -45,8 +59,9 @@ class Forwards:
     with other sessions' (``max_batch`` rows at most; 1 turns batching off). ``fill(n)``: up to
     ``n`` idle sessions' steps to top a batch up with (``fill_rows``)."""
 
-    def __init__(self, model, device: torch.device, max_batch: int, fill=None):
+    def __init__(self, model, device: torch.device, max_batch: int, fill=None, prefill_chunk: int = PREFILL_CHUNK):
         self.model = model
+        self.prefill_chunk = prefill_chunk
         self.device = device
         self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._compute = compute_lock(model)  # one forward at a time: each uses every thread torch has
@@ -54,13 +69,27 @@ class Forwards:
             max_batch = 1
         self.batcher = StepBatcher(self._single_step, self._batched_step, max_batch, fill=fill)
 
-    def prefill(self, ids: list[int]) -> tuple[object, torch.Tensor]:
-        """A new session's cache holding ``ids`` and the float32 logits after them. The cache
-        records past states so that sliding-window layers (Gemma-3) can roll back by cropping."""
+    def new_cache(self):
+        """An empty cache that records past states, so that sliding-window layers (Gemma-3) can
+        roll back by cropping."""
         cache = DynamicCache(config=self.model.config)
         cache.activate_past_recording()
+        return cache
+
+    def prefill(self, ids: list[int], cache=None, cancelled: Cancelled | None = None) -> tuple[object, torch.Tensor]:
+        """A cache holding ``ids`` (``cache``, or a new one) and the float32 logits after them.
+
+        Chunks of ``prefill_chunk`` tokens, one forward each, called the way ``generate`` calls
+        them with ``prefill_chunk_size`` (a prompt of one chunk: its plain call). Between chunks
+        ``cancelled()`` is asked and ``PrefillCancelled`` raised when it says so: a caller that
+        left stops the work within one chunk, and other sessions' steps get the model between."""
+        cache = self.new_cache() if cache is None else cache
+        step = max(1, self.prefill_chunk)
         with torch.inference_mode():
-            logits = self.forward([ids], cache, keep_last=True)
+            for start in range(0, len(ids), step):
+                if start and cancelled is not None and cancelled():
+                    raise PrefillCancelled(f"prefill cancelled after {start} of {len(ids)} tokens")
+                logits = self.forward([ids[start : start + step]], cache, keep_last=True)
         return cache, logits[0, -1].to(copy=True, dtype=torch.float32)
 
     def forward(self, rows: list[list[int]], cache, keep_last: bool) -> torch.Tensor:

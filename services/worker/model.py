@@ -22,16 +22,19 @@ Greedy NextText/UpdateState output is bitwise what ``model.generate(do_sample=Fa
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 
 import torch
 
+from ..common.errors import InvalidArgument as CommonInvalidArgument
 from ..sources import ModelSpec
+from ..tokenizer.context import context_ids, render, render_messages
 from ..tokenizer.core import TokenizerRegistry
 from .api import NextTextOptions
 from .errors import InvalidArgument
-from .forward import Fill, Forwards, fill_rows
+from .forward import PREFILL_CHUNK, Cancelled, Fill, Forwards, fill_rows
 from .generation import (
     DEFAULT_SEGMENT_CAP,
     DRAFT_CALL_FORWARDS,
@@ -54,7 +57,7 @@ from .results import (
     perplexity,
 )
 from .scoring import Scorer
-from .sessions import Session, SessionTable
+from .sessions import Session, SessionTable, cache_bytes
 from .states import commit
 
 __all__ = [
@@ -108,6 +111,7 @@ class WorkerCore:
     kv_budget_bytes = _Part("_table")
     _sessions = _Part("_table", "sessions")  # id -> Session
     batcher = _Part("_forwards")
+    prefill_chunk = _Part("_forwards")
     segment_cap = _Part("_generator")
     reuse_lookahead = _Part("_generator")
     fill_ahead = _Part("_generator")
@@ -131,6 +135,7 @@ class WorkerCore:
         max_batch: int = 8,
         pack_weights: str = "all",
         fill_ahead: int = FILL_AHEAD,
+        prefill_chunk: int = PREFILL_CHUNK,
     ):
         """Load the model (or take ``model`` and ``hf_tokenizer``) and set up the parts.
 
@@ -140,6 +145,7 @@ class WorkerCore:
         ``sessions.SessionTable``. ``max_batch``: decode steps of up to this many sessions run as
         one forward (``batching.py``; 1: off). ``fill_ahead``: batches grow idle sessions' greedy
         continuations up to this many tokens past their last candidate (0: off).
+        ``prefill_chunk``: tokens per prefill forward (a cancelled Open stops within one).
         ``pack_weights``: "all", "head" or "none" linear weights get a oneDNN-packed copy when this
         core loads the model on CPU (``packing.py``)."""
         loaded = load_model(name, spec, device, dtype, model, hf_tokenizer, pack_weights)
@@ -158,9 +164,16 @@ class WorkerCore:
             name, session_ttl, max_sessions, kv_budget_bytes, forget=lambda session_id: self.batcher.forget(session_id)
         )
         fill_ahead = max(0, int(fill_ahead))
-        self._forwards = Forwards(self.model, self.device, max_batch, fill=self._fill_rows if fill_ahead else None)
+        self._forwards = Forwards(
+            self.model,
+            self.device,
+            max_batch,
+            fill=self._fill_rows if fill_ahead else None,
+            prefill_chunk=prefill_chunk,
+        )
         self._generator = Generator(loaded, self._forwards, self.boundary, segment_cap, reuse_lookahead, fill_ahead)
         self._scorer = Scorer(loaded, self._forwards, reuse_own_logprobs)
+        self._kv_per_token: int | None = None  # measured when a KV budget first needs it
 
     # ---- info ----------------------------------------------------------------------------
     def info(self) -> dict:
@@ -176,68 +189,61 @@ class WorkerCore:
             "live_sessions": len(self._table.live()),
             "threads": torch.get_num_threads(),
             "parameters": self.parameters,
+            "context_length": self.max_positions or 0,
         }
 
     # ---- M1 ------------------------------------------------------------------------------
     def render_messages(self, messages: list[dict]) -> tuple[str, bool]:
-        """Context text for chat messages and whether it already holds its special tokens.
+        """Context text for chat messages and whether it already holds its special tokens
+        (``tokenizer.context.render_messages``: the model's chat template, else plain lines)."""
+        try:
+            context = render_messages(self.tokenizer, messages, self.name)
+        except InvalidArgument:
+            raise
+        except CommonInvalidArgument as exc:
+            raise InvalidArgument(str(exc)) from None
+        return context.text, context.templated
 
-        With a chat template: ``apply_chat_template(messages, tokenize=False,
-        add_generation_prompt=True)`` (encoded without adding special tokens again, as
-        ``apply_chat_template(tokenize=True)`` does). Without one, a plain rendering: one line
-        ``"{Role}: {content}\\n"`` per message (role capitalised: ``System``, ``User``,
-        ``Assistant``) followed by ``"Assistant:"``; it is encoded like a prompt (BOS added when
-        the tokenizer adds one).
-        """
-        if not messages:
-            raise InvalidArgument("messages is empty")
-        clean = []
-        for i, m in enumerate(messages):
-            role, content = (m.get("role"), m.get("content")) if isinstance(m, dict) else (None, None)
-            if not isinstance(role, str) or not role or not isinstance(content, str):
-                raise InvalidArgument(f"message {i} needs a non-empty string 'role' and a string 'content'")
-            clean.append({"role": role, "content": content})
-        if self.tokenizer.has_chat_template:
-            try:
-                text = self.tokenizer.hf.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
-            except Exception as exc:  # templates raise on e.g. unsupported roles
-                raise InvalidArgument(f"chat template of {self.name!r} rejected the messages: {exc}") from None
-            return text, True
-        lines = "".join(f"{m['role'][:1].upper()}{m['role'][1:]}: {m['content']}\n" for m in clean)
-        return lines + "Assistant:", False
+    def open(
+        self, prompt: str | None = None, messages: list[dict] | None = None, cancelled: Cancelled | None = None
+    ) -> OpenResult:
+        """Encode the context (prompt or chat messages), prefill it, start a session.
 
-    def open(self, prompt: str | None = None, messages: list[dict] | None = None) -> OpenResult:
-        """Encode the context (prompt or chat messages), prefill it in one forward, start a session."""
-        if (prompt is None) == (messages is None):
-            raise InvalidArgument("give exactly one of prompt and messages")
-        if messages is not None:
-            text, templated = self.render_messages(messages)
-        else:
-            if not isinstance(prompt, str):
-                raise InvalidArgument("prompt must be a string")
-            if not prompt:
-                raise InvalidArgument("prompt is empty")
-            text, templated = prompt, False
-        # The tokenizer's own call, exactly what the generate() oracle sees.
-        ids = list(self.tokenizer.hf(text, add_special_tokens=not templated)["input_ids"])
+        The session is live (counted, its KV budgeted) from the first prefill chunk on;
+        ``cancelled()`` is asked between chunks (``Forwards.prefill``): when the caller left, the
+        session is freed and ``PrefillCancelled`` raised."""
+        try:
+            context = render(self.tokenizer, prompt, messages, self.name)
+        except InvalidArgument:
+            raise
+        except CommonInvalidArgument as exc:  # the worker's own kind, as every other bad Open
+            raise InvalidArgument(str(exc)) from None
+        ids = context_ids(self.tokenizer, context)
         if not ids:
             raise InvalidArgument("context encodes to no tokens")
         if self.max_positions and len(ids) >= self.max_positions:
             raise InvalidArgument(
                 f"context has {len(ids)} tokens; {self.name} supports fewer than {self.max_positions}"
             )
-        cache, next_logits = self._forwards.prefill(ids)
         session = Session(
-            id=uuid.uuid4().hex,
-            ids=ids,
-            n_context=len(ids),
-            text=text,
-            cache=cache,
-            next_logits=next_logits,
-            fed=len(ids),
+            uuid.uuid4().hex, ids, len(ids), context.text, self._forwards.new_cache(), next_logits=None, fed=0
         )
-        self._table.add(session)
-        return OpenResult(session.id, len(ids), text)
+        if self.kv_budget_bytes:
+            session.reserved_bytes = len(ids) * self._kv_bytes_per_token()
+        session.lock.acquire()  # held until the prefill is done: no other call, batch fill or eviction
+        try:
+            self._table.add(session)
+            _, session.next_logits = self._forwards.prefill(ids, session.cache, cancelled)
+            session.fed = len(ids)
+        except BaseException:
+            session.lock.release()
+            self._table.close(session.id)
+            raise
+        session.last_used = time.monotonic()
+        session.reserved_bytes = 0
+        session.lock.release()
+        self._table.enforce_budget(keep=session.id)
+        return OpenResult(session.id, len(ids), context.text)
 
     # ---- M2 ------------------------------------------------------------------------------
     def next_token(self, session_id: str) -> NextTokenResult:
@@ -316,6 +322,14 @@ class WorkerCore:
             return {"kv_bytes": s.kv_bytes(), "logits_bytes": logits, "tokens": len(s.ids), "lookahead": s.lookahead}
 
     # ---- internals -----------------------------------------------------------------------
+    def _kv_bytes_per_token(self) -> int:
+        """KV bytes per context token, measured once on a one-token prefill: every layer holds a
+        state per token (a sliding layer at most its window, so this bounds it from above)."""
+        if self._kv_per_token is None:
+            cache, _ = self._forwards.prefill([self.eos_token_id or 0])
+            self._kv_per_token = cache_bytes(cache)
+        return self._kv_per_token
+
     def _fill_rows(self, n: int) -> list[Fill]:
         """Idle sessions' steps to top a batch up with (``forward.fill_rows``)."""
         return fill_rows(self._table.live(), n, self._eos_set, self.max_positions)

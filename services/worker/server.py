@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -143,14 +144,18 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
         return pb.OpenResponse(session_id=session_id, context_tokens=n_tokens, context_text=text)
 
     async def _open(self, messages, prompt=None):
-        """core.open on the compute thread; when the caller is gone before it returns (cancel,
-        deadline) the session it made is closed again instead of leaking."""
+        """core.open on the compute thread. When the caller is gone before it returns (cancel,
+        deadline) the prefill stops at its next chunk and frees the session; a session that got
+        opened all the same is closed again instead of leaking."""
         self.start_reaper()
         core = self.core
-        job = self.executor.submit(core.open, prompt, messages)
+        left = threading.Event()
+        job = self.executor.submit(core.open, prompt, messages, left.is_set)
         try:
             return await asyncio.wrap_future(job)
         except asyncio.CancelledError:
+            left.set()
+            log.info("worker %s: an Open was cancelled; its prefill stops at the next chunk", self.name)
 
             def close_orphan(done):
                 if not done.cancelled() and done.exception() is None:

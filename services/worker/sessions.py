@@ -57,6 +57,7 @@ class Session:
     # How the continuation's tokens are picked (the last NextText's); the draws' keys.
     sampling: Sampling = GREEDY
     keys: PrefixKeys = field(default_factory=PrefixKeys)
+    reserved_bytes: int = 0  # KV its prefill will hold (the budget counts it from the start)
 
     def pick(self, logits: torch.Tensor) -> tuple[int, float]:
         """The next token of the continuation after ``logits`` (greedy, or drawn as ``sampling``
@@ -80,13 +81,21 @@ class Session:
         self.ahead_logits.clear()
 
     def kv_bytes(self) -> int:
-        kv = 0
-        for layer in getattr(self.cache, "layers", ()) if self.cache is not None else ():
-            for name in ("keys", "values"):
-                t = getattr(layer, name, None)
-                if isinstance(t, torch.Tensor):
-                    kv += t.numel() * t.element_size()
-        return kv
+        return cache_bytes(self.cache)
+
+    def budgeted_bytes(self) -> int:
+        """What the KV budget counts: the cache, or what its prefill will fill while it runs."""
+        return max(self.kv_bytes(), self.reserved_bytes)
+
+
+def cache_bytes(cache) -> int:
+    kv = 0
+    for layer in getattr(cache, "layers", ()) if cache is not None else ():
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                kv += t.numel() * t.element_size()
+    return kv
 
 
 class Locked:
@@ -132,16 +141,31 @@ class SessionTable:
         self.forget = forget
         self.sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
+        self._admit = threading.Lock()
         self._evicted: OrderedDict[str, str] = OrderedDict()
 
     def add(self, session: Session) -> None:
-        """Register a new session, evicting idle ones to keep within the limits."""
+        """Register a new session, evicting idle ones to keep within the limits. When sessions in
+        calls hold so much KV that ``session.reserved_bytes`` does not fit the budget even then:
+        RESOURCE_EXHAUSTED (a burst of long prompts is refused, not run out of memory)."""
         if self.max_sessions:
             self._make_room(self.max_sessions - 1)
-        with self._lock:
-            self.sessions[session.id] = session
-        if self.kv_budget_bytes:
-            self._enforce_budget(keep=session.id)
+        with self._admit:  # one admission at a time: two Opens cannot both take the last room
+            with self._lock:
+                self.sessions[session.id] = session
+            if self.kv_budget_bytes:
+                self._enforce_budget(keep=session.id)
+                used = self.stats()[1]
+                if used > self.kv_budget_bytes:
+                    with self._lock:
+                        self.sessions.pop(session.id, None)
+                    mib = 2**20
+                    raise ResourceExhausted(
+                        f"worker {self.worker!r}: a context of {session.n_context} tokens needs "
+                        f"{session.reserved_bytes / mib:.1f} MiB of KV; sessions in calls hold "
+                        f"{(used - session.reserved_bytes) / mib:.1f} of the {self.kv_budget_bytes / mib:g} MiB "
+                        "budget; retry later"
+                    )
 
     def get(self, session_id: str) -> Locked:
         with self._lock:
@@ -179,7 +203,7 @@ class SessionTable:
     def stats(self) -> tuple[int, int]:
         """(live sessions, KV bytes over all sessions); unlocked, for gauges and budgets."""
         sessions = self.live()
-        return len(sessions), sum(s.kv_bytes() for s in sessions)
+        return len(sessions), sum(s.budgeted_bytes() for s in sessions)
 
     def reap(self, now: float | None = None) -> list[str]:
         """Free sessions idle longer than ``session_ttl``, then enforce ``max_sessions`` and
@@ -229,6 +253,10 @@ class SessionTable:
                     )
                 return freed
             freed.append(evicted.id)
+
+    def enforce_budget(self, keep: str | None = None) -> list[str]:
+        """Evict LRU idle sessions (never ``keep``) while the KV bytes exceed the budget."""
+        return self._enforce_budget(keep) if self.kv_budget_bytes else []
 
     def _enforce_budget(self, keep: str | None = None) -> list[str]:
         """Evict LRU idle sessions (never ``keep``) while the KV bytes exceed the budget."""
