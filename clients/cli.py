@@ -5,12 +5,14 @@
     coolfusion tokenizer --models ... [--port N]          one service each: what containers run
     coolfusion worker --model NAME[=SOURCE] --tokenizer-service ADDR [--port N]
     coolfusion orchestrator --worker NAME=ADDR ... [--port N]
+    coolfusion gateway --connect ORCHESTRATOR [--port 8000]   OpenAI-compatible HTTP API
     coolfusion healthcheck ADDR [--service NAME]
     coolfusion drain ADDR [--min-wait S] [--timeout S]   worker preStop hook (Kubernetes)
 
 Service flags fall back to env vars (containers): COOLFUSION_HOST/PORT, tokenizer
 COOLFUSION_MODELS, worker COOLFUSION_MODEL/TOKENIZER/DEVICE/THREADS/SESSION_TTL/MAX_SESSIONS/KV_BUDGET_MB, orchestrator
-COOLFUSION_WORKERS="a=host:port,b=dns:///svc:50052".
+COOLFUSION_WORKERS="a=host:port,b=dns:///svc:50052", gateway COOLFUSION_ORCHESTRATOR (and
+COOLFUSION_HOST/PORT, COOLFUSION_REQUEST_TIMEOUT).
 """
 
 from __future__ import annotations
@@ -199,7 +201,9 @@ def cmd_healthcheck(args) -> int:
 
 
 # ---- user commands ---------------------------------------------------------------------------
-def _start_cluster(models: list[str], device: str | None, port: int = 0, host: str = "127.0.0.1"):
+def _start_cluster(
+    models: list[str], device: str | None, port: int = 0, host: str = "127.0.0.1", http_port: int | None = None
+):
     from rich.console import Console
 
     from ..services.sources import parse_specs
@@ -217,7 +221,9 @@ def _start_cluster(models: list[str], device: str | None, port: int = 0, host: s
             if state == "ready":
                 console.log(f"{name} ready")
 
-        cluster = LocalCluster(models, device=device, on_event=on_event, orchestrator_port=port, host=host)
+        cluster = LocalCluster(
+            models, device=device, on_event=on_event, orchestrator_port=port, host=host, http_port=http_port
+        )
         cluster.start()
     return cluster
 
@@ -332,11 +338,13 @@ def cmd_serve(args) -> int:
     from .launcher import StartError
 
     try:
-        cluster = _start_cluster(_models_arg(args.models), args.device, args.port, args.host)
+        cluster = _start_cluster(_models_arg(args.models), args.device, args.port, args.host, args.http_port)
     except StartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"coolfusion serving on {cluster.address} (logs in {cluster.run_dir}); Ctrl-C stops", file=sys.stderr)
+    if cluster.http_address:
+        print(f"OpenAI-compatible API on http://{cluster.http_address}/v1", file=sys.stderr)
     stop = {"now": False}
 
     def handler(signum, frame):
@@ -431,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=50051)
     s.add_argument("--device")
+    s.add_argument("--http-port", type=int, default=None, help="also serve the OpenAI-compatible API on this port")
     s.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("tokenizer", help="run the tokenizer service")
@@ -517,6 +526,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_rule_args(o)
     o.set_defaults(func=cmd_orchestrator)
 
+    from ..services.gateway.command import add_gateway_parser
+
+    add_gateway_parser(sub)
+
     for service_parser in (t, w, o):
         service_parser.add_argument(
             "--metrics-port",
@@ -549,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def log_level(args) -> str:
     """--log-level (or $COOLFUSION_LOG_LEVEL) when given; else INFO for services, WARNING otherwise."""
-    services = ("tokenizer", "worker", "orchestrator", "drain")
+    services = ("tokenizer", "worker", "orchestrator", "gateway", "drain")
     return args.log_level or ("INFO" if args.command in services else "WARNING")
 
 
