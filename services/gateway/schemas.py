@@ -7,9 +7,9 @@ fields it does not know at all are ignored, as OpenAI's clients send new ones ov
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_CHOICES = 16  # n: each choice is one gRPC generation
 
@@ -67,7 +67,17 @@ class GenerationBody(BaseModel):
 
 
 class CompletionBody(GenerationBody):
-    prompt: str | Annotated[list[str], Field(min_length=1)]
+    prompt: str | list[str]
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_or_more_strings(cls, value):
+        # Checked here so that the error names `prompt`, not one branch of the union.
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list) or not value or not all(isinstance(p, str) for p in value):
+            raise ValueError("prompt takes a string or a non-empty list of strings (token ids are not accepted)")
+        return value
 
 
 class ContentPart(BaseModel):
@@ -79,6 +89,15 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: str
     content: str | list[ContentPart]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_or_text_parts(cls, value):
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list) or not all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+            raise ValueError('content takes a string or a list of {"type": "text", "text": ...} parts')
+        return value
 
     def text(self) -> str:
         if isinstance(self.content, str):
