@@ -180,6 +180,22 @@ def cmd_drain(args) -> int:
             time.sleep(1.0)
 
 
+def _http_healthcheck(address: str, timeout: float) -> int:
+    """The gateway's readiness: GET http://ADDR/health answers 200 (stdlib only)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{address}/health", timeout=timeout) as reply:
+            print(json.loads(reply.read()).get("status", reply.status))
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(f"unhealthy: HTTP {exc.code}", file=sys.stderr)
+    except (OSError, ValueError) as exc:
+        print(f"unhealthy: {exc}", file=sys.stderr)
+    return 1
+
+
 def cmd_healthcheck(args) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -187,6 +203,8 @@ def cmd_healthcheck(args) -> int:
     from ..services.common.security import sync_channel
     from ..services.common.server import CHANNEL_OPTIONS
 
+    if args.http:
+        return _http_healthcheck(args.address, args.timeout)
     with sync_channel(args.address, CHANNEL_OPTIONS) as channel:  # TLS from COOLFUSION_TLS_* as every client
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
@@ -552,6 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("address")
     h.add_argument("--service", default="")
     h.add_argument("--timeout", type=float, default=5.0)
+    h.add_argument("--http", action="store_true", help="ADDR is the HTTP gateway: GET /health answers 200")
     h.set_defaults(func=cmd_healthcheck)
 
     from .bench import add_bench_parser

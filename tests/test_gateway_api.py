@@ -347,3 +347,12 @@ def test_grpc_status_table():
     expected = {"INVALID_ARGUMENT": 400, "UNAUTHENTICATED": 401, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 429}
     expected |= {"UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
     assert {code.name: GRPC_TO_HTTP[code][0] for code in grpc.StatusCode if code.name in expected} == expected
+
+
+async def test_http_healthcheck_command(scripted):
+    from coolfusion.clients.cli import main
+
+    _, gateway = scripted
+    assert await asyncio.to_thread(main, ["healthcheck", f"127.0.0.1:{gateway.port}", "--http"]) == 0
+    with GatewayThread("127.0.0.1:1") as nowhere:  # ready only while its orchestrator serves
+        assert await asyncio.to_thread(main, ["healthcheck", f"127.0.0.1:{nowhere.port}", "--http"]) == 1

@@ -21,6 +21,7 @@ def add_gateway_parser(sub) -> None:
         default=float(os.environ.get("COOLFUSION_REQUEST_TIMEOUT", 600)),
         help="deadline of each gRPC call in seconds; past it the caller gets 504 (0: none)",
     )
+    gw.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
     gw.set_defaults(func=cmd_gateway)
 
 
@@ -36,5 +37,5 @@ def cmd_gateway(args) -> int:
         announce_ready("gateway", port)
         logging.getLogger("coolfusion").info("gateway serving on port %d (orchestrator %s)", port, args.connect)
 
-    serve(args.connect, args.host, args.port, listening, args.request_timeout or None, log_level(args))
+    serve(args.connect, args.host, args.port, listening, args.request_timeout or None, log_level(args), args.grace)
     return 0

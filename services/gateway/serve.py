@@ -34,9 +34,11 @@ def _socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _config(app, log_level: str) -> uvicorn.Config:
+def _config(app, log_level: str, grace: float = 10.0) -> uvicorn.Config:
     # The gateway logs its requests itself; uvicorn's access log would double every line.
-    return uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=10)
+    return uvicorn.Config(
+        app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=max(1, round(grace))
+    )
 
 
 def serve(
@@ -46,10 +48,11 @@ def serve(
     on_listening: Callable[[int], None],
     request_timeout: float | None = None,
     log_level: str = "info",
+    grace: float = 30.0,
 ) -> None:
-    """Serve until SIGINT/SIGTERM (uvicorn's own handling: in-flight requests finish first)."""
+    """Serve until SIGINT/SIGTERM; then in-flight requests get ``grace`` seconds to finish."""
     app = create_app(orchestrator, request_timeout)
-    server = _Server(_config(app, log_level.lower()), on_listening)
+    server = _Server(_config(app, log_level.lower(), grace), on_listening)
     server.run(sockets=[_socket(host, port)])
 
 
