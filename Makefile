@@ -30,7 +30,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	@mkdir -p build/typecheck && ln -sfn ../.. build/typecheck/coolfusion
-	MYPYPATH=build/typecheck $(VENV)/bin/mypy -p coolfusion.orchestrator -p coolfusion.services.common \
+	MYPYPATH=build/typecheck $(VENV)/bin/mypy -p coolfusion.orchestrator -p coolfusion.services.common -p coolfusion.services.gateway \
 		-m coolfusion.clients.client
 
 protos:

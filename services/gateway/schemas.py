@@ -29,8 +29,8 @@ class FusionOptions(BaseModel):
     mode: str | None = None  # overrides the mode the model id names
     models: list[str] = []  # subset of the configured models; empty = all
     score_rule: str | ScoreRuleBody | None = None  # a rule name or a whole rule
-    max_segment_tokens: int = Field(0, ge=0)
-    top_k: int = Field(0, ge=0)
+    max_segment_tokens: int = Field(default=0, ge=0)
+    top_k: int = Field(default=0, ge=0)
     allow_degraded: bool = False
 
 
@@ -52,7 +52,7 @@ class GenerationBody(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     user: str | None = None
-    coolfusion: FusionOptions = FusionOptions()
+    coolfusion: FusionOptions = Field(default_factory=FusionOptions)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -60,7 +60,7 @@ def base_request(body: GenerationBody, request_id: str) -> pb.GenerateRequest:
 
 def _choices(body: GenerationBody, base: pb.GenerateRequest, prompts: list[str] | None) -> list[Choice]:
     """n choices per prompt; with a seed, choice i samples with seed + i."""
-    choices = []
+    choices: list[Choice] = []
     for p, prompt in enumerate(prompts if prompts is not None else [None]):
         for _ in range(body.n):
             index = len(choices)
