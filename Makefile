@@ -23,7 +23,7 @@ test: install
 test-fast: install
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
-# ruff (lint, format, import order) on everything; mypy on the orchestrator, the common services
+# ruff (lint, format, import order) on everything; mypy on the orchestrator, the common services, the gateway
 # and the client library. mypy finds the package through a link named like it (the checkout is
 # the `coolfusion` package whatever its folder is called).
 lint: install

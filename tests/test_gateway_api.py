@@ -9,6 +9,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 
 import grpc
 import httpx2
@@ -88,6 +89,13 @@ class ScriptedFusion(pb_grpc.FusionServicer):
         self._check(request, context)
         if request.prompt == "slow":
             await asyncio.sleep(HANG_GUARD_S)
+        if request.prompt == "hold":
+            self.held.set()
+            try:
+                await asyncio.sleep(HANG_GUARD_S)
+            except asyncio.CancelledError:
+                self.cancelled.set()
+                raise
         final = self._final(request)
         return pb.GenerateResponse(
             text=final.text,
@@ -307,6 +315,21 @@ async def test_disconnect_cancels_the_grpc_stream(scripted):
     await asyncio.wait_for(servicer.held.wait(), HANG_GUARD_S)
     await stream.close()  # the HTTP connection goes away mid-stream
     await asyncio.wait_for(servicer.cancelled.wait(), HANG_GUARD_S)
+
+
+async def test_disconnect_cancels_a_non_streamed_generation(scripted):
+    servicer, gateway = scripted
+    servicer.held.clear()
+    servicer.cancelled.clear()
+    call = asyncio.create_task(_client(gateway).completions.create(model="cool", prompt="hold"))
+    await asyncio.wait_for(servicer.held.wait(), HANG_GUARD_S)  # the gRPC call is in the orchestrator
+    call.cancel()  # the client gives up: its connection closes
+    await asyncio.wait_for(servicer.cancelled.wait(), HANG_GUARD_S)
+    counted = 'coolfusion_gateway_requests_total{route="/v1/completions",status="499"}'
+    deadline = time.monotonic() + HANG_GUARD_S  # the gateway counts the request once its handler returns
+    while counted not in httpx2.get(f"{gateway.url}/metrics").text and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert counted in httpx2.get(f"{gateway.url}/metrics").text
 
 
 async def test_deadline_is_504(scripted):

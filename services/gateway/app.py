@@ -51,6 +51,30 @@ async def _gather_or_cancel(calls: list) -> list:
         raise
 
 
+class ClientGone(Exception):
+    """The caller disconnected before its (non-streamed) answer was ready."""
+
+
+async def _until_disconnect(request: Request, work):
+    """``work``'s result; if the client disconnects first, ``work`` is cancelled (which cancels
+    its gRPC calls and frees the workers' sessions) and ClientGone raised."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise ClientGone()
+
+
 class Generation:
     """One completions or chat request: checks, the choices' gRPC calls, the response."""
 
@@ -79,15 +103,16 @@ class Generation:
         if completion_tokens and elapsed > 0:
             TOKENS_PER_SECOND.labels(self.route).observe(completion_tokens / elapsed)
 
-    async def respond(self):
-        choices = await self.choices()
-        log.info(
-            "%s %s: %d choice(s)", self.route, self.body.model, len(choices), extra={"request_id": self.request_id}
-        )
+    async def respond(self, request: Request):
         try:
+            choices = await self.choices()
+            log.info(
+                "%s %s: %d choice(s)", self.route, self.body.model, len(choices), extra={"request_id": self.request_id}
+            )
             if self.body.stream:
                 return await self._stream(choices)
-            replies = await _gather_or_cancel([self.upstream.generate(c.request, self.metadata) for c in choices])
+            calls = [self.upstream.generate(c.request, self.metadata) for c in choices]
+            replies = await _until_disconnect(request, _gather_or_cancel(calls))
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         result = completion_object(self.ident, self.created, self.body.model, self.chat, choices, replies)
@@ -118,6 +143,11 @@ def create_app(orchestrator: str, request_timeout: float | None = None, tls: Cli
     app = FastAPI(title="coolfusion", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.upstream = upstream
     install_handlers(app)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone):
+        return Response(status_code=499)  # nobody reads it; the status shows in the metrics
+
     app.add_middleware(RequestMetrics)
 
     @app.get("/v1/models")
@@ -134,11 +164,11 @@ def create_app(orchestrator: str, request_timeout: float | None = None, tls: Cli
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
-        return await Generation(upstream, request, body, "/v1/completions").respond()
+        return await Generation(upstream, request, body, "/v1/completions").respond(request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request):
-        return await Generation(upstream, request, body, "/v1/chat/completions").respond()
+        return await Generation(upstream, request, body, "/v1/chat/completions").respond(request)
 
     @app.get("/health")
     async def health():
