@@ -110,7 +110,7 @@ class Generation:
                 "%s %s: %d choice(s)", self.route, self.body.model, len(choices), extra={"request_id": self.request_id}
             )
             if self.body.stream:
-                return await self._stream(choices)
+                return await self._stream(request, choices)
             calls = [self.upstream.generate(c.request, self.metadata) for c in choices]
             replies = await _until_disconnect(request, _gather_or_cancel(calls))
         except grpc.RpcError as exc:
@@ -119,9 +119,9 @@ class Generation:
         self.record(result["usage"]["completion_tokens"])
         return JSONResponse(result, headers={"x-request-id": self.request_id})
 
-    async def _stream(self, choices: list[Choice]) -> EventSourceResponse:
+    async def _stream(self, request: Request, choices: list[Choice]) -> EventSourceResponse:
         calls = [self.upstream.stream(c.request, self.metadata) for c in choices]
-        firsts = await open_streams(calls)
+        firsts = await _until_disconnect(request, open_streams(calls))  # a client gone early cancels too
         TIME_TO_FIRST_TOKEN.labels(self.route).observe(time.perf_counter() - self.started)
         fmt = ChunkFormat(self.ident, self.created, self.body.model, self.chat, self.body.include_usage())
         events = sse_events(fmt, choices, calls, firsts, self.record)
