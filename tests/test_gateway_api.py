@@ -68,10 +68,20 @@ class ScriptedFusion(pb_grpc.FusionServicer):
         text = "".join(SEGMENTS)
         return pb.FinalInfo(text=text, finish_reason="length", usage=USAGE, mode=request.mode, score_rule="product")
 
+    async def _hold(self) -> None:
+        self.held.set()
+        try:
+            await asyncio.sleep(HANG_GUARD_S)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
     async def GenerateStream(self, request, context):
         self._check(request, context)
         if request.prompt == "slow":
             await asyncio.sleep(HANG_GUARD_S)
+        if request.prompt == "hold-first":
+            await self._hold()
         for i, text in enumerate(SEGMENTS):
             yield pb.GenerateStreamResponse(segment=_segment(i, text))
             if request.prompt == "fail-late":
@@ -90,12 +100,7 @@ class ScriptedFusion(pb_grpc.FusionServicer):
         if request.prompt == "slow":
             await asyncio.sleep(HANG_GUARD_S)
         if request.prompt == "hold":
-            self.held.set()
-            try:
-                await asyncio.sleep(HANG_GUARD_S)
-            except asyncio.CancelledError:
-                self.cancelled.set()
-                raise
+            await self._hold()
         final = self._final(request)
         return pb.GenerateResponse(
             text=final.text,
@@ -317,11 +322,12 @@ async def test_disconnect_cancels_the_grpc_stream(scripted):
     await asyncio.wait_for(servicer.cancelled.wait(), HANG_GUARD_S)
 
 
-async def test_disconnect_cancels_a_non_streamed_generation(scripted):
+@pytest.mark.parametrize("prompt, stream", [("hold", False), ("hold-first", True)])
+async def test_disconnect_before_the_answer_cancels_the_generation(scripted, prompt, stream):
     servicer, gateway = scripted
     servicer.held.clear()
     servicer.cancelled.clear()
-    call = asyncio.create_task(_client(gateway).completions.create(model="cool", prompt="hold"))
+    call = asyncio.create_task(_client(gateway).completions.create(model="cool", prompt=prompt, stream=stream))
     await asyncio.wait_for(servicer.held.wait(), HANG_GUARD_S)  # the gRPC call is in the orchestrator
     call.cancel()  # the client gives up: its connection closes
     await asyncio.wait_for(servicer.cancelled.wait(), HANG_GUARD_S)
