@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -321,7 +322,7 @@ async def test_lm_eval_local_completions_equals_coolfusion_eval(cluster, tmp_pat
             str(tmp_path / "lm-eval"),
             "--log_samples",
             cwd=tmp_path,
-            env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
+            env={**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},  # nothing looks at the Hub
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
