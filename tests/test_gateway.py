@@ -246,7 +246,7 @@ async def test_unavailable_worker_is_503(cluster):
     service, engine = build_orchestrator({"smollm2": cluster.worker_addresses["smollm2"], "gemma3": "127.0.0.1:1"})
     address = f"127.0.0.1:{await service.start()}"
     try:
-        with GatewayThread(address) as gw:
+        async with GatewayThread(address) as gw:
             for model in ("cool", "single:gemma3"):
                 with pytest.raises(openai.APIStatusError) as caught:
                     await _client(gw).completions.create(model=model, prompt="1, 2, 3,", max_tokens=2)

@@ -340,7 +340,7 @@ async def test_disconnect_before_the_answer_cancels_the_generation(scripted, pro
 
 async def test_deadline_is_504(scripted):
     _, gateway = scripted
-    with GatewayThread(gateway.app.state.upstream.address, request_timeout=0.5) as short:
+    async with GatewayThread(gateway.app.state.upstream.address, request_timeout=0.5) as short:
         for stream in (False, True):
             with pytest.raises(openai.APIStatusError) as caught:
                 await _client(short).completions.create(model="cool", prompt="slow", stream=stream)
@@ -351,7 +351,7 @@ async def test_health_follows_the_orchestrator_and_metrics_count(scripted):
     _, gateway = scripted
     async with httpx2.AsyncClient(timeout=HANG_GUARD_S) as http:
         assert (await http.get(f"{gateway.url}/health")).json() == {"status": "SERVING"}
-        with GatewayThread("127.0.0.1:1") as nowhere:  # nothing listens on port 1
+        async with GatewayThread("127.0.0.1:1") as nowhere:  # nothing listens on port 1
             down = await http.get(f"{nowhere.url}/health")
             live = await http.get(f"{nowhere.url}/health/live")
         assert (down.status_code, live.status_code) == (503, 200)
@@ -383,5 +383,5 @@ async def test_http_healthcheck_command(scripted):
 
     _, gateway = scripted
     assert await asyncio.to_thread(main, ["healthcheck", f"127.0.0.1:{gateway.port}", "--http"]) == 0
-    with GatewayThread("127.0.0.1:1") as nowhere:  # ready only while its orchestrator serves
+    async with GatewayThread("127.0.0.1:1") as nowhere:  # ready only while its orchestrator serves
         assert await asyncio.to_thread(main, ["healthcheck", f"127.0.0.1:{nowhere.port}", "--http"]) == 1

@@ -92,3 +92,10 @@ class GatewayThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    # From async code: start and stop off the loop, which may be serving what the gateway calls.
+    async def __aenter__(self) -> GatewayThread:
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(self, *exc) -> None:
+        await asyncio.to_thread(self.stop)
