@@ -370,6 +370,18 @@ async def test_unknown_route_is_an_error_object(scripted):
     assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error"
 
 
+def test_listening_socket_disables_nagle():
+    """Accepted connections inherit TCP_NODELAY; without it every response on a kept-alive
+    connection waits ~40 ms for the client's delayed ACK (time to first token over HTTP)."""
+    import socket
+
+    gateway = GatewayThread("127.0.0.1:1")
+    try:
+        assert gateway.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        gateway.sock.close()
+
+
 def test_grpc_status_table():
     from coolfusion.services.gateway.errors import GRPC_TO_HTTP
 
