@@ -305,7 +305,9 @@ async def test_lm_eval_local_completions_equals_coolfusion_eval(cluster, tmp_pat
     (tasks / "coolfusion_gsm8k.yaml").write_text(json.dumps(own), encoding="utf-8")  # JSON is YAML
     async with PairOrchestrator(cluster) as orch, GatewayThread(orch.address) as gw:
         proc = await asyncio.create_subprocess_exec(
-            str(Path(sys.executable).with_name("lm_eval")),
+            sys.executable,  # this environment's lm-eval (a copied venv's script may name another python)
+            "-m",
+            "lm_eval",
             "--model",
             "local-completions",
             "--model_args",
