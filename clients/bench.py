@@ -424,6 +424,10 @@ def summary(r: dict) -> str:
 
 
 def cmd_bench(args) -> int:
+    if args.gateway:
+        from .bench_gateway import cmd_gateway_bench
+
+        return cmd_gateway_bench(args)
     if args.score:
         from .bench_score import cmd_score_bench
 
@@ -459,5 +463,10 @@ def add_bench_parser(sub) -> None:
         "--score", action="store_true", help="only the Score RPC on multiple-choice questions vs the models' forwards"
     )
     b.add_argument("--score-questions", type=int, default=40)
+    b.add_argument(
+        "--gateway",
+        action="store_true",
+        help="only the HTTP gateway's overhead on streamed fused generations vs gRPC (use --max-new-tokens 64)",
+    )
     b.add_argument("--score-data", help="ARC JSONL for --score (default ../shared/data/arc/ARC-Easy-validation.jsonl)")
     b.set_defaults(func=cmd_bench)

@@ -5,13 +5,15 @@
     coolfusion tokenizer --models ... [--port N]          one service each: what containers run
     coolfusion worker --model NAME[=SOURCE] --tokenizer-service ADDR [--port N]
     coolfusion orchestrator --worker NAME=ADDR ... [--port N]
+    coolfusion gateway --connect ORCHESTRATOR [--port 8000]   OpenAI-compatible HTTP API
     coolfusion eval TASK | bench                          measurements
     coolfusion healthcheck ADDR [--service NAME]
     coolfusion drain ADDR [--min-wait S] [--timeout S]   worker preStop hook (Kubernetes)
 
 Service flags fall back to env vars (containers): COOLFUSION_HOST/PORT, tokenizer
 COOLFUSION_MODELS, worker COOLFUSION_MODEL/TOKENIZER/DEVICE/THREADS/SESSION_TTL/MAX_SESSIONS/KV_BUDGET_MB, orchestrator
-COOLFUSION_WORKERS="a=host:port,b=dns:///svc:50052".
+COOLFUSION_WORKERS="a=host:port,b=dns:///svc:50052", gateway COOLFUSION_ORCHESTRATOR (and
+COOLFUSION_REQUEST_TIMEOUT).
 """
 
 from __future__ import annotations

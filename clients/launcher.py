@@ -1,7 +1,7 @@
 """Start the whole service tree as local processes on free loopback ports.
 
 Used by ``coolfusion generate`` (without ``--connect``) and ``coolfusion serve``: a tokenizer
-service, one worker per model and the orchestrator, each a ``coolfusion <service>`` process
+service, one worker per model, the orchestrator (and with ``http_port`` the HTTP gateway), each a ``coolfusion <service>`` process
 that binds port 0 and announces its port on stdout (``COOLFUSION_READY {...}``). Service logs go
 to files in a run directory; a failed start shows the tail of the failing service's log.
 """
@@ -70,6 +70,7 @@ class LocalCluster:
         on_event: Callable[[str, str], None] | None = None,
         orchestrator_port: int = 0,
         host: str = "127.0.0.1",
+        http_port: int | None = None,
     ):
         self.models = models
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="coolfusion-"))
@@ -80,6 +81,8 @@ class LocalCluster:
         self.host = host
         self.processes: list[ServiceProcess] = []
         self.address: str | None = None
+        self.http_port = http_port  # None: no gateway
+        self.http_address: str | None = None
 
     def _spawn(self, name: str, args: list[str], threads: int) -> ServiceProcess:
         log_path = self.run_dir / f"{name}.log"
@@ -114,7 +117,7 @@ class LocalCluster:
             self.on_event(service.name, "ready")
 
     def start(self, timeout: float = 600.0) -> str:
-        """Start everything; returns the orchestrator's address."""
+        """Start everything; returns the orchestrator's address (the gateway's: ``http_address``)."""
         try:
             cores = os.cpu_count() or 2
             threads = max(1, cores // max(1, len(self.models)))
@@ -157,6 +160,14 @@ class LocalCluster:
             )
             self._wait([orch], timeout)
             self.address = f"{self.host}:{orch.info['port']}"
+            if self.http_port is not None:
+                gateway = self._spawn(
+                    "gateway",
+                    ["gateway", "--connect", self.address, "--host", self.host, "--port", str(self.http_port)],
+                    1,
+                )
+                self._wait([gateway], timeout)
+                self.http_address = f"{self.host}:{gateway.info['port']}"
             return self.address
         except BaseException:
             self.stop()

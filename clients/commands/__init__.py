@@ -11,10 +11,11 @@ SUBCOMMANDS = (
     "tokenizer",
     "worker",
     "orchestrator",
+    "gateway",
     "eval",
     "drain",
     "healthcheck",
     "bench",
 )
 # Long-running services: INFO logs by default (the other commands log WARNING and above).
-SERVICES = ("tokenizer", "worker", "orchestrator", "drain")
+SERVICES = ("tokenizer", "worker", "orchestrator", "gateway", "drain")

@@ -54,7 +54,9 @@ async def serve(make_service, name: str, grace: float, metrics_port: int = 0) ->
     await service.serve_until_signal(grace)
 
 
-def start_cluster(models: list[str], device: str | None, port: int = 0, host: str = "127.0.0.1"):
+def start_cluster(
+    models: list[str], device: str | None, port: int = 0, host: str = "127.0.0.1", http_port: int | None = None
+):
     """Start the services for ``models`` on this machine, with a live status line on stderr."""
     from rich.console import Console
 
@@ -73,7 +75,9 @@ def start_cluster(models: list[str], device: str | None, port: int = 0, host: st
             if state == "ready":
                 console.log(f"{name} ready")
 
-        cluster = LocalCluster(models, device=device, on_event=on_event, orchestrator_port=port, host=host)
+        cluster = LocalCluster(
+            models, device=device, on_event=on_event, orchestrator_port=port, host=host, http_port=http_port
+        )
         cluster.start()
     return cluster
 

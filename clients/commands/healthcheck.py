@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 
@@ -10,10 +11,29 @@ def add_parser(sub) -> None:
     h.add_argument("address")
     h.add_argument("--service", default="")
     h.add_argument("--timeout", type=float, default=5.0)
+    h.add_argument("--http", action="store_true", help="ADDR is the HTTP gateway: GET /health answers 200")
     h.set_defaults(func=run)
 
 
+def http_healthcheck(address: str, timeout: float) -> int:
+    """The gateway's readiness: GET http://ADDR/health answers 200 (stdlib only)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{address}/health", timeout=timeout) as reply:
+            print(json.loads(reply.read()).get("status", reply.status))
+            return 0
+    except urllib.error.HTTPError as exc:
+        print(f"unhealthy: HTTP {exc.code}", file=sys.stderr)
+    except (OSError, ValueError) as exc:
+        print(f"unhealthy: {exc}", file=sys.stderr)
+    return 1
+
+
 def run(args) -> int:
+    if args.http:
+        return http_healthcheck(args.address, args.timeout)
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 

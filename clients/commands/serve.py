@@ -15,6 +15,7 @@ def add_parser(sub) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=50051)
     s.add_argument("--device")
+    s.add_argument("--http-port", type=int, default=None, help="also serve the OpenAI-compatible API on this port")
     s.set_defaults(func=run)
 
 
@@ -22,11 +23,13 @@ def run(args) -> int:
     from ..launcher import StartError
 
     try:
-        cluster = start_cluster(models_arg(args.models), args.device, args.port, args.host)
+        cluster = start_cluster(models_arg(args.models), args.device, args.port, args.host, args.http_port)
     except StartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"coolfusion serving on {cluster.address} (logs in {cluster.run_dir}); Ctrl-C stops", file=sys.stderr)
+    if cluster.http_address:
+        print(f"OpenAI-compatible API on http://{cluster.http_address}/v1", file=sys.stderr)
     stop = {"now": False}
 
     def handler(signum, frame):
