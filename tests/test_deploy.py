@@ -273,6 +273,31 @@ def test_dockerfile_invariants(name):
         assert env["HF_HUB_OFFLINE"] == "1"
 
 
+# Printed by the image checks below: the distributions whose modules the started service imported.
+_IMPORTED_DISTRIBUTIONS = (
+    "import importlib.metadata as md, sys\n"
+    "owners = md.packages_distributions()\n"
+    "found = {d for m, mod in list(sys.modules.items()) if mod is not None\n"
+    "         and m.split('.')[0] not in sys.stdlib_module_names\n"
+    "         for d in owners.get(m.split('.')[0], [])}\n"
+    "print('dists', ' '.join(sorted(found)))\n"
+)
+
+
+# Imported only when present (grpc's runtime protos, setuptools' distutils hook, tracing hooks).
+OPTIONAL_IMPORTS = {"grpcio-tools", "setuptools", "opentelemetry-api"}
+
+
+def assert_image_installs_what_it_imports(text: str, stdout: str, installed_by_package: set[str]) -> None:
+    """Every distribution the service imported is installed by the Dockerfile (a pin of its own,
+    or a dependency of one: ``installed_by_package``), so the image does not fail at import."""
+    pinned = {re.split("[=>]", p)[0].lower() for p in re.findall(r'"([a-zA-Z0-9_-]+(?:==|>=)[0-9.]+)"', text)}
+    line = next(line for line in stdout.splitlines() if line.startswith("dists"))
+    imported = {d.lower().replace("_", "-") for d in line.split()[1:]} - {"coolfusion"}
+    missing = imported - pinned - installed_by_package - OPTIONAL_IMPORTS
+    assert not missing, f"imported but not installed by the image: {sorted(missing)}"
+
+
 def test_orchestrator_image_needs_no_torch():
     """The orchestrator image installs the package --no-deps plus a few pins: they must be the
     project's own, and the orchestrator must start without torch or transformers."""
@@ -287,10 +312,12 @@ def test_orchestrator_image_needs_no_torch():
         "from coolfusion.orchestrator import server, workers\n"
         "cli.build_parser().parse_args(['orchestrator', '--worker', 'a=dns:///w:1'])\n"
         "server.build_service({'a': '127.0.0.1:1', 'b': '127.0.0.1:2|127.0.0.1:3'})\n"
-        "print('ok')\n"
+        "print('ok')\n" + _IMPORTED_DISTRIBUTIONS
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr
+    rich_and_grpc = {"markdown-it-py", "mdurl", "pygments", "typing-extensions"}  # dependencies of the pins
+    assert_image_installs_what_it_imports(text, done.stdout, rich_and_grpc)
 
 
 def test_gateway_image_needs_no_torch():
@@ -307,10 +334,13 @@ def test_gateway_image_needs_no_torch():
         "from coolfusion.services.gateway.app import create_app\n"
         "cli.build_parser().parse_args(['gateway', '--connect', 'orchestrator:50051'])\n"
         "create_app('127.0.0.1:1')\n"
-        "print('ok')\n"
+        "print('ok')\n" + _IMPORTED_DISTRIBUTIONS
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr
+    deps = {"markdown-it-py", "mdurl", "pygments", "starlette", "pydantic", "pydantic-core", "anyio", "h11", "click"}
+    deps |= {"sniffio", "idna", "typing-extensions", "annotated-doc", "annotated-types", "typing-inspection"}
+    assert_image_installs_what_it_imports(text, done.stdout, deps)
 
 
 def test_dockerignore_keeps_the_context_small():

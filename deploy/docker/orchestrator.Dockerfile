@@ -14,7 +14,7 @@ ENV PYTHONUNBUFFERED=1 \
 # Only what the orchestrator imports (tests/test_deploy.py checks it runs without torch and
 # transformers, and that these pins match pyproject.toml); the package itself --no-deps.
 RUN python -m pip install "grpcio==1.85.1" "grpcio-health-checking==1.85.1" "grpcio-reflection==1.85.1" \
-        "protobuf>=6.31" "asyncio-throttle>=1.0.2" "rich>=13"
+        "protobuf>=6.31" "asyncio-throttle>=1.0.2" "rich>=13" "prometheus-client>=0.20"
 COPY . /tmp/coolfusion
 RUN python -m pip install --no-deps /tmp/coolfusion && rm -rf /tmp/coolfusion \
     && python -c "import coolfusion.orchestrator.server, coolfusion.clients.cli"
