@@ -4,6 +4,7 @@ benchmarks) on a free loopback port."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import threading
 from collections.abc import Callable
@@ -56,6 +57,11 @@ def serve(
     """Serve until SIGINT/SIGTERM; then in-flight requests get ``grace`` seconds to finish."""
     app = create_app(orchestrator, request_timeout)
     server = _Server(_config(app, log_level.lower(), grace), on_listening)
+    # uvicorn re-raises the signal that stopped it once it has drained; with these handlers in
+    # place that is a no-op, so a drained gateway exits 0 as the other services do.
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: None)
     server.run(sockets=[_socket(host, port)])
 
 
