@@ -138,7 +138,7 @@ def _client(gateway, key: str = "s3cret") -> openai.AsyncOpenAI:
 
 
 def test_gateway_imports_no_torch():
-    code = "import sys, coolfusion.services.gateway.serve, coolfusion.services.gateway.command; print('torch' in sys.modules)"
+    code = "import sys, coolfusion.services.gateway.serve, coolfusion.clients.commands.gateway; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
