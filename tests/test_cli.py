@@ -60,3 +60,17 @@ def test_pick_winner_takes_lowest_mean_and_first_on_ties():
     assert pick_winner([3.0, 2.0, 2.0]) == 1
     assert pick_winner([2.0, 2.0]) == 0
     assert pick_winner([float("inf"), 5.0]) == 1
+
+
+def test_orchestrator_limit_flags_default_to_the_servers_limits():
+    """Unset limit flags leave the server's Limits; the defaults their help names are those."""
+    from coolfusion.clients.cli import build_parser
+    from coolfusion.orchestrator.server import Limits
+
+    parser = build_parser()
+    args = parser.parse_args(["orchestrator", "--worker", "a=h:1"])
+    assert (args.max_messages, args.max_prompt_chars, args.max_rendered_chars) == (None, None, None)
+    sub = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices["orchestrator"]
+    helps = {a.dest: a.help for a in sub._actions}
+    for field in ("max_messages", "max_prompt_chars", "max_rendered_chars"):
+        assert f"(default {getattr(Limits(), field)})" in helps[field], field

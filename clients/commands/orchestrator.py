@@ -35,10 +35,11 @@ def _add_admission_args(o) -> None:
         "tokens and checked against its context length before any worker works ($COOLFUSION_TOKENIZER; "
         "without it only sizes in characters and messages are checked)",
     )
-    o.add_argument("--max-messages", type=int, default=1024, help="chat messages per request")
-    o.add_argument("--max-prompt-chars", type=int, default=200_000, help="characters of prompt or message contents")
+    # Unset: the server's Limits (orchestrator/server.py), so the defaults live in one place.
+    o.add_argument("--max-messages", type=int, help="chat messages per request (default 1024)")
+    o.add_argument("--max-prompt-chars", type=int, help="characters of prompt or message contents (default 200000)")
     o.add_argument(
-        "--max-rendered-chars", type=int, default=300_000, help="characters of a context after its chat template"
+        "--max-rendered-chars", type=int, help="characters of a context after its chat template (default 300000)"
     )
 
 
@@ -68,11 +69,12 @@ def run(args) -> int:
     workers = worker_targets(args.worker or models_arg(os.environ.get("COOLFUSION_WORKERS", "")))
     rule = rule_from_args(args) or default_rule()
 
-    limits = Limits(
+    given = dict(
         max_prompt_chars=args.max_prompt_chars,
         max_messages=args.max_messages,
         max_rendered_chars=args.max_rendered_chars,
     )
+    limits = Limits(**{k: v for k, v in given.items() if v is not None})
 
     def make():
         return build_service(
