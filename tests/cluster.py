@@ -7,9 +7,11 @@ loop; model compute runs on the workers' own threads as in production.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +118,16 @@ async def stop_cluster(cluster: Cluster) -> None:
 # A bound on waits for events that should come within seconds: only against a hang (on a loaded
 # 2-core machine a generation step can take seconds), never a speed goal.
 HANG_GUARD_S = 300.0
+
+
+async def wait_no_sessions(cluster: Cluster, timeout: float = HANG_GUARD_S) -> dict:
+    """Each in-process worker's live sessions, once none has any (or as they are at ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        live = {name: core.info()["live_sessions"] for name, core in cluster.cores.items()}
+        if not any(live.values()) or time.monotonic() > deadline:
+            return live
+        await asyncio.sleep(0.1)
 
 
 class GatedWorker:

@@ -13,20 +13,11 @@ import threading
 import time
 
 import grpc
-from cluster import HANG_GUARD_S, gate_worker, gsm8k_prompt
+from cluster import HANG_GUARD_S, gate_worker, gsm8k_prompt, wait_no_sessions
 
 from coolfusion.clients.client import FusionClient, build_request
 from coolfusion.orchestrator.server import build_service as build_orchestrator
 from coolfusion.protos import worker_pb2, worker_pb2_grpc
-
-
-async def _wait_no_sessions(cluster, timeout: float = HANG_GUARD_S) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        live = {name: core.info()["live_sessions"] for name, core in cluster.cores.items()}
-        if not any(live.values()) or time.monotonic() > deadline:
-            return live
-        await asyncio.sleep(0.2)
 
 
 async def _gated_orchestrator(cluster):
@@ -71,7 +62,7 @@ async def test_cancelled_stream_frees_every_session(cluster, caplog):
             assert first.HasField("segment")
             await asyncio.wait_for(gated.reached.wait(), HANG_GUARD_S)  # the generation is in its second round
             call.cancel()
-            assert await _wait_no_sessions(cluster) == {"smollm2": 0, "gemma3": 0, "smollm2b": 0}
+            assert await wait_no_sessions(cluster) == {"smollm2": 0, "gemma3": 0, "smollm2b": 0}
             # The orchestrator saw the cancellation in the middle of the generation.
             assert await _log_lines(caplog, "cancel-me") == ["generation started", "generation cancelled"]
     finally:
@@ -94,7 +85,7 @@ async def test_deadline_exceeded_frees_every_session(cluster, caplog):
                 raise AssertionError("the generation finished although its second round was held past the deadline")
             except grpc.aio.AioRpcError as exc:
                 assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert await _wait_no_sessions(cluster) == {"smollm2": 0, "gemma3": 0, "smollm2b": 0}
+        assert await wait_no_sessions(cluster) == {"smollm2": 0, "gemma3": 0, "smollm2b": 0}
         # The orchestrator ended the request at the deadline: cancelled while held (or failed, when a
         # worker call of the first round reached the same deadline first on a slow machine).
         lines = await _log_lines(caplog, "too-slow")
@@ -133,7 +124,7 @@ async def test_cancel_mid_prefill_stops_within_a_chunk_and_frees_the_session(clu
             call.cancel()
             assert await _until(lambda: any("Open was cancelled" in r.getMessage() for r in caplog.records))
             gate.set()
-            assert await _wait_no_sessions(cluster) == {"smollm2": 0, "gemma3": 0, "smollm2b": 0}
+            assert await wait_no_sessions(cluster) == {"smollm2": 0, "gemma3": 0, "smollm2b": 0}
         assert calls == [core.prefill_chunk, core.prefill_chunk]  # of ceil(tokens / chunk) chunks
     finally:
         gate.set()

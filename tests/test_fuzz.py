@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections import Counter
 
 import grpc
-from cluster import HANG_GUARD_S
+from cluster import HANG_GUARD_S, wait_no_sessions
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -233,15 +232,6 @@ def fuzz_bytes(addresses: dict[str, str], examples: int) -> Counter:
     return seen
 
 
-async def _no_sessions(cluster) -> dict:
-    deadline = time.monotonic() + HANG_GUARD_S
-    while True:
-        live = {name: core.info()["live_sessions"] for name, core in cluster.cores.items()}
-        if not any(live.values()) or time.monotonic() > deadline:
-            return live
-        await asyncio.sleep(0.1)
-
-
 async def _still_serving(cluster) -> None:
     async with grpc.aio.insecure_channel(cluster.address) as channel:
         reply = await fusion_pb2_grpc.FusionStub(channel).Generate(
@@ -253,14 +243,14 @@ async def _still_serving(cluster) -> None:
 async def test_fuzz_fusion_requests(cluster):
     seen = await asyncio.to_thread(fuzz_fusion, cluster.address, 60)
     assert seen["INVALID_ARGUMENT"] and sum(seen.values()) >= 60, seen
-    assert await _no_sessions(cluster) == dict.fromkeys(cluster.cores, 0)
+    assert await wait_no_sessions(cluster) == dict.fromkeys(cluster.cores, 0)
     await _still_serving(cluster)
 
 
 async def test_fuzz_worker_requests(cluster):
     seen = await asyncio.to_thread(fuzz_worker, cluster.worker_addresses["smollm2"], 60)
     assert seen["NOT_FOUND"] and seen["OK"], seen
-    assert await _no_sessions(cluster) == dict.fromkeys(cluster.cores, 0)
+    assert await wait_no_sessions(cluster) == dict.fromkeys(cluster.cores, 0)
     await _still_serving(cluster)
 
 
@@ -272,5 +262,5 @@ async def test_fuzz_random_bytes_on_every_method(cluster):
     }
     seen = await asyncio.to_thread(fuzz_bytes, addresses, 100)
     assert seen["INVALID_ARGUMENT"], seen
-    assert await _no_sessions(cluster) == dict.fromkeys(cluster.cores, 0)
+    assert await wait_no_sessions(cluster) == dict.fromkeys(cluster.cores, 0)
     await _still_serving(cluster)

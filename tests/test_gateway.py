@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx2
 import openai
 import pytest
-from cluster import HANG_GUARD_S, gate_worker
+from cluster import HANG_GUARD_S, gate_worker, wait_no_sessions
 
 from coolfusion.clients.client import FusionClient
 from coolfusion.orchestrator.server import build_service as build_orchestrator
@@ -43,15 +43,6 @@ def _usage(reply) -> tuple[int, int]:
     """The gateway's definition: the first model's prompt tokens and fused-output tokens."""
     first = reply.usage[0]
     return first.prompt_tokens, first.output_tokens
-
-
-async def _wait_no_sessions(cluster, timeout: float = HANG_GUARD_S) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        live = {name: core.info()["live_sessions"] for name, core in cluster.cores.items()}
-        if not any(live.values()) or time.monotonic() > deadline:
-            return live
-        await asyncio.sleep(0.2)
 
 
 class PairOrchestrator:
@@ -239,7 +230,7 @@ async def test_deadline_is_504_and_frees_sessions(cluster):
         with pytest.raises(openai.APIStatusError) as caught:
             await _client(gw).completions.create(model="cool", prompt=QUESTION, max_tokens=8, extra_body=EXT)
         assert caught.value.status_code == 504
-        assert await _wait_no_sessions(cluster) == {"smollm2": 0, "gemma3": 0, "smollm2b": 0}
+        assert await wait_no_sessions(cluster) == {"smollm2": 0, "gemma3": 0, "smollm2b": 0}
 
 
 async def test_unavailable_worker_is_503(cluster):
@@ -255,7 +246,7 @@ async def test_unavailable_worker_is_503(cluster):
         await service.stop(0)
         for worker in engine.workers.values():
             await worker.aclose()
-    assert await _wait_no_sessions(cluster) == {"smollm2": 0, "gemma3": 0, "smollm2b": 0}
+    assert await wait_no_sessions(cluster) == {"smollm2": 0, "gemma3": 0, "smollm2b": 0}
 
 
 async def test_disconnect_mid_stream_frees_every_session(cluster, caplog):
@@ -273,7 +264,7 @@ async def test_disconnect_mid_stream_frees_every_session(cluster, caplog):
         assert first.choices[0].text
         await asyncio.wait_for(orch.gated.reached.wait(), HANG_GUARD_S)  # the generation is in its second round
         await stream.close()  # the client goes away; the gate stays shut
-        assert await _wait_no_sessions(cluster) == {"smollm2": 0, "gemma3": 0, "smollm2b": 0}
+        assert await wait_no_sessions(cluster) == {"smollm2": 0, "gemma3": 0, "smollm2b": 0}
         deadline = time.monotonic() + HANG_GUARD_S
         while time.monotonic() < deadline:
             lines = [r.getMessage() for r in caplog.records if getattr(r, "request_id", None) == "gone"]
