@@ -34,6 +34,7 @@ from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import groupby
 
 from tokenizers import Tokenizer
 
@@ -71,6 +72,11 @@ def _byte_level_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(printable, chars)}
 
 
+def _component_spec(component) -> dict | None:
+    """A tokenizer component (normalizer, pre-tokenizer, decoder) as its JSON object."""
+    return None if component is None else json.loads(component.__getstate__())
+
+
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
@@ -101,25 +107,29 @@ class TokenizerCore:
         self.hf = hf_tokenizer
         self.source = source
         self.backend: Tokenizer = hf_tokenizer.backend_tokenizer
-        spec = json.loads(self.backend.to_str())
+        # Components one by one: the whole tokenizer as JSON is megabytes (Gemma-3: 262k tokens).
+        normalizer, pre_tokenizer, decoder = (
+            _component_spec(getattr(self.backend, part)) for part in ("normalizer", "pre_tokenizer", "decoder")
+        )
+        added = self.backend.get_added_tokens_decoder()
         self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
         self.bos_token, self.bos_token_id = hf_tokenizer.bos_token, hf_tokenizer.bos_token_id
         self.eos_token, self.eos_token_id = hf_tokenizer.eos_token, hf_tokenizer.eos_token_id
         probe = self.backend.encode("a", add_special_tokens=True).ids
         self.adds_bos = self.bos_token_id is not None and bool(probe) and probe[0] == self.bos_token_id
         self.has_chat_template = bool(getattr(hf_tokenizer, "chat_template", None))
-        self.special_ids = frozenset(t["id"] for t in spec.get("added_tokens", []) if t.get("special"))
-        self._continuation = self._continuation_backend(spec)
-        self._token_bytes = self._build_token_bytes(spec)
-        self._strips_leading_space = self._decoder_strips_leading_space(spec)
+        self.special_ids = frozenset(i for i, token in added.items() if token.special)
+        self._continuation = self._continuation_backend(self.backend, normalizer, pre_tokenizer, added)
+        self._token_bytes = self._build_token_bytes(decoder, added)
+        self._strips_leading_space = self._decoder_strips_leading_space(decoder)
         self._pre_tokenizer = self.backend.pre_tokenizer
-        self.boundary_rule = self._detect_rule(spec)
+        self.boundary_rule = self._detect_rule()
 
     # ---- construction helpers -------------------------------------------------------------
     @staticmethod
-    def _continuation_backend(spec: dict) -> Tokenizer:
-        """A copy that encodes text continuing an earlier text: no dummy-prefix space."""
-        spec = json.loads(json.dumps(spec))
+    def _continuation_backend(backend: Tokenizer, normalizer, pre_tokenizer, added: dict) -> Tokenizer:
+        """A copy that encodes text continuing an earlier text: no dummy-prefix space. It shares
+        ``backend``'s model (vocabulary and merges) instead of rebuilding it."""
 
         def strip_prepend(node):
             if not isinstance(node, dict):
@@ -135,26 +145,49 @@ class TokenizerCore:
                         node[key] = [n for n in (strip_prepend(x) for x in node[key]) if n is not None]
             return node
 
-        spec["normalizer"] = strip_prepend(spec.get("normalizer"))
-        spec["pre_tokenizer"] = strip_prepend(spec.get("pre_tokenizer"))
-        if isinstance(spec.get("pre_tokenizer"), dict) and spec["pre_tokenizer"].get("type") == "ByteLevel":
-            spec["pre_tokenizer"]["add_prefix_space"] = False
-        spec["post_processor"] = None
-        return Tokenizer.from_str(json.dumps(spec))
+        pre_tokenizer = strip_prepend(pre_tokenizer)
+        if isinstance(pre_tokenizer, dict) and pre_tokenizer.get("type") == "ByteLevel":
+            pre_tokenizer["add_prefix_space"] = False
+        parts = Tokenizer.from_str(
+            json.dumps(
+                {
+                    "version": "1.0",
+                    "truncation": None,
+                    "padding": None,
+                    "added_tokens": [],
+                    "normalizer": strip_prepend(normalizer),
+                    "pre_tokenizer": pre_tokenizer,
+                    "post_processor": None,
+                    "decoder": None,
+                    "model": {"type": "WordLevel", "vocab": {"[UNK]": 0}, "unk_token": "[UNK]"},
+                }
+            )
+        )
+        continuation = Tokenizer(backend.model)
+        continuation.normalizer = parts.normalizer
+        continuation.pre_tokenizer = parts.pre_tokenizer
+        continuation.decoder = backend.decoder
+        # In id order, so a token beyond the model's vocabulary gets the id it has in ``backend``.
+        for special, run in groupby(sorted(added.items()), key=lambda item: item[1].special):
+            tokens = [token for _, token in run]
+            if special:
+                continuation.add_special_tokens(tokens)
+            else:
+                continuation.add_tokens(tokens)
+        return continuation
 
-    def _build_token_bytes(self, spec: dict) -> list[bytes] | None:
+    def _build_token_bytes(self, decoder: dict | None, added: dict) -> list[bytes] | None:
         """Exact bytes each token contributes to the text, or None for decoders we do not model."""
-        decoder = spec.get("decoder") or {}
+        decoder = decoder or {}
         steps = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
         kinds = {d.get("type") for d in steps if d}
         vocab = self.backend.get_vocab(with_added_tokens=True)
         table: list[bytes] = [b""] * (max(vocab.values()) + 1)
-        added = {t["id"]: t for t in spec.get("added_tokens", [])}
         if kinds <= {"ByteLevel"} and kinds:
             inverse = _byte_level_decoder()
             for token, idx in vocab.items():
                 if idx in added:
-                    table[idx] = b"" if added[idx].get("special") else token.encode()
+                    table[idx] = b"" if added[idx].special else token.encode()
                 else:
                     table[idx] = (
                         bytes(inverse[c] for c in token) if all(c in inverse for c in token) else token.encode()
@@ -170,7 +203,7 @@ class TokenizerCore:
                 replaces.append(("▁", " "))
             for token, idx in vocab.items():
                 if idx in added:
-                    table[idx] = b"" if added[idx].get("special") else token.encode()
+                    table[idx] = b"" if added[idx].special else token.encode()
                     continue
                 match = _BYTE_FALLBACK.match(token) if "ByteFallback" in kinds else None
                 if match:
@@ -183,10 +216,10 @@ class TokenizerCore:
         return None
 
     @staticmethod
-    def _decoder_strips_leading_space(spec: dict) -> bool:
+    def _decoder_strips_leading_space(decoder: dict | None) -> bool:
         """Whether the decoder removes the dummy-prefix space at the start of the text (Llama-2 style:
         a ``Metaspace`` decoder with prepend_scheme first/always, or ``Strip(" ", start=1)``)."""
-        decoder = spec.get("decoder") or {}
+        decoder = decoder or {}
         steps = decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
         for d in steps:
             if not d:
@@ -199,7 +232,7 @@ class TokenizerCore:
                 return True
         return False
 
-    def _detect_rule(self, spec: dict) -> str:
+    def _detect_rule(self) -> str:
         """``pretokenizer`` when the normalized text is split into several words, else ``metaspace``."""
         probe = "ab cd ef"
         if self.backend.normalizer is not None:
