@@ -23,7 +23,7 @@ async def main_async(examples: int) -> dict:
     os.environ["COOLFUSION_FUZZ_EXAMPLES"] = str(examples)  # read when test_fuzz is imported
     sys.path.insert(0, str(TESTS))
     import test_fuzz  # noqa: PLC0415 - needs the environment and path above
-    from cluster import start_cluster, stop_cluster  # noqa: PLC0415
+    from cluster import start_cluster, stop_cluster, wait_no_sessions  # noqa: PLC0415
 
     cluster = await start_cluster()
     try:
@@ -46,7 +46,8 @@ async def main_async(examples: int) -> dict:
                 "statuses": dict(seen),
                 "seconds": round(time.perf_counter() - t0),
             }
-        live = await test_fuzz._no_sessions(cluster)
+            print(name, json.dumps(runs[name]), flush=True)
+        live = await wait_no_sessions(cluster)
         await test_fuzz._still_serving(cluster)
         return {
             "cases": sum(r["cases"] for r in runs.values()),

@@ -1,6 +1,8 @@
 """Soak run (issue 20 item 6): a mixed load against the real service tree (``LocalCluster``) for
 ``--minutes``, reporting requests done, errors by status, p50/p99 latency, and every process's RSS
-and the workers' live sessions sampled every ``--sample-s`` seconds (flat is the target).
+and the workers' live sessions sampled every ``--sample-s`` seconds (flat is the target). The same
+mix runs ``--warmup-minutes`` first: RSS is compared with its value at the end of the warm-up, when
+the allocators and KV caches have seen the largest requests of the mix.
 
 The mix, per client in a loop: short and long prompts, unary and streaming calls, and a share of
 streams cancelled after their first segment (``--cancel-share``, default 20 %). Not part of CI::
@@ -80,7 +82,7 @@ async def main_async(args) -> dict:
         async with FusionClient(address) as client:  # warm-up: every path once
             await client.generate(LONG + SHORT[0], max_new_tokens=8)
         samples: list = []
-        stop_at = time.monotonic() + args.minutes * 60
+        stop_at = time.monotonic() + (args.warmup_minutes + args.minutes) * 60
         rngs = [random.Random(args.seed + i) for i in range(args.clients)]
         sampler = asyncio.create_task(sample(cluster, stubs, stop_at, args.sample_s, samples))
         await asyncio.gather(*(client_loop(address, stop_at, r, stats) for r in rngs))
@@ -90,20 +92,26 @@ async def main_async(args) -> dict:
         for c in channels:
             await c.close()
         lat = sorted(stats["latencies"])
-        first, last = samples[0]["rss_mib"], samples[-1]["rss_mib"]
+        warm = next(s for s in samples if s["t_s"] >= args.warmup_minutes * 60 - 1)
+        first, last = warm["rss_mib"], samples[-1]["rss_mib"]
+        expected = {"OK", "CANCELLED_BY_CLIENT"}
         return {
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
             f"{round(psutil.virtual_memory().total / 2**30)} GiB RAM, {platform.system()}",
             "models": MODELS,
             "minutes": args.minutes,
+            "warmup_minutes": args.warmup_minutes,
             "clients": args.clients,
             "cancel_share": args.cancel_share,
             "requests": sum(stats["outcomes"].values()),
             "outcomes": dict(stats["outcomes"]),
+            "unexpected_statuses": sum(n for k, n in stats["outcomes"].items() if k not in expected),
             "latency_s": {
                 "p50": round(statistics.median(lat), 3) if lat else None,
                 "p99": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3) if lat else None,
             },
+            "rss_after_warmup_mib": first,
+            "rss_after_soak_mib": last,
             "rss_change_pct": {n: round(100 * (last[n] - first[n]) / first[n], 1) for n in first},
             "live_sessions_after": live_after,
             "samples": samples,
@@ -114,7 +122,8 @@ async def main_async(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=20.0)
+    parser.add_argument("--minutes", type=float, default=20.0, help="minutes measured after the warm-up")
+    parser.add_argument("--warmup-minutes", type=float, default=2.0)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--cancel-share", type=float, default=0.2, help="share of streams cancelled mid-way")
     parser.add_argument("--sample-s", type=float, default=30.0, help="seconds between RSS/session samples")
