@@ -1,8 +1,8 @@
 """Soak run (issue 20 item 6): a mixed load against the real service tree (``LocalCluster``) for
 ``--minutes``, reporting requests done, errors by status, p50/p99 latency, and every process's RSS
 and the workers' live sessions sampled every ``--sample-s`` seconds (flat is the target). The same
-mix runs ``--warmup-minutes`` first: RSS is compared with its value at the end of the warm-up, when
-the allocators and KV caches have seen the largest requests of the mix.
+mix runs ``--warmup-minutes`` first. RSS is compared at rest (every worker back to 0 sessions:
+live KV caches come and go with the load) at the end of the warm-up and after the soak.
 
 The mix, per client in a loop: short and long prompts, unary and streaming calls, and a share of
 streams cancelled after their first segment (``--cancel-share``, default 20 %). Not part of CI::
@@ -60,15 +60,42 @@ async def client_loop(address: str, stop_at: float, rng: random.Random, stats: d
                 stats["latencies"].append(time.perf_counter() - t0)
 
 
+def rss_mib(cluster: LocalCluster) -> dict:
+    return {p.name: round(psutil.Process(p.proc.pid).memory_info().rss / 2**20, 1) for p in cluster.processes}
+
+
+async def live_sessions(stubs) -> list[int]:
+    return [(await s.Info(worker_pb2.InfoRequest(), timeout=30)).live_sessions for s in stubs]
+
+
 async def sample(cluster: LocalCluster, stubs, stop_at: float, every: float, samples: list) -> None:
     t0 = time.monotonic()
     while True:
-        rss = {p.name: round(psutil.Process(p.proc.pid).memory_info().rss / 2**20, 1) for p in cluster.processes}
-        live = [(await s.Info(worker_pb2.InfoRequest(), timeout=30)).live_sessions for s in stubs]
-        samples.append({"t_s": round(time.monotonic() - t0), "rss_mib": rss, "live_sessions": live})
+        samples.append(
+            {
+                "t_s": round(time.monotonic() - t0),
+                "rss_mib": rss_mib(cluster),
+                "live_sessions": await live_sessions(stubs),
+            }
+        )
         if time.monotonic() >= stop_at:
             return
         await asyncio.sleep(min(every, max(0.0, stop_at - time.monotonic())))
+
+
+async def at_rest(cluster: LocalCluster, stubs) -> dict:
+    """RSS once every worker holds no session: live KV caches are not what a leak check compares."""
+    deadline = time.monotonic() + 60
+    while any(await live_sessions(stubs)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    return {"live_sessions": await live_sessions(stubs), "rss_mib": rss_mib(cluster)}
+
+
+async def phase(address: str, minutes: float, rngs, stats: dict, cluster, stubs, every: float, samples: list) -> None:
+    stop_at = time.monotonic() + minutes * 60
+    sampler = asyncio.create_task(sample(cluster, stubs, stop_at, every, samples))
+    await asyncio.gather(*(client_loop(address, stop_at, r, stats) for r in rngs))
+    await sampler
 
 
 async def main_async(args) -> dict:
@@ -78,22 +105,20 @@ async def main_async(args) -> dict:
         workers = [p for p in cluster.processes if p.name.startswith("worker:")]
         channels = [grpc.aio.insecure_channel(w.address) for w in workers]
         stubs = [worker_pb2_grpc.ModelWorkerStub(c) for c in channels]
-        stats = {"outcomes": Counter(), "latencies": [], "cancel_share": args.cancel_share}
-        async with FusionClient(address) as client:  # warm-up: every path once
-            await client.generate(LONG + SHORT[0], max_new_tokens=8)
-        samples: list = []
-        stop_at = time.monotonic() + (args.warmup_minutes + args.minutes) * 60
         rngs = [random.Random(args.seed + i) for i in range(args.clients)]
-        sampler = asyncio.create_task(sample(cluster, stubs, stop_at, args.sample_s, samples))
-        await asyncio.gather(*(client_loop(address, stop_at, r, stats) for r in rngs))
-        await sampler
-        await asyncio.sleep(2.0)  # the last cancels' sessions close
-        live_after = [(await s.Info(worker_pb2.InfoRequest(), timeout=30)).live_sessions for s in stubs]
+        warm_stats = {"outcomes": Counter(), "latencies": [], "cancel_share": args.cancel_share}
+        stats = {"outcomes": Counter(), "latencies": [], "cancel_share": args.cancel_share}
+        warm_samples: list = []
+        samples: list = []
+        await phase(address, args.warmup_minutes, rngs, warm_stats, cluster, stubs, args.sample_s, warm_samples)
+        after_warmup = await at_rest(cluster, stubs)
+        await phase(address, args.minutes, rngs, stats, cluster, stubs, args.sample_s, samples)
+        after_soak = await at_rest(cluster, stubs)
+        live_after = after_soak["live_sessions"]
         for c in channels:
             await c.close()
         lat = sorted(stats["latencies"])
-        warm = next(s for s in samples if s["t_s"] >= args.warmup_minutes * 60 - 1)
-        first, last = warm["rss_mib"], samples[-1]["rss_mib"]
+        first, last = after_warmup["rss_mib"], after_soak["rss_mib"]
         expected = {"OK", "CANCELLED_BY_CLIENT"}
         return {
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
@@ -104,14 +129,17 @@ async def main_async(args) -> dict:
             "clients": args.clients,
             "cancel_share": args.cancel_share,
             "requests": sum(stats["outcomes"].values()),
+            "warmup_outcomes": dict(warm_stats["outcomes"]),
             "outcomes": dict(stats["outcomes"]),
-            "unexpected_statuses": sum(n for k, n in stats["outcomes"].items() if k not in expected),
+            "unexpected_statuses": sum(
+                n for k, n in (stats["outcomes"] + warm_stats["outcomes"]).items() if k not in expected
+            ),
             "latency_s": {
                 "p50": round(statistics.median(lat), 3) if lat else None,
                 "p99": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3) if lat else None,
             },
-            "rss_after_warmup_mib": first,
-            "rss_after_soak_mib": last,
+            "rss_at_rest_after_warmup_mib": first,
+            "rss_at_rest_after_soak_mib": last,
             "rss_change_pct": {n: round(100 * (last[n] - first[n]) / first[n], 1) for n in first},
             "live_sessions_after": live_after,
             "samples": samples,

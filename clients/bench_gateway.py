@@ -7,7 +7,10 @@ greedy ``cool`` request is streamed once over gRPC (``FusionClient.stream_raw``)
 HTTP (httpx reading the server-sent events; the gateway as deployed, a process of its own), in
 alternating order. Reported per path: wall time, time to the first segment, and wall time minus
 the orchestrator's own ``timings.total_s`` for that run (what the transport and the client side
-add; it cancels most of the generation's run-to-run noise). Both paths must give the same text.
+add; it cancels most of the generation's run-to-run noise). Time to first token is treated the
+same way: the client-side part is the time to the first segment minus the orchestrator's own
+``timings.first_segment_s``, and the gateway's share of it is the median over runs of the HTTP
+minus the gRPC client side. Both paths must give the same text.
 """
 
 from __future__ import annotations
@@ -34,7 +37,14 @@ async def _grpc_run(address: str, prompt: str, options: dict) -> dict:
             if item.HasField("final"):
                 final = item.final
     wall = time.perf_counter() - started
-    return {"wall_s": wall, "ttft_s": first, "server_s": final.timings.total_s, "text": final.text}
+    timings = final.timings
+    return {
+        "wall_s": wall,
+        "ttft_s": first,
+        "server_s": timings.total_s,
+        "server_ttft_s": timings.first_segment_s,
+        "text": final.text,
+    }
 
 
 async def _http_run(url: str, prompt: str, options: dict) -> dict:
@@ -48,7 +58,7 @@ async def _http_run(url: str, prompt: str, options: dict) -> dict:
         "stream": True,
         "coolfusion": {"models": options["models"]},
     }
-    texts, first, server_s = [], None, None
+    texts, first, server_s, server_ttft = [], None, None, None
     async with httpx2.AsyncClient(timeout=None) as http:
         await http.get(f"{url}/health/live")  # connection set up outside the timed part, as gRPC's
         started = time.perf_counter()
@@ -64,8 +74,13 @@ async def _http_run(url: str, prompt: str, options: dict) -> dict:
                     texts.append(choice["text"])
                 else:
                     server_s = chunk["coolfusion"]["timings"]["total_s"]
+                    server_ttft = chunk["coolfusion"]["timings"]["first_segment_s"]
         wall = time.perf_counter() - started
-    return {"wall_s": wall, "ttft_s": first, "server_s": server_s, "text": "".join(texts)}
+    return {"wall_s": wall, "ttft_s": first, "server_s": server_s, "server_ttft_s": server_ttft, "text": "".join(texts)}
+
+
+def _client_ttft(row: dict, path: str) -> float:
+    return row[path]["ttft_s"] - row[path]["server_ttft_s"]
 
 
 def _summary(rows: list[dict]) -> dict:
@@ -78,19 +93,27 @@ def _summary(rows: list[dict]) -> dict:
             "wall_s": med("wall_s", path),
             "ttft_s": med("ttft_s", path),
             "client_side_s": statistics.median(r[path]["wall_s"] - r[path]["server_s"] for r in rows),
+            "client_side_ttft_s": statistics.median(r[path]["ttft_s"] - r[path]["server_ttft_s"] for r in rows),
         }
     added = out["http"]["client_side_s"] - out["grpc"]["client_side_s"]
     out["gateway_added_s"] = added
     out["gateway_overhead_pct"] = 100 * added / out["grpc"]["wall_s"]
     out["wall_overhead_pct"] = 100 * (out["http"]["wall_s"] - out["grpc"]["wall_s"]) / out["grpc"]["wall_s"]
     out["ttft_diff_ms"] = 1000 * (out["http"]["ttft_s"] - out["grpc"]["ttft_s"])
+    # What the gateway adds to the time to first token, the server's own first-segment time taken out
+    # of each run (its run-to-run spread is larger than the difference measured).
+    added_ttft = sorted(_client_ttft(r, "http") - _client_ttft(r, "grpc") for r in rows)
+    out["gateway_added_ttft_ms"] = 1000 * statistics.median(added_ttft)
+    out["gateway_added_ttft_ms_p90"] = 1000 * added_ttft[min(len(added_ttft) - 1, int(0.9 * len(added_ttft)))]
     out["same_text"] = all(r["grpc"]["text"] == r["http"]["text"] for r in rows)
     return out
 
 
 async def _runs(address: str, url: str, prompts: list[str], repeats: int, options: dict, log) -> list[dict]:
     rows = []
-    await _grpc_run(address, prompts[0], {**options, "max_new_tokens": 4})  # warm-up: channels, caches
+    warm_up = {**options, "max_new_tokens": 4}  # channels, caches, the gateway's list of model ids
+    await _grpc_run(address, prompts[0], warm_up)
+    await _http_run(url, prompts[0], warm_up)
     for k in range(repeats):
         for i, prompt in enumerate(prompts):
             order = ("grpc", "http") if (k + i) % 2 == 0 else ("http", "grpc")  # alternate who goes first
