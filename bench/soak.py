@@ -142,6 +142,7 @@ async def main_async(args) -> dict:
             "rss_at_rest_after_soak_mib": last,
             "rss_change_pct": {n: round(100 * (last[n] - first[n]) / first[n], 1) for n in first},
             "live_sessions_after": live_after,
+            "warmup_samples": warm_samples,
             "samples": samples,
         }
     finally:
