@@ -30,6 +30,7 @@ from coolfusion.clients.launcher import LocalCluster
 from coolfusion.protos import worker_pb2, worker_pb2_grpc
 
 MODELS = ["smollm2", "gemma3"]
+REAPER_PASS_S = 12.0  # longer than two passes of a worker's session reaper (every 5 s at most)
 SHORT = ["1, 2, 3, 4,", "The capital of France is", "Question: What is 7 * 6?\nAnswer:"]
 LONG = "Question: A farmer has 17 sheep; all but 9 run away. How many are left?\nAnswer: 9.\n\n" * 12
 
@@ -84,10 +85,12 @@ async def sample(cluster: LocalCluster, stubs, stop_at: float, every: float, sam
 
 
 async def at_rest(cluster: LocalCluster, stubs) -> dict:
-    """RSS once every worker holds no session: live KV caches are not what a leak check compares."""
+    """RSS once every worker holds no session (live KV caches are not what a leak check compares)
+    and its reaper has run since: an idle worker hands its freed heap back then."""
     deadline = time.monotonic() + 60
     while any(await live_sessions(stubs)) and time.monotonic() < deadline:
         await asyncio.sleep(0.5)
+    await asyncio.sleep(REAPER_PASS_S)
     return {"live_sessions": await live_sessions(stubs), "rss_mib": rss_mib(cluster)}
 
 

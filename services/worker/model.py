@@ -313,6 +313,11 @@ class WorkerCore:
         (``SessionTable.reap``). Returns the ids freed."""
         return self._table.reap(now)
 
+    def trim_when_idle(self) -> bool:
+        """With no live session, hand the heap freed since the last time back to the operating
+        system (``SessionTable.trim_when_idle``)."""
+        return self._table.trim_when_idle()
+
     def session_bytes(self, session_id: str) -> dict:
         """Memory held by a session: KV cache tensors and kept logits, in bytes."""
         with self._table.get(session_id) as s:

@@ -102,6 +102,7 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
                 freed = await asyncio.to_thread(self._core.reap)
                 if freed:
                     log.info("worker %s freed %d idle session(s)", self.name, len(freed))
+                await asyncio.to_thread(self._core.trim_when_idle)
                 self.update_gauges()
             except asyncio.CancelledError:
                 raise

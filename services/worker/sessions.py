@@ -21,6 +21,7 @@ import torch
 from ..common.errors import ResourceExhausted
 from .api import GREEDY, Sampling
 from .errors import SessionNotFound
+from .memory import release_free_heap
 from .sampling import PrefixKeys, draw
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ class SessionTable:
         self._lock = threading.Lock()
         self._admit = threading.Lock()
         self._evicted: OrderedDict[str, str] = OrderedDict()
+        self._freed_since_trim = 0
 
     def add(self, session: Session) -> None:
         """Register a new session, evicting idle ones to keep within the limits. When sessions in
@@ -181,6 +183,7 @@ class SessionTable:
         """Free a session; False when there was none (idempotent)."""
         with self._lock:
             s = self.sessions.pop(session_id, None)
+            self._freed_since_trim += s is not None
         if s is None:
             return False
         with s.lock:
@@ -222,6 +225,15 @@ class SessionTable:
         if self.kv_budget_bytes:
             freed += self._enforce_budget()
         return freed
+
+    def trim_when_idle(self) -> bool:
+        """Give the freed heap back to the operating system (``memory.py``) when no session is live
+        and some were freed since the last time; True when it did."""
+        with self._lock:
+            if self.sessions or not self._freed_since_trim:
+                return False
+            self._freed_since_trim = 0
+        return release_free_heap()
 
     def _lru_idle(self, keep: str | None = None) -> list[Session]:
         with self._lock:
@@ -280,6 +292,7 @@ class SessionTable:
                 if self.sessions.get(s.id) is not s:
                     return False
                 del self.sessions[s.id]
+                self._freed_since_trim += 1
                 self._evicted[s.id] = reason
                 while len(self._evicted) > EVICTED_MEMORY:
                     self._evicted.popitem(last=False)
