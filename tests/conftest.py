@@ -18,6 +18,13 @@ BUNDLED_TOKENIZERS = ("smollm2", "gemma3")
 MODEL_FIXTURES = {"bundled_models", "cluster"}
 
 
+def pytest_configure(config):
+    # In-process workers run with the worker process's malloc settings (``coolfusion worker``).
+    from coolfusion.services.worker.memory import limit_arenas
+
+    limit_arenas()
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):

@@ -29,9 +29,12 @@ def test_trims_once_after_the_last_session_is_freed(monkeypatch):
     assert not table.trim_when_idle()  # "b" is live
     table.reap(now=table.live()[0].last_used + 5.0)  # "b" expires: freed by the reaper, not a close
     assert table.ids() == []
+    assert not table.heap_trimmed()  # freed, not trimmed yet
     assert table.trim_when_idle() and calls == [1]
+    assert table.heap_trimmed()
     assert not table.trim_when_idle() and calls == [1]  # nothing freed since
     table.add(_session("c"))
+    assert not table.heap_trimmed()  # "c" is live
     assert table.close("c") and not table.close("c")  # a second close frees nothing
     assert table.trim_when_idle() and calls == [1, 1]
 
@@ -61,3 +64,42 @@ def test_release_gives_freed_arena_memory_back():
     after = process.memory_info().rss
     libc.free(holder[0])
     assert before - after > 128 * 2**20, (before, after)
+
+
+_COUNT_ARENAS = """
+import ctypes, sys, tempfile, threading
+from coolfusion.services.worker import memory
+if sys.argv[1] == "capped":
+    assert memory.limit_arenas(memory.WORKER_ARENAS)
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+go = threading.Barrier(8)
+def alloc():
+    go.wait()  # all eight allocate at once, so each needs an arena of its own unless capped
+    for _ in range(200):
+        libc.malloc(1024)
+threads = [threading.Thread(target=alloc) for _ in range(8)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+libc.fopen.restype, libc.fopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_char_p]
+libc.malloc_info.argtypes, libc.fclose.argtypes = [ctypes.c_int, ctypes.c_void_p], [ctypes.c_void_p]
+path = tempfile.NamedTemporaryFile(suffix=".xml", delete=False).name
+fh = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, fh)
+libc.fclose(fh)
+print(open(path).read().count("<heap nr="))
+"""
+
+
+@pytest.mark.skipif(memory._MALLOC_TRIM is None, reason="this C library has no mallopt (glibc only)")
+def test_the_arena_cap_holds_under_concurrent_threads():
+    """Eight threads allocating at once get arenas of their own, unless the worker's cap is set."""
+    import subprocess
+    import sys
+
+    def arenas(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _COUNT_ARENAS, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout)
+
+    assert arenas("default") > memory.WORKER_ARENAS
+    assert arenas("capped") <= memory.WORKER_ARENAS

@@ -38,6 +38,16 @@ def _rss_mib() -> float:
     return 0.0
 
 
+async def _heap_at_rest(cluster, timeout: float = HANG_GUARD_S) -> float:
+    """The process RSS once every worker's reaper has trimmed the heap its sessions freed (what
+    an idle worker does; ``services/worker/memory.py``)."""
+    deadline = time.monotonic() + timeout
+    while not all(core.heap_trimmed() for core in cluster.cores.values()):
+        assert time.monotonic() < deadline, "a worker never trimmed its heap once idle"
+        await asyncio.sleep(0.2)
+    return _rss_mib()
+
+
 async def _wait_idle(cluster, timeout: float = HANG_GUARD_S) -> dict:
     deadline = time.monotonic() + timeout
     while True:
@@ -119,7 +129,7 @@ async def test_load_with_random_cancels(cluster, caplog):
                 fusion_pb2.GenerateRequest(prompt="1, 2,", models=["smollm2", "gemma3"], max_new_tokens=3)
             )
         assert await _wait_idle(cluster) == {n: (0, 0) for n in cluster.cores}
-        rss_before = _rss_mib()
+        rss_before = await _heap_at_rest(cluster)
 
         started = time.monotonic()
         await asyncio.wait_for(asyncio.gather(*(client() for _ in range(CLIENTS))), timeout=HANG_GUARD_S * 3)
@@ -139,7 +149,7 @@ async def test_load_with_random_cancels(cluster, caplog):
     midway = [i for i, k in cancel_after.items() if k > 0]
     assert midway and {i: ends.get(i) for i in midway} == {i: "generation cancelled" for i in midway}
     assert all(ends.get(i) == "generation finished" for i in range(REQUESTS) if i not in cancel_after)
-    rss_after = _rss_mib()
+    rss_after = await _heap_at_rest(cluster)
     print(
         f"\nload: {REQUESTS} requests, {CLIENTS} clients, {len(cancel_after)} cancelled ({len(midway)} mid-generation), "
         f"{elapsed:.1f} s; RSS {rss_before:.0f} -> {rss_after:.0f} MiB"

@@ -83,8 +83,11 @@ def _add_session_limits(w) -> None:
 def run(args) -> int:
     import torch
 
+    from ...services.worker.memory import limit_arenas
+
     if args.threads:
         torch.set_num_threads(args.threads)
+    limit_arenas()  # before the server's threads exist: arenas are created on first use
     asyncio.run(serve_worker(args))
     return 0
 

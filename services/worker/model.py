@@ -318,6 +318,10 @@ class WorkerCore:
         system (``SessionTable.trim_when_idle``)."""
         return self._table.trim_when_idle()
 
+    def heap_trimmed(self) -> bool:
+        """No live session, and the heap was trimmed since the last one was freed."""
+        return self._table.heap_trimmed()
+
     def session_bytes(self, session_id: str) -> dict:
         """Memory held by a session: KV cache tensors and kept logits, in bytes."""
         with self._table.get(session_id) as s:

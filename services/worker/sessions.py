@@ -232,8 +232,17 @@ class SessionTable:
         with self._lock:
             if self.sessions or not self._freed_since_trim:
                 return False
-            self._freed_since_trim = 0
-        return release_free_heap()
+            freed = self._freed_since_trim
+        trimmed = release_free_heap()
+        with self._lock:
+            self._freed_since_trim -= freed  # frees during the trim count toward the next one
+        return trimmed
+
+    def heap_trimmed(self) -> bool:
+        """No session is live and none was freed since the last trim: what an idle reaper pass
+        leaves (for a memory check to wait on)."""
+        with self._lock:
+            return not self.sessions and not self._freed_since_trim
 
     def _lru_idle(self, keep: str | None = None) -> list[Session]:
         with self._lock:
