@@ -334,6 +334,23 @@ def register() -> None:
     model_registry.register(MODEL_NAME, target="coolfusion.clients.lm_eval_model:CoolFusionLM")
 
 
+def _check_model_args(args: Sequence[str]) -> None:
+    """Build the ``coolfusion`` model from its ``--model_args`` once before lm-eval runs: lm-eval
+    indexes its thousands of task files (seconds) before it builds the model, and a bad argument
+    or an unreachable orchestrator should not wait for that."""
+    import argparse
+
+    from lm_eval.utils import simple_parse_args_string
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--model", default="")
+    parser.add_argument("--model_args", default="")
+    known, _ = parser.parse_known_args(args)
+    if known.model != MODEL_NAME:
+        return
+    CoolFusionLM(**simple_parse_args_string(known.model_args)).client.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``coolfusion-lm-eval``: lm-eval's command line with ``--model coolfusion`` registered.
     ``coolfusion-lm-eval --tasks-dir`` prints the folder of the bundled task YAMLs."""
@@ -344,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     saved = sys.argv
     try:
         _need_lm_eval()
+        _check_model_args(args)
         from lm_eval.__main__ import cli_evaluate
 
         sys.argv = ["coolfusion-lm-eval", *args]  # lm-eval's parser reads sys.argv
