@@ -63,6 +63,26 @@ def long_prompt(workers):
     return prompt
 
 
+@pytest.fixture(scope="module")
+def long_greedy(workers, registry, long_prompt):
+    """A model's plain greedy segments of the long prompt with both tokenizers' boundaries
+    (``greedy_segments``, N tokens), made once: the oracle of several tests below. Returns
+    ``(Open's (tokens, text), greedy_segments' tuple)``."""
+    made = {}
+
+    def get(model: str):
+        if model not in made:
+            w = workers[model]
+            sid, n_ctx, ctx_text = w.open(long_prompt)
+            try:
+                made[model] = ((n_ctx, ctx_text), greedy_segments(w, sid, registry.ids, N))
+            finally:
+                w.close(sid)
+        return made[model]
+
+    return get
+
+
 def oracle_generate(worker: WorkerCore, input_ids: list[int], n: int):
     """generate(do_sample=False): (new token ids, float32 logits that chose each one)."""
     ids = torch.tensor([input_ids])
@@ -110,17 +130,20 @@ def greedy_segments(worker: WorkerCore, session_id: str, tokenizer_ids: list[str
 # ---- 1. greedy segments == generate -------------------------------------------------------
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("case", ["short-own", "long-both"])
-def test_next_text_matches_generate(workers, registry, long_prompt, model, case):
+def test_next_text_matches_generate(workers, registry, long_prompt, long_greedy, model, case):
     w = workers[model]
     prompt = SHORT_PROMPT if case == "short-own" else long_prompt
     tokenizer_ids = [] if case == "short-own" else registry.ids
-    sid, n_ctx, ctx_text = w.open(prompt)
     context = w.tokenizer.hf(prompt)["input_ids"]
+    if case == "long-both":  # the run the tests below take as their oracle: checked here
+        (n_ctx, ctx_text), (ids, lps, texts, commits, results) = long_greedy(model)
+    else:
+        sid, n_ctx, ctx_text = w.open(prompt)
+        try:
+            ids, lps, texts, commits, results = greedy_segments(w, sid, tokenizer_ids, N)
+        finally:
+            w.close(sid)
     assert n_ctx == len(context) and ctx_text == prompt
-    try:
-        ids, lps, texts, commits, results = greedy_segments(w, sid, tokenizer_ids, N)
-    finally:
-        w.close(sid)
     expected, logits = oracle_generate(w, context, N)
 
     # Token ids: identical; a budget stop may drop a trailing token that ends mid-character.
@@ -570,23 +593,14 @@ def _segments_with_drafts(w: WorkerCore, sid: str, tokenizer_ids, n: int, drafts
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_verified_drafts_keep_the_greedy_tokens(workers, registry, long_prompt, model):
+def test_verified_drafts_keep_the_greedy_tokens(workers, registry, long_prompt, long_greedy, model):
     """Oracle: the plain greedy segments. A perfect draft (the model's own future text) is mostly
     verified several tokens per forward; the other model's greedy text is checked and partly
     rejected. Either way the tokens are the greedy ones, log-probs equal to forward noise, also
     past Gemma-3's 512-token window (rejections crop the cache without trimming sliding layers)."""
     w = workers[model]
-    other = workers["gemma3" if model == "smollm2" else "smollm2"]
-    sid, _, _ = w.open(long_prompt)
-    try:
-        plain_ids, plain_lps, plain_texts, _ = greedy_segments(w, sid, registry.ids, N)[:4]
-    finally:
-        w.close(sid)
-    sid, _, _ = other.open(long_prompt)
-    try:
-        other_text = "".join(greedy_segments(other, sid, registry.ids, N)[2])
-    finally:
-        other.close(sid)
+    plain_ids, plain_lps, plain_texts, _ = long_greedy(model)[1][:4]
+    other_text = "".join(long_greedy("gemma3" if model == "smollm2" else "smollm2")[1][2])
 
     def perfect(k, texts):
         return "".join(plain_texts[k:])
@@ -611,18 +625,14 @@ def test_verified_drafts_keep_the_greedy_tokens(workers, registry, long_prompt, 
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_looked_up_tokens_keep_the_greedy_tokens(workers, registry, long_prompt, model):
+def test_looked_up_tokens_keep_the_greedy_tokens(workers, registry, long_prompt, long_greedy, model):
     """Oracle: the plain greedy segments. With lookup_tokens, tokens that followed earlier
     occurrences of the last ids (GSM8K answers repeat the question's names and numbers) are checked
     several per forward: in generation, in the forward that feeds a committed last token (no
     lookahead kept) and in the drafter's extension. The tokens stay the greedy ones, past Gemma-3's
     512-token window too."""
     w = workers[model]
-    sid, _, _ = w.open(long_prompt)
-    try:
-        plain_ids, plain_lps, plain_texts, _, _ = greedy_segments(w, sid, registry.ids, N)
-    finally:
-        w.close(sid)
+    plain_ids, plain_lps, plain_texts, _, _ = long_greedy(model)[1]
     for options in (dict(), dict(reuse_lookahead=False), dict(draft_tokens=4)):
         sid, _, _ = w.open(long_prompt)
         ids, lps, texts, accepted, forwards = [], [], [], 0, 0
