@@ -8,13 +8,7 @@ and every test that drives a ``WorkerCore`` directly share those weights. Tests 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-
-# The in-process cluster runs two models' forwards at once in one process on few cores; OpenMP's
-# default spin-waiting then burns the cores the other forward needs (a fifth of the time of
-# fused tests). Set before torch loads its OpenMP runtime; no number changes.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import pytest_asyncio
