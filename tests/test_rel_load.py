@@ -69,6 +69,7 @@ def _request(i: int, tokens: int, label: str = "load") -> fusion_pb2.GenerateReq
 
 async def test_load_with_random_cancels(cluster, caplog):
     caplog.set_level(logging.INFO, logger="coolfusion.orchestrator.server")
+    test_started = time.monotonic()
     rng = random.Random(7)
     # Cancel points: 0 = as soon as the call is made (it may not have reached the orchestrator),
     # 1 or 2 = right after that many segments arrived.
@@ -152,6 +153,7 @@ async def test_load_with_random_cancels(cluster, caplog):
     rss_after = await _heap_at_rest(cluster)
     print(
         f"\nload: {REQUESTS} requests, {CLIENTS} clients, {len(cancel_after)} cancelled ({len(midway)} mid-generation), "
-        f"{elapsed:.1f} s; RSS {rss_before:.0f} -> {rss_after:.0f} MiB"
+        f"{elapsed:.1f} s (before it {started - test_started:.1f} s, after it {time.monotonic() - started - elapsed:.1f} s); "
+        f"RSS {rss_before:.0f} -> {rss_after:.0f} MiB"
     )
     assert rss_after - rss_before < 300, (rss_before, rss_after)
