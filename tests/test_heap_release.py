@@ -103,3 +103,36 @@ def test_the_arena_cap_holds_under_concurrent_threads():
 
     assert arenas("default") > memory.WORKER_ARENAS
     assert arenas("capped") <= memory.WORKER_ARENAS
+
+
+async def test_the_workers_reaper_trims_once_idle(monkeypatch):
+    """The worker servicer's reaper is what calls the trim: a pass after the last session is
+    freed trims, and later passes with nothing freed do not."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from coolfusion.services.worker.server import WorkerServicer
+
+    monkeypatch.setattr("coolfusion.services.worker.sessions.release_free_heap", lambda: True)
+    table = SessionTable("w")
+    trims = []
+    core = SimpleNamespace(
+        name="w",
+        session_ttl=None,
+        batcher=SimpleNamespace(on_batch=None),
+        reap=lambda: [],
+        trim_when_idle=lambda: table.trim_when_idle() and trims.append(1),
+        stats=lambda: (len(table.ids()), 0),
+    )
+    table.add(_session("a"))
+    table.close("a")
+    servicer = WorkerServicer(core, reap_interval=0.01)  # a running loop: the reaper starts now
+    try:
+        for _ in range(500):
+            if trims:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # several more passes: nothing was freed since
+    finally:
+        await servicer.stop_reaper()
+    assert trims == [1] and table.heap_trimmed()
