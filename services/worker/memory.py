@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 
 def _find_malloc_trim():
@@ -39,7 +40,10 @@ WORKER_ARENAS = 2
 
 def limit_arenas(arenas: int = WORKER_ARENAS) -> bool:
     """Cap the number of malloc arenas of this process (arenas already created stay); False where
-    the C library has no ``mallopt`` or refuses the setting."""
+    the C library has no ``mallopt`` or refuses the setting, or where ``MALLOC_ARENA_MAX`` is set:
+    glibc's own knob, which an operator's value wins over this default."""
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return False
     mallopt = None if _MALLOC_TRIM is None else getattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallopt", None)
     if mallopt is None:
         return False
