@@ -19,19 +19,24 @@ import ctypes.util
 import os
 
 
-def _find_malloc_trim():
-    name = ctypes.util.find_library("c")
+def _open_libc():
     try:
-        libc = ctypes.CDLL(name)
+        return ctypes.CDLL(ctypes.util.find_library("c"))
     except OSError:  # not a system with a C library ctypes can open
         return None
-    trim = getattr(libc, "malloc_trim", None)  # glibc only (not musl, not macOS)
-    if trim is not None:
-        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
 
 
-_MALLOC_TRIM = _find_malloc_trim()
+def _libc_function(libc, name: str, argtypes: list, restype):
+    """A function of the C library, or None where it has none (glibc only: not musl, not macOS)."""
+    function = getattr(libc, name, None) if libc is not None else None
+    if function is not None:
+        function.argtypes, function.restype = argtypes, restype
+    return function
+
+
+_LIBC = _open_libc()
+_MALLOC_TRIM = _libc_function(_LIBC, "malloc_trim", [ctypes.c_size_t], ctypes.c_int)
+_MALLOPT = _libc_function(_LIBC, "mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number
 # A worker's call threads mostly wait on one shared batch of forwards, so more arenas buy little
 # allocation parallelism, and each one fragments on its own.
@@ -42,13 +47,9 @@ def limit_arenas(arenas: int = WORKER_ARENAS) -> bool:
     """Cap the number of malloc arenas of this process (arenas already created stay); False where
     the C library has no ``mallopt`` or refuses the setting, or where ``MALLOC_ARENA_MAX`` is set:
     glibc's own knob, which an operator's value wins over this default."""
-    if os.environ.get("MALLOC_ARENA_MAX"):
+    if os.environ.get("MALLOC_ARENA_MAX") or _MALLOPT is None:
         return False
-    mallopt = None if _MALLOC_TRIM is None else getattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallopt", None)
-    if mallopt is None:
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_ARENA_MAX, arenas))
+    return bool(_MALLOPT(_M_ARENA_MAX, arenas))  # 0: refused (musl's mallopt refuses everything)
 
 
 def release_free_heap() -> bool:
