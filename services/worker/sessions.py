@@ -240,7 +240,7 @@ class SessionTable:
 
     def heap_trimmed(self) -> bool:
         """No session is live and none was freed since the last trim: what an idle reaper pass
-        leaves (for a memory check to wait on)."""
+        leaves (what a memory check asserts before it measures)."""
         with self._lock:
             return not self.sessions and not self._freed_since_trim
 
