@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from coolfusion.clients.client import FusionClient
 from coolfusion.clients.evaluation import choice, generation
@@ -108,10 +109,20 @@ def _task(rules=None):
     return choice.ChoiceTask("arc-easy", MODELS, rules or [*(ScoreRule(n) for n in RULES), default_rule()])
 
 
-async def test_arc_accuracy_equals_an_independent_recomputation(cluster, tmp_path):
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def arc_run(cluster, tmp_path_factory):
+    """`coolfusion eval arc-easy`'s task over the 14 questions, run once: (summary, its folder)."""
+    folder = tmp_path_factory.mktemp("arc-full")
+    summary = await run_task(
+        _task(), cluster.address, choice.load_choice_items(ARC), folder, {"test": True}, concurrency=2
+    )
+    return summary, folder
+
+
+async def test_arc_accuracy_equals_an_independent_recomputation(arc_run):
     items = choice.load_choice_items(ARC)
-    summary = await run_task(_task(), cluster.address, items, tmp_path, {"test": True}, concurrency=2)
-    rows = sorted(map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines()), key=lambda r: r["index"])
+    summary, folder = arc_run
+    rows = sorted(map(json.loads, (folder / "results.jsonl").read_text().splitlines()), key=lambda r: r["index"])
     assert len(rows) == len(items) and {len(r["chars"]) for r in rows} == {3, 4, 5}
     # Independent: each model's choice is the argmax of its summed log-probs (acc) and per character (acc_norm).
     for m in MODELS:
@@ -128,8 +139,8 @@ async def test_arc_accuracy_equals_an_independent_recomputation(cluster, tmp_pat
         for r in rows
     )
     assert summary["configs"]["product"]["acc"] == prod / len(rows)
-    assert json.loads((tmp_path / "summary.json").read_text())["configs"] == json.loads(json.dumps(summary["configs"]))
-    assert "| product |" in (tmp_path / "table.md").read_text() and (tmp_path / "arc-easy.png").stat().st_size > 0
+    assert json.loads((folder / "summary.json").read_text())["configs"] == json.loads(json.dumps(summary["configs"]))
+    assert "| product |" in (folder / "table.md").read_text() and (folder / "arc-easy.png").stat().st_size > 0
 
 
 async def test_score_rpc_fuses_by_the_requested_rule(cluster):
@@ -148,10 +159,10 @@ async def test_score_rpc_fuses_by_the_requested_rule(cluster):
             assert reply.score_rule == rule.label()
 
 
-async def test_a_real_sigint_then_resume_keeps_every_row(cluster, tmp_path):
+async def test_a_real_sigint_then_resume_keeps_every_row(cluster, arc_run, tmp_path):
     """`coolfusion eval` interrupted by SIGINT at a random point, its file then cut mid-line as a
     hard kill would leave it, then resumed: every finished row once, each line valid JSON."""
-    full = await run_task(_task(), cluster.address, choice.load_choice_items(ARC), tmp_path / "full", {"test": True})
+    full, _ = arc_run
     for seed in (1, 2, 3):
         out = tmp_path / f"cut{seed}"
         cmd = [
@@ -230,7 +241,10 @@ async def test_generate_with_an_unknown_rule_or_stray_weights_is_invalid_argumen
 GEN_MODES = ["single:smollm2", "single:gemma3", "cool@mean-ppl", "rerank@mean-ppl", "cool-rerank@mean-ppl"]
 
 
-def _gen_task(modes=GEN_MODES, tokens=24):
+GEN_TOKENS = 16
+
+
+def _gen_task(modes=GEN_MODES, tokens=GEN_TOKENS):
     prefix = generation.few_shot_prefix(generation.load_items(DATA / "gsm8k-train-3.jsonl"))
     return generation.GenerationTask("gsm8k", modes, MODELS, prefix, tokens)
 
@@ -253,7 +267,7 @@ async def test_gsm8k_reports_recompute_from_jsonl_and_rerank_equals_the_service(
     async with FusionClient(cluster.address) as client:
         for mode in ("rerank", "cool-rerank"):
             reply = await client.generate(
-                prompt, mode=mode, max_new_tokens=24, stop=generation.STOP, models=MODELS, score_rule="mean-ppl"
+                prompt, mode=mode, max_new_tokens=GEN_TOKENS, stop=generation.STOP, models=MODELS, score_rule="mean-ppl"
             )
             assert reply.text == by_mode[f"{mode}@mean-ppl"]["output"], mode
 

@@ -30,14 +30,10 @@ async def _texts(gw: GatewayThread, seed: int, n: int = 1) -> list[str]:
     return [c.text for c in sorted(reply.choices, key=lambda c: c.index)]
 
 
-async def test_same_seed_same_text_and_choices_use_seed_plus_index(gateway):
+async def test_same_seed_same_text_different_seeds_differ_and_choices_use_seed_plus_index(gateway):
     first = await _texts(gateway, 7)
     assert await _texts(gateway, 7) == first
     second = await _texts(gateway, 8)
+    assert second != first  # temperature 1 on an uncertain prompt: the seed matters
     # Two choices generated concurrently (batched on the workers) are the seed-7 and seed-8 texts.
     assert await _texts(gateway, 7, n=2) == [first[0], second[0]]
-
-
-async def test_different_seeds_give_different_texts(gateway):
-    texts = {(await _texts(gateway, seed))[0] for seed in (1, 2, 3)}
-    assert len(texts) > 1, texts

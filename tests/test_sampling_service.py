@@ -16,7 +16,7 @@ import pytest_asyncio
 from coolfusion.clients.client import FusionClient
 
 PROMPT = "Once upon a time, in a small village,"  # the models hesitate at nearly every word
-TOKENS = 16
+TOKENS = 12
 
 
 @pytest_asyncio.fixture(loop_scope="session")
