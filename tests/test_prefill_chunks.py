@@ -10,6 +10,7 @@ import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from coolfusion.services.worker.forward import Forwards, PrefillCancelled
+from coolfusion.services.worker.prefix_cache import PrefixCache
 
 WINDOW = 8
 
@@ -65,3 +66,23 @@ def test_a_cancellation_stops_between_chunks(model):
 
     with pytest.raises(PrefillCancelled, match="after 18 of 50 tokens"):
         forwards.prefill(list(range(3, 53)), cancelled=cancelled)
+
+
+@pytest.mark.parametrize("chunk", [3, WINDOW, 20])
+def test_prefills_from_the_prefix_cache_are_whole_prefills(model, chunk):
+    """Contexts restored from the prefix cache at a chunk boundary (past the sliding window) and
+    prefilled on give the logits of a whole chunked prefill, bitwise; so does the same context."""
+    forwards = Forwards(model, torch.device("cpu"), 1, prefill_chunk=chunk)
+    kept = PrefixCache(2**30, chunk)
+    rng = torch.Generator().manual_seed(100 + chunk)
+    first = torch.randint(3, 128, (50,), generator=rng).tolist()
+    cache, logits = forwards.prefill(first, forwards.new_cache())
+    assert kept.store(first, cache, logits)
+    for ids in (first[:41] + torch.randint(3, 128, (9,), generator=rng).tolist(), first[:30], first):
+        start = kept.restore(ids)
+        assert start.tokens == (len(ids) if ids == first else min(41, len(ids) - 1) // chunk * chunk) > WINDOW
+        if start.logits is None:
+            _, start_logits = forwards.prefill(ids, start.cache, done=start.tokens)
+        else:
+            start_logits = start.logits
+        assert torch.equal(start_logits, _generate_logits(model, ids, chunk)), len(ids)

@@ -202,6 +202,42 @@ def test_chunked_prefill_keeps_the_unchunked_greedy_tokens(workers, long_prompt,
     assert lps == pytest.approx(unchunked, abs=1e-3)
 
 
+@pytest.mark.parametrize("model", MODELS)
+def test_prefix_cache_opens_continue_as_whole_prefills(workers, long_prompt, long_greedy, model):
+    """Opens served by the prefix cache (another question after the same few shots, restored at
+    the last shared chunk boundary; the same context again) continue bitwise as generate() from
+    scratch, across Gemma-3's sliding window; the kept cache stays unchanged by its sessions."""
+    w = workers[model]
+    other = long_prompt.rsplit("Question:", 1)[0] + f"Question: {_rows('test', 2)[1]['question']}\nAnswer:"
+    ids, other_ids = (w.tokenizer.hf(p)["input_ids"] for p in (long_prompt, other))
+    shared = next(i for i, (a, b) in enumerate(zip(ids, other_ids)) if a != b)
+    assert shared > 512  # the restored cache crosses the window
+    _, (greedy_ids, greedy_lps, *_) = long_greedy(model)  # checked against generate() above
+    other_ids_expected, other_logits = oracle_generate(w, other_ids, 8)
+    oracles = {
+        long_prompt: (greedy_ids, greedy_lps),
+        other: (
+            other_ids_expected,
+            [float(torch.log_softmax(other_logits[i], -1)[t]) for i, t in enumerate(other_ids_expected)],
+        ),
+    }
+    w.prefix_cache.clear()
+    sid, _, _ = w.open(long_prompt)  # prefilled whole and kept
+    w.close(sid)
+    hits, reused = w.prefix_cache.hits, w.prefix_cache.reused_tokens
+    for prompt in (other, long_prompt):
+        sid, _, _ = w.open(prompt)
+        try:
+            got, lps, *_ = greedy_segments(w, sid, [], 8)
+        finally:
+            w.close(sid)
+        expected_ids, expected_lps = oracles[prompt]
+        assert len(got) >= 6 and got == expected_ids[: len(got)] and lps == expected_lps[: len(got)], prompt[-40:]
+    assert w.prefix_cache.hits - hits == 2
+    assert w.prefix_cache.reused_tokens - reused == shared // w.prefill_chunk * w.prefill_chunk + len(ids)
+    assert 0 < w.info()["prefix_cache_bytes"] <= w.prefix_cache.budget_bytes
+
+
 def test_gemma_window_is_trimmed_after_commits(workers, long_prompt):
     """Past recording keeps rollback possible, and commits trim the sliding layers back."""
     w = workers["gemma3"]

@@ -78,6 +78,15 @@ def _add_session_limits(w) -> None:
         default=float(os.environ.get("COOLFUSION_KV_BUDGET_MB", 0)),
         help="MiB of KV cache over all sessions; beyond, LRU idle sessions are evicted (0: none; $COOLFUSION_KV_BUDGET_MB)",
     )
+    w.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=float(os.environ["COOLFUSION_PREFIX_CACHE_MB"])
+        if os.environ.get("COOLFUSION_PREFIX_CACHE_MB")
+        else None,
+        help="MiB of KV kept from recently prefilled contexts, so an Open that starts alike prefills only "
+        "the rest (0: off; default 256; $COOLFUSION_PREFIX_CACHE_MB)",
+    )
 
 
 def run(args) -> int:
@@ -110,6 +119,8 @@ async def serve_worker(args) -> None:
         pack_weights=args.pack_weights,
         fill_ahead=args.fill_ahead,
     )
+    if args.prefix_cache_mb is not None:
+        limits["prefix_cache_bytes"] = int(args.prefix_cache_mb * 2**20)
     core = await asyncio.to_thread(load_core, args.model, args.tokenizer_service, args.device, **limits)
     servicer.set_core(core)
     await service.set_serving()

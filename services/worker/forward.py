@@ -76,18 +76,22 @@ class Forwards:
         cache.activate_past_recording()
         return cache
 
-    def prefill(self, ids: list[int], cache=None, cancelled: Cancelled | None = None) -> tuple[object, torch.Tensor]:
+    def prefill(
+        self, ids: list[int], cache=None, cancelled: Cancelled | None = None, done: int = 0
+    ) -> tuple[object, torch.Tensor]:
         """A cache holding ``ids`` (``cache``, or a new one) and the float32 logits after them.
 
         Chunks of ``prefill_chunk`` tokens, one forward each, called the way ``generate`` calls
-        them with ``prefill_chunk_size`` (a prompt of one chunk: its plain call). Between chunks
+        them with ``prefill_chunk_size`` (a prompt of one chunk: its plain call). ``done``: the
+        tokens ``cache`` already holds (a chunk boundary: the prefix cache's start). Between chunks
         ``cancelled()`` is asked and ``PrefillCancelled`` raised when it says so: a caller that
         left stops the work within one chunk, and other sessions' steps get the model between."""
         cache = self.new_cache() if cache is None else cache
         step = max(1, self.prefill_chunk)
+        assert done % step == 0 and done < len(ids), "a prefill starts at a chunk boundary before its last token"
         with torch.inference_mode():
-            for start in range(0, len(ids), step):
-                if start and cancelled is not None and cancelled():
+            for start in range(done, len(ids), step):
+                if start > done and cancelled is not None and cancelled():
                     raise PrefillCancelled(f"prefill cancelled after {start} of {len(ids)} tokens")
                 logits = self.forward([ids[start : start + step]], cache, keep_last=True)
         return cache, logits[0, -1].to(copy=True, dtype=torch.float32)

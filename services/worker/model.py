@@ -10,6 +10,7 @@ concurrently.
 * ``sessions.py``: a session's state, and the table of live sessions with its limits;
 * ``forward.py``: the forwards (the call ``generate`` makes, batched steps, batch fills) and
   cache cropping;
+* ``prefix_cache.py``: kept caches of prefilled contexts, so an Open prefills only what is new;
 * ``states.py``: temp states and committing them (M4);
 * ``generation.py``: NextText, generation to a word boundary common to the tokenizers;
 * ``drafting.py``: another model's draft and looked-up tokens checked inside due forwards;
@@ -46,6 +47,8 @@ from .generation import (
     Generator,
 )
 from .loading import load_model
+from .prefix_cache import DEFAULT_BUDGET_BYTES as DEFAULT_PREFIX_CACHE_BYTES
+from .prefix_cache import PrefixCache
 from .results import (
     CandidateScore,
     CommitResult,
@@ -136,6 +139,7 @@ class WorkerCore:
         pack_weights: str = "all",
         fill_ahead: int = FILL_AHEAD,
         prefill_chunk: int = PREFILL_CHUNK,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
     ):
         """Load the model (or take ``model`` and ``hf_tokenizer``) and set up the parts.
 
@@ -146,6 +150,7 @@ class WorkerCore:
         one forward (``batching.py``; 1: off). ``fill_ahead``: batches grow idle sessions' greedy
         continuations up to this many tokens past their last candidate (0: off).
         ``prefill_chunk``: tokens per prefill forward (a cancelled Open stops within one).
+        ``prefix_cache_bytes``: KV kept of prefilled contexts (``prefix_cache.py``; 0: off).
         ``pack_weights``: "all", "head" or "none" linear weights get a oneDNN-packed copy when this
         core loads the model on CPU (``packing.py``)."""
         loaded = load_model(name, spec, device, dtype, model, hf_tokenizer, pack_weights)
@@ -173,6 +178,7 @@ class WorkerCore:
         )
         self._generator = Generator(loaded, self._forwards, self.boundary, segment_cap, reuse_lookahead, fill_ahead)
         self._scorer = Scorer(loaded, self._forwards, reuse_own_logprobs)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes, prefill_chunk)
         self._kv_per_token: int | None = None  # measured when a KV budget first needs it
 
     # ---- info ----------------------------------------------------------------------------
@@ -190,6 +196,9 @@ class WorkerCore:
             "threads": torch.get_num_threads(),
             "parameters": self.parameters,
             "context_length": self.max_positions or 0,
+            "prefix_cache_bytes": self.prefix_cache.nbytes(),
+            "prefix_cache_hits": self.prefix_cache.hits,
+            "prefix_cache_reused_tokens": self.prefix_cache.reused_tokens,
         }
 
     # ---- M1 ------------------------------------------------------------------------------
@@ -225,15 +234,20 @@ class WorkerCore:
             raise InvalidArgument(
                 f"context has {len(ids)} tokens; {self.name} supports fewer than {self.max_positions}"
             )
-        session = Session(
-            uuid.uuid4().hex, ids, len(ids), context.text, self._forwards.new_cache(), next_logits=None, fed=0
-        )
+        start = self.prefix_cache.restore(ids)
+        cache = start.cache if start else self._forwards.new_cache()
+        session = Session(uuid.uuid4().hex, ids, len(ids), context.text, cache, next_logits=None, fed=0)
         if self.kv_budget_bytes:
             session.reserved_bytes = len(ids) * self._kv_bytes_per_token()
         session.lock.acquire()  # held until the prefill is done: no other call, batch fill or eviction
         try:
             self._table.add(session)
-            _, session.next_logits = self._forwards.prefill(ids, session.cache, cancelled)
+            if start and start.logits is not None:
+                session.next_logits = start.logits
+            else:
+                done = start.tokens if start else 0
+                _, session.next_logits = self._forwards.prefill(ids, session.cache, cancelled, done=done)
+                self.prefix_cache.store(ids, session.cache, session.next_logits)
             session.fed = len(ids)
         except BaseException:
             session.lock.release()

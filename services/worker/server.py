@@ -24,7 +24,7 @@ from coolfusion.protos import worker_pb2 as pb
 from coolfusion.protos import worker_pb2_grpc as pb_grpc
 
 from ..common.errors import InvalidArgument, Unavailable
-from ..common.metrics import KV_BYTES, LIVE_SESSIONS, STEP_BATCH
+from ..common.metrics import KV_BYTES, LIVE_SESSIONS, PREFIX_CACHE_BYTES, PREFIX_CACHE_TOKENS, STEP_BATCH
 from ..common.server import GrpcService
 from ..sources import parse_spec
 from ..tokenizer.client import TokenizerClient
@@ -44,6 +44,7 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
 
     def __init__(self, core: WorkerCore | None, name: str = "", reap_interval: float | None = None):
         self._core = None
+        self._reused_counted = 0  # the core's prefix-cache reused tokens already in the counter
         self.name = name
         self.reap_interval = reap_interval
         self._reaper: asyncio.Task | None = None
@@ -93,6 +94,11 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
         live, kv = self._core.stats()
         LIVE_SESSIONS.labels(self.name).set(live)
         KV_BYTES.labels(self.name).set(kv)
+        prefixes = self._core.prefix_cache
+        PREFIX_CACHE_BYTES.labels(self.name).set(prefixes.nbytes())
+        reused = prefixes.reused_tokens
+        PREFIX_CACHE_TOKENS.labels(self.name).inc(reused - self._reused_counted)
+        self._reused_counted = reused
         return live, kv
 
     async def _reap_loop(self) -> None:

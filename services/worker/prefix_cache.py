@@ -1,0 +1,151 @@
+"""The prefix cache: the KV caches of recently prefilled contexts, so that an Open whose context
+starts like one of them prefills only the rest (few-shot prompts, an eval's modes over one
+question, a client retrying).
+
+Exact, not approximate: a worker prefills in chunks of ``chunk`` tokens from position 0
+(``forward.py``), and a cache restored at a chunk boundary then prefilled on holds the very
+tensors a whole prefill holds. Full-attention layers only concatenate; sliding-window layers
+(Gemma-3) record every state while prefilling and attend to the last window of them, so a
+recorded cache cut at the boundary is the cache a prefill of that many tokens leaves. The logits
+of an Open served from here are therefore bitwise those of a whole prefill; only caches holding
+every state of their context are kept (``store`` checks it).
+
+Entries are never handed out, only copies: a session crops and grows its own cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from .sessions import cache_bytes
+
+# A default that keeps a few long few-shot contexts of the bundled models (tens of MiB each).
+DEFAULT_BUDGET_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What an Open starts from: ``cache`` holds the first ``tokens`` ids of its context; when
+    those are all of them, ``logits`` are the logits after the last one (else None)."""
+
+    cache: object
+    tokens: int
+    logits: torch.Tensor | None
+
+
+@dataclass
+class _Entry:
+    ids: tuple[int, ...]
+    cache: object
+    logits: torch.Tensor
+    nbytes: int
+
+
+def _common_prefix(a: tuple[int, ...], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if tuple(b[:n]) == a[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if tuple(b[lo:mid]) == a[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _holds_every_state(cache, n: int) -> bool:
+    """Every layer holds exactly ``n`` states (none dropped out of a sliding window)."""
+    layers = [layer for layer in getattr(cache, "layers", ()) if getattr(layer, "is_initialized", False)]
+    return bool(layers) and all(
+        layer.keys.shape[-2] == n and getattr(layer, "cumulative_length", n) == n for layer in layers
+    )
+
+
+def _cut(cache, n: int):
+    """A copy of ``cache`` (holding every state) holding its first ``n`` states."""
+    out = copy.deepcopy(cache)
+    for layer in getattr(out, "layers", ()):
+        if not getattr(layer, "is_initialized", False):
+            continue
+        layer.keys = layer.keys[..., :n, :].clone()
+        layer.values = layer.values[..., :n, :].clone()
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length = n
+    return out
+
+
+class PrefixCache:
+    """Caches of prefilled contexts, least recently used dropped beyond ``budget_bytes``
+    (0: off). Thread-safe; copies are made outside the lock."""
+
+    def __init__(self, budget_bytes: int, chunk: int):
+        self.budget_bytes = max(0, int(budget_bytes))
+        self.chunk = max(1, int(chunk))
+        self._entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0  # Opens that started from a kept cache
+        self.reused_tokens = 0  # context tokens those Opens did not prefill
+
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(e.nbytes for e in self._entries.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def restore(self, ids: list[int]) -> Restored | None:
+        """The longest usable start for a context of ``ids``: a kept context equal to it (cache
+        and logits), else a kept one sharing at least a chunk with it, cut at the last chunk
+        boundary before its last token (the prefill must still give the logits)."""
+        if not self.budget_bytes:
+            return None
+        with self._lock:
+            best, best_n = None, 0
+            for entry in reversed(self._entries.values()):  # most recent first
+                common = _common_prefix(entry.ids, ids)
+                if common == len(ids) == len(entry.ids):
+                    best, best_n = entry, common
+                    break
+                usable = min(common, len(ids) - 1) // self.chunk * self.chunk
+                if usable > best_n:
+                    best, best_n = entry, usable
+            if best is None:
+                return None
+            self._entries.move_to_end(best.ids)
+            self.hits += 1
+            self.reused_tokens += best_n
+        cache = copy.deepcopy(best.cache) if best_n == len(best.ids) else _cut(best.cache, best_n)
+        return Restored(cache, best_n, best.logits.clone() if best_n == len(ids) else None)
+
+    def store(self, ids: list[int], cache, logits: torch.Tensor) -> bool:
+        """Keep a copy of a freshly prefilled ``cache`` of ``ids`` and the logits after them;
+        False when it is not kept (off, shorter than a chunk, a layer that dropped states, or
+        larger than the whole budget)."""
+        key = tuple(ids)
+        if not self.budget_bytes or len(key) < self.chunk:
+            return False
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return True
+        if not _holds_every_state(cache, len(key)):
+            return False
+        entry = _Entry(key, copy.deepcopy(cache), logits.clone(), 0)
+        entry.nbytes = cache_bytes(entry.cache) + entry.logits.numel() * entry.logits.element_size()
+        if entry.nbytes > self.budget_bytes:
+            return False
+        with self._lock:
+            self._entries[key] = entry
+            used = sum(e.nbytes for e in self._entries.values())
+            while used > self.budget_bytes:
+                _, dropped = self._entries.popitem(last=False)
+                used -= dropped.nbytes
+        return True
