@@ -249,13 +249,23 @@ class FusionLoop:
         self.timings.skipped_scores += r.followed
         self.timings.followed_segments += r.followed
         ready: list[Segment] = []
-        for segment in segments:
+        for i, segment in enumerate(segments):
             state.index += 1
             released, finish = state.output.add(segment)
             ready += released
             if finish:
+                self.uncount_following(r, kept=i)
                 return ready, finish
         return ready, None
+
+    def uncount_following(self, r: Round, kept: int) -> None:
+        """The output ended inside s*'s following segments: the ones after the ``kept`` first were
+        committed with s* but are not output, so no model's output tokens count them (the
+        unoptimised loop would have stopped before generating them as output)."""
+        for name, p in zip(r.names, r.proposals):
+            if name in self.state.names:
+                self.state.committed[name] -= sum(len(f.token_ids) for f in p.following[kept : r.followed])
+                self.usage[name].output_tokens = self.state.committed[name]
 
 
 # Names this module held before its helpers moved to modules of their own (old imports keep working).

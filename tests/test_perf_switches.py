@@ -33,13 +33,16 @@ CONFIGS = {
     "all-but-lookup_draft": FusionOptions.without("lookup_draft"),
     "all": FusionOptions(),
 }
-# The full matrix runs where every switch acts (two models with different tokenizers, first
-# prompt); elsewhere the unoptimised loop, all on, and the switches that matter most there.
+# The full matrix runs where every switch but follow_segments acts (two models with different
+# tokenizers, first prompt: with every switch on nothing follows there, so all-but-follow_segments
+# would repeat "all");
+# segments follow where the two models are copies of one. Elsewhere the unoptimised loop, all on,
+# and the switches that matter most there.
 PLAN = {
-    ("cool", "gemma3", 0): list(CONFIGS),
+    ("cool", "gemma3", 0): [label for label in CONFIGS if label != "all-but-follow_segments"],
     ("cool", "gemma3", 1): ["none", "all-but-lookup_draft", "all"],
     ("single:gemma3", "gemma3", 0): ["none", "only:lookup_draft", "all"],
-    ("cool", "smollm2b", 0): ["none", "only:follow_segments", "all"],  # two copies: whole drafts follow
+    ("cool", "smollm2b", 0): ["none", "only:follow_segments", "all-but-follow_segments", "all"],
 }
 
 
@@ -113,11 +116,13 @@ def test_switch_dependencies_are_checked_when_options_are_built():
 async def test_every_switch_gives_the_unoptimised_output(engine, mode, models):
     plans = [(i, labels) for (m, model, i), labels in PLAN.items() if m == mode and model == models[-1]]
     assert plans
+    followed = {}  # (prompt index, label) -> following segments committed
     for i, labels in plans:
         prompt, results = PROMPTS[i], {}
         for label in labels:
             final, segments = await run(engine, prompt, mode, models, CONFIGS[label])
             output_tokens = {n: u.output_tokens for n, u in final.usage.items()}  # "none": the workers' counts
+            followed[i, label] = final.timings.followed_segments
             results[label] = (
                 final.text,
                 final.finish_reason,
@@ -128,6 +133,10 @@ async def test_every_switch_gives_the_unoptimised_output(engine, mode, models):
         assert ref[0] and len(ref[2]) >= 3
         for label, got in results.items():
             assert got == ref, (label, prompt)
+    if (mode, models[-1]) == ("cool", "gemma3"):
+        assert followed[0, "all"] == 0  # the plan's premise
+    if models[-1] == "smollm2b":
+        assert followed[0, "all"] > 0
 
 
 async def test_switches_take_effect(engine):
@@ -167,9 +176,11 @@ async def test_switches_take_effect(engine):
 @pytest.mark.parametrize("cut", ["stop", "budget"])
 async def test_following_segments_keep_stops_and_budgets(engine, cut):
     """A stop sequence inside a following segment, and token budgets that end inside a run of
-    following segments, cut the output exactly where the unoptimised loop cuts it."""
-    models = ["smollm2", "gemma3"]
+    following segments, cut the output exactly where the unoptimised loop cuts it (two copies of
+    one model: there segments follow)."""
+    models = ["smollm2", "smollm2b"]
     ref, ref_segments = await run(engine, PROMPTS[0], "cool", models, FusionOptions.none())
+    followed = 0
     words = ref.text.split()
     for k in (3, 7, 12):
         if cut == "stop":
@@ -194,8 +205,10 @@ async def test_following_segments_keep_stops_and_budgets(engine, cut):
                 segments,
                 {n: u.output_tokens for n, u in final.usage.items()},
             )
+            followed += final.timings.followed_segments if label == "all" else 0
         assert results["all"] == results["none"] == results["-follow_segments"], (cut, k)
         assert results["none"][1] == ("stop" if cut == "stop" else "length")
+    assert followed > 0
 
 
 async def test_speculation_pauses_under_load(engine):
