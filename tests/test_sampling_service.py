@@ -63,13 +63,6 @@ async def test_seeds_differ_and_greedy_stays(client):
     assert top1.text == greedy.text
 
 
-async def test_server_draws_a_seed_that_reproduces(client):
-    drawn = await client.generate(PROMPT, **_models(temperature=1.0))
-    assert drawn.HasField("seed") and 0 <= drawn.seed < 2**53
-    again = await client.generate(PROMPT, **_models(temperature=1.0, seed=drawn.seed))
-    assert again.text == drawn.text
-
-
 async def test_rerank_samples_each_answer(client):
     """Rerank's candidates are each model's own sampled answer: what single:<model> writes with
     the same seed; the winner is the rule's choice among them."""
@@ -101,8 +94,9 @@ async def test_bad_sampling_is_invalid_argument(client, fields, message):
 
 
 async def test_cli_reports_and_reuses_the_seed(cluster, client):
-    """``coolfusion generate --temperature``: the drawn seed is in --json; --seed reproduces the
-    text (the client library's too); a bad value is one line on stderr, no traceback."""
+    """``coolfusion generate --temperature`` without a seed: the server draws one, reported in
+    --json; --seed reproduces the text (the client library's too); a bad value is one line on
+    stderr, no traceback."""
 
     async def cli(*args: str) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
@@ -119,7 +113,7 @@ async def test_cli_reports_and_reuses_the_seed(cluster, client):
     code, out, err = await cli(*sampled, "--json")
     assert code == 0, err
     drawn = json.loads(out)
-    assert isinstance(drawn["seed"], int)
+    assert isinstance(drawn["seed"], int) and 0 <= drawn["seed"] < 2**53
     code, out, err = await cli(*sampled, "--seed", str(drawn["seed"]))
     assert code == 0 and out == drawn["text"] and f"seed {drawn['seed']}" in err
     reply = await client.generate(PROMPT, **_models(temperature=0.8, top_p=0.9, top_k=40, seed=drawn["seed"]))
