@@ -17,11 +17,10 @@ demo: install
 	$(VENV)/bin/coolfusion generate "$$(printf '$(PROMPT)')" --max-new-tokens 48 --stop "Question:"
 
 # Two test processes, a test module whole in one (its module fixtures start once): on a 2-core
-# machine one process leaves a core idle while it waits on gRPC, a subprocess or the GIL. Modules
-# are handed out longest first (tests/conftest.py).
+# machine one process leaves a core idle while it waits on gRPC, a subprocess or the GIL.
 TEST_WORKERS ?= 2
 test: install
-	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The tests that load no model (fakes and plain Python): well under a minute.
 test-fast: install

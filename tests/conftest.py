@@ -42,37 +42,10 @@ def _share_cores_between_xdist_workers() -> None:
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-# Test modules by their share of the suite's time, longest first (docs/testing.md). ``make test``
-# hands whole modules to two processes in collection order (``--no-loadscope-reorder``): the long
-# ones start first and the short ones fill the gaps at the end, instead of a long module starting
-# while the other process runs out of work (xdist's own order is by number of tests).
-LONGEST_FIRST = (
-    "test_worker_core",
-    "test_perf_switches",
-    "test_fusion",
-    "test_eval",
-    "test_lm_eval",
-    "test_gateway",
-    "test_sampling_service",
-    "test_deploy",
-    "test_chaos",
-    "test_rel_load",
-    "test_cli",
-    "test_sampling",
-    "test_stops",
-    "test_gateway_sampling",
-    "test_faults",
-    "test_rel_sigterm",
-    "test_reliability",
-)
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: a module keeps its order
 
 
 @pytest.fixture(scope="session")
