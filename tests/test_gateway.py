@@ -277,7 +277,7 @@ async def test_disconnect_mid_stream_frees_every_session(cluster, caplog):
 # ---- lm-evaluation-harness's local-completions model ------------------------------------------
 LM_EVAL_DATA = Path(__file__).parent / "data" / "lm_eval" / "gsm8k"
 LM_EVAL_ITEMS = 2
-LM_EVAL_TOKENS = 24
+LM_EVAL_TOKENS = 16
 
 
 async def test_lm_eval_local_completions_equals_coolfusion_eval(cluster, tmp_path):

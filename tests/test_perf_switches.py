@@ -40,7 +40,7 @@ CONFIGS = {
 # and the switches that matter most there.
 PLAN = {
     ("cool", "gemma3", 0): [label for label in CONFIGS if label != "all-but-follow_segments"],
-    ("cool", "gemma3", 1): ["none", "all-but-lookup_draft", "all"],
+    ("cool", "gemma3", 1): ["none", "all"],
     ("single:gemma3", "gemma3", 0): ["none", "only:lookup_draft", "all"],
     ("cool", "smollm2b", 0): ["none", "only:follow_segments", "all-but-follow_segments", "all"],
 }
