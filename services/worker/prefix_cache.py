@@ -69,14 +69,13 @@ def _holds_every_state(cache, n: int) -> bool:
 
 
 def _cut(cache, n: int):
-    """A copy of ``cache`` (holding every state) holding its first ``n`` states."""
-    out = copy.deepcopy(cache)
+    """A copy of ``cache`` (holding every state) holding its first ``n`` states: the deep copy
+    takes each layer's first ``n`` states in place of the whole tensors, copied once."""
+    layers = [layer for layer in getattr(cache, "layers", ()) if getattr(layer, "is_initialized", False)]
+    memo = {id(t): t[..., :n, :].clone() for layer in layers for t in (layer.keys, layer.values)}
+    out = copy.deepcopy(cache, memo)
     for layer in getattr(out, "layers", ()):
-        if not getattr(layer, "is_initialized", False):
-            continue
-        layer.keys = layer.keys[..., :n, :].clone()
-        layer.values = layer.values[..., :n, :].clone()
-        if hasattr(layer, "cumulative_length"):
+        if getattr(layer, "is_initialized", False) and hasattr(layer, "cumulative_length"):
             layer.cumulative_length = n
     return out
 
@@ -138,8 +137,8 @@ class PrefixCache:
                 return True
         if not _holds_every_state(cache, len(key)):
             return False
-        entry = _Entry(key, copy.deepcopy(cache), logits.clone(), 0)
-        entry.nbytes = cache_bytes(entry.cache) + entry.logits.numel() * entry.logits.element_size()
+        kept, kept_logits = copy.deepcopy(cache), logits.clone()
+        entry = _Entry(key, kept, kept_logits, cache_bytes(kept) + kept_logits.numel() * kept_logits.element_size())
         if entry.nbytes > self.budget_bytes:
             return False
         with self._lock:
