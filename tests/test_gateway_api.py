@@ -349,18 +349,31 @@ async def test_deadline_is_504(scripted):
 
 async def test_health_follows_the_orchestrator_and_metrics_count(scripted):
     _, gateway = scripted
+    # A streamed completion of its own: the latency histograms have samples whichever tests ran before.
+    async for _ in await _client(gateway).completions.create(model="cool", prompt="x", stream=True):
+        pass
     async with httpx2.AsyncClient(timeout=HANG_GUARD_S) as http:
         assert (await http.get(f"{gateway.url}/health")).json() == {"status": "SERVING"}
         async with GatewayThread("127.0.0.1:1") as nowhere:  # nothing listens on port 1
             down = await http.get(f"{nowhere.url}/health")
             live = await http.get(f"{nowhere.url}/health/live")
         assert (down.status_code, live.status_code) == (503, 200)
-        await http.post(f"{gateway.url}/v1/completions", json={"model": "nope", "prompt": "x"})
-        metrics = (await http.get(f"{gateway.url}/metrics")).text
-    assert 'coolfusion_gateway_requests_total{route="/v1/completions",status="404"}' in metrics
-    assert 'coolfusion_gateway_requests_total{route="/health",status="200"}' in metrics
-    assert "coolfusion_gateway_time_to_first_token_seconds_count" in metrics
-    assert "coolfusion_gateway_tokens_per_second_count" in metrics
+        unknown = await http.post(
+            f"{gateway.url}/v1/completions",
+            json={"model": "nope", "prompt": "x"},
+            headers={"Authorization": "Bearer s3cret"},
+        )
+        assert unknown.status_code == 404
+        expected = [
+            'coolfusion_gateway_requests_total{route="/v1/completions",status="404"}',
+            'coolfusion_gateway_requests_total{route="/health",status="200"}',
+            "coolfusion_gateway_time_to_first_token_seconds_count",
+            "coolfusion_gateway_tokens_per_second_count",
+        ]
+        deadline = time.monotonic() + HANG_GUARD_S  # each is counted once its handler returned
+        while missing := [e for e in expected if e not in (await http.get(f"{gateway.url}/metrics")).text]:
+            assert time.monotonic() < deadline, missing
+            await asyncio.sleep(0.05)
 
 
 async def test_unknown_route_is_an_error_object(scripted):
