@@ -295,7 +295,9 @@ def fused_ratios(rows: list[dict], floors: dict, names: list[str]) -> dict:
     }
 
 
-def variant_throughput(models: list[str], names: list[str], prompts: list[str], n: int, clients: int, log) -> dict:
+def variant_throughput(
+    models: list[str], names: list[str], prompts: list[str], n: int, clients: int, log, backend: str | None = None
+) -> dict:
     """Throughput at the top concurrency with workers that never batch decode steps, and with
     workers that batch but do not fill batches with idle sessions' continuation steps."""
     from .launcher import LocalCluster
@@ -307,7 +309,7 @@ def variant_throughput(models: list[str], names: list[str], prompts: list[str], 
     ):
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
-        variant = LocalCluster(models)
+        variant = LocalCluster(models, backend=backend)
         try:
             address = variant.start()
             out[key] = asyncio.run(throughput(address, names, prompts, n, [clients], log))
@@ -337,8 +339,11 @@ def run(args) -> dict:
     }
 
     t0 = time.perf_counter()
-    result["floor"], result["memory"] = floor(models, prompts, n, args.repeats, log)
-    cluster = LocalCluster(models)
+    backend = getattr(args, "backend", None)
+    result["config"]["backend"] = backend or "auto"
+    floor_backend = "llamacpp" if backend == "llamacpp" else "transformers"
+    result["floor"], result["memory"] = floor(models, prompts, n, args.repeats, log, floor_backend)
+    cluster = LocalCluster(models, backend=backend)
     address = cluster.start()
     try:
         worker_addresses = {
@@ -358,7 +363,7 @@ def run(args) -> dict:
     finally:
         cluster.stop()
     if not args.skip_unbatched and levels[-1] > 1:
-        result.update(variant_throughput(models, names, prompts, n, levels[-1], log))
+        result.update(variant_throughput(models, names, prompts, n, levels[-1], log, backend))
     result["machine"]["loadavg_end"] = list(os.getloadavg())
     result["bench_s"] = time.perf_counter() - t0
     return result
@@ -449,6 +454,13 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--prompts", type=int, default=3, help=f"open-ended prompts to use (at most {len(PROMPTS)})")
     b.add_argument("--repeats", type=int, default=1, help="runs per prompt (the median is reported)")
     b.add_argument("--concurrency", default="1,4,8")
+    b.add_argument(
+        "--backend",
+        choices=["transformers", "llamacpp"],
+        default="transformers",
+        help="the workers' backend; the floor is that backend's own greedy generation "
+        "(transformers generate(), or llama.cpp's)",
+    )
     b.add_argument("--switch-prompts", type=int, default=1, help="prompts per switch configuration")
     b.add_argument("--skip-switches", action="store_true")
     b.add_argument(

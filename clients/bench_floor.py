@@ -56,10 +56,16 @@ def median(values):
     return statistics.median(values) if values else None
 
 
-def floor(models: list[str], prompts: list[str], n: int, repeats: int, log) -> tuple[dict, dict]:
+def floor(
+    models: list[str], prompts: list[str], n: int, repeats: int, log, backend: str = "transformers"
+) -> tuple[dict, dict]:
     """Each model's own greedy generate() time per prompt (median of ``repeats``), and per-session
-    KV bytes measured on an in-process WorkerCore with the same weights."""
+    KV bytes measured on an in-process WorkerCore with the same weights. ``backend`` "llamacpp":
+    llama.cpp's own greedy generation instead (``llamacpp_floor``)."""
     import torch
+
+    if backend == "llamacpp":
+        return llamacpp_floor(models, prompts, n, repeats, log)
 
     from ..services.sources import load_hf_tokenizer, parse_spec
     from ..services.worker.loading import load_hf_model
@@ -147,4 +153,73 @@ def _session_memory(spec, model, tok, prompt: str, n: int) -> dict:
         "kv_bytes_per_token": b["kv_bytes"] / max(1, b["tokens"]),
         "logits_bytes": b["logits_bytes"],
         "note": "sliding-window layers (Gemma-3) hold at most window-1 (+ kept lookahead) tokens",
+    }
+
+
+def llamacpp_floor(models: list[str], prompts: list[str], n: int, repeats: int, log) -> tuple[dict, dict]:
+    """Each GGUF model's own greedy generation in llama-cpp-python (``Llama.generate`` with
+    top_k=1, all cores, the GGUF file as it is): what a user running the model alone on llama.cpp
+    gets; and per-session KV bytes on an in-process llama.cpp WorkerCore."""
+    from llama_cpp import Llama
+
+    from ..services.sources import load_hf_tokenizer, parse_spec
+
+    threads = os.cpu_count() or 1
+    results, memory = {}, {}
+    for spec_text in models:
+        spec = parse_spec(spec_text)
+        t0 = time.perf_counter()
+        llm = Llama(str(spec.gguf_path), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+        tok = load_hf_tokenizer(spec)
+        load_s = time.perf_counter() - t0
+        rows = []
+        for prompt in prompts:
+            ids = tok(prompt)["input_ids"]
+            times = []
+            for _ in range(repeats + 1):  # the first run warms up
+                llm.reset()
+                t0 = time.perf_counter()
+                produced = 0
+                for _token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+                    produced += 1
+                    if produced == n:
+                        break
+                times.append(time.perf_counter() - t0)
+            times = times[1:]
+            log(f"floor {spec.name} (llama.cpp): {produced} tokens in {median(times):.2f} s")
+            rows.append({"prompt_tokens": len(ids), "tokens": produced, "s": median(times), "runs": times})
+        results[spec.name] = {
+            "load_s": load_s,
+            "threads": threads,
+            "backend": "llamacpp",
+            "prompts": rows,
+            "median_s": median([r["s"] for r in rows]),
+            "ms_per_token": 1000 * sum(r["s"] for r in rows) / sum(r["tokens"] for r in rows),
+        }
+        del llm
+        gc.collect()
+        memory[spec.name] = _llamacpp_session_memory(spec, prompts[0], n)
+    return results, memory
+
+
+def _llamacpp_session_memory(spec, prompt: str, n: int) -> dict:
+    from ..services.worker.model import WorkerCore
+
+    core = WorkerCore(spec.name, spec, device="cpu", backend="llamacpp")
+    sid, ctx, _ = core.open(prompt)
+    done = 0
+    while done < n:
+        r = core.next_text(sid, [], n - done)
+        done = core.update_state(sid, r.state_id).committed_tokens
+        if r.eos or not r.token_ids:
+            break
+    b = core.session_bytes(sid)
+    core.close(sid)
+    return {
+        "context_tokens": ctx,
+        "output_tokens": done,
+        "kv_bytes": b["kv_bytes"],
+        "kv_bytes_per_token": b["kv_bytes"] / max(1, b["tokens"]),
+        "logits_bytes": b["logits_bytes"],
+        "note": "llama.cpp keeps every state of sliding-window layers (swa_full), so rollbacks can cross the window",
     }

@@ -62,6 +62,7 @@ def _exit_on_sigterm(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..services.common.errors import CoolFusionError
     from ..services.sources import UnknownModelError
 
     args = build_parser().parse_args(argv)
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return args.func(args)
-    except UnknownModelError as exc:
+    except (UnknownModelError, CoolFusionError) as exc:  # a model that cannot load here, say: one line
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

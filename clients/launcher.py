@@ -71,8 +71,11 @@ class LocalCluster:
         orchestrator_port: int = 0,
         host: str = "127.0.0.1",
         http_port: int | None = None,
+        backend: str | None = None,
     ):
+        """``backend``: every worker's ``--backend`` (None: theirs, "auto" unless $COOLFUSION_BACKEND)."""
         self.models = models
+        self.backend = backend
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="coolfusion-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = device
@@ -139,6 +142,8 @@ class LocalCluster:
                 ]
                 if self.device:
                     args += ["--device", self.device]
+                if self.backend:
+                    args += ["--backend", self.backend]
                 workers.append(self._spawn(f"worker:{name}", args, threads))
             self._wait(workers, timeout)
             worker_args = []

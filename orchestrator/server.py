@@ -333,6 +333,7 @@ class FusionServicer(pb_grpc.FusionServicer):
                     dtype=i.dtype,
                     address=i.address,
                     has_chat_template=i.has_chat_template,
+                    backend=i.backend,
                 )
                 for name, i in zip(self.engine.workers, infos)
             ],

@@ -147,6 +147,7 @@ class WorkerInfo:
     address: str = ""
     parameters: int = 0
     context_length: int = 0  # most tokens a session holds (0: unknown)
+    backend: str = ""  # what runs the worker's forwards ("transformers", "llamacpp")
 
 
 class WorkerHandle(Protocol):
@@ -218,6 +219,7 @@ class RemoteWorker:
             address=self.address,
             parameters=r.parameters,
             context_length=r.context_length,
+            backend=r.backend,
         )
 
     async def open(self, prompt: str | None, messages: list[dict] | None) -> Opened:

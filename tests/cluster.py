@@ -69,9 +69,11 @@ class Cluster:
     services: list
 
 
-async def start_cluster(models: dict | None = None) -> Cluster:
+async def start_cluster(models: dict | None = None, llamacpp: tuple[str, ...] = ()) -> Cluster:
     """``models``: name -> loaded model (``conftest.Bundled``: ``spec``, ``model``,
-    ``hf_tokenizer``) to share; without it each bundled model is loaded here."""
+    ``hf_tokenizer``) to share; without it each bundled model is loaded here. ``llamacpp``: the
+    workers (of smollm2, gemma3, smollm2b) that run on the llama.cpp backend instead, each with
+    its own context."""
     specs = parse_specs("smollm2,gemma3")
     if models:
         registry = TokenizerRegistry(TokenizerCore(s.name, models[s.name].hf_tokenizer, s.describe()) for s in specs)
@@ -90,10 +92,13 @@ async def start_cluster(models: dict | None = None) -> Cluster:
     cores, addresses = {}, {}
     for spec in [*specs, copy_spec]:
         shared = {}
-        if spec is copy_spec:  # same weights, separate sessions and tokenizer id
+        if spec.name in llamacpp:
+            shared = dict(backend="llamacpp", hf_tokenizer=registry.get(spec.name).hf)
+        elif spec is copy_spec and cores["smollm2"].backend == "transformers":  # same weights, own sessions
             shared = dict(model=cores["smollm2"].model, hf_tokenizer=cores["smollm2"].tokenizer.hf)
         elif models:
-            shared = dict(model=models[spec.name].model, hf_tokenizer=models[spec.name].hf_tokenizer)
+            loaded = models["smollm2" if spec is copy_spec else spec.name]
+            shared = dict(model=loaded.model, hf_tokenizer=loaded.hf_tokenizer)
         core = WorkerCore(spec.name, spec, device="cpu", boundary=boundary.common_boundary, **shared)
         servicer = WorkerServicer(core)
         service = GrpcService(

@@ -26,6 +26,9 @@ def pytest_configure(config):
 
     limit_arenas()
     _share_cores_between_xdist_workers()
+    # Worker processes the tests start run on transformers, whose oracles the suite checks;
+    # test_llamacpp.py runs the llama.cpp backend (the CLI's default for GGUF on a CPU) itself.
+    os.environ.setdefault("COOLFUSION_BACKEND", "transformers")
 
 
 def _share_cores_between_xdist_workers() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-from coolfusion.services.worker.forward import Forwards, PrefillCancelled
+from coolfusion.services.worker.forward import PrefillCancelled, TransformersForwards
 from coolfusion.services.worker.prefix_cache import PrefixCache
 
 WINDOW = 8
@@ -49,15 +49,15 @@ def _generate_logits(model, ids: list[int], chunk: int | None) -> torch.Tensor:
 @pytest.mark.parametrize("chunk", [3, WINDOW, 20])
 def test_chunks_are_generates_chunked_prefill(model, chunk):
     ids = torch.randint(3, 128, (50,), generator=torch.Generator().manual_seed(chunk)).tolist()
-    _, logits = Forwards(model, torch.device("cpu"), 1, prefill_chunk=chunk).prefill(ids)
+    _, logits = TransformersForwards(model, torch.device("cpu"), 1, prefill_chunk=chunk).prefill(ids)
     assert torch.equal(logits, _generate_logits(model, ids, chunk))
-    _, whole = Forwards(model, torch.device("cpu"), 1, prefill_chunk=len(ids)).prefill(ids)
+    _, whole = TransformersForwards(model, torch.device("cpu"), 1, prefill_chunk=len(ids)).prefill(ids)
     assert torch.equal(whole, _generate_logits(model, ids, None))
     assert torch.allclose(logits, whole, atol=1e-5)
 
 
 def test_a_cancellation_stops_between_chunks(model):
-    forwards = Forwards(model, torch.device("cpu"), 1, prefill_chunk=6)
+    forwards = TransformersForwards(model, torch.device("cpu"), 1, prefill_chunk=6)
     asked = []
 
     def cancelled() -> bool:
@@ -72,7 +72,7 @@ def test_a_cancellation_stops_between_chunks(model):
 def test_prefills_from_the_prefix_cache_are_whole_prefills(model, chunk):
     """Contexts restored from the prefix cache at a chunk boundary (past the sliding window) and
     prefilled on give the logits of a whole chunked prefill, bitwise; so does the same context."""
-    forwards = Forwards(model, torch.device("cpu"), 1, prefill_chunk=chunk)
+    forwards = TransformersForwards(model, torch.device("cpu"), 1, prefill_chunk=chunk)
     kept = PrefixCache(2**30, chunk)
     rng = torch.Generator().manual_seed(100 + chunk)
     first = torch.randint(3, 128, (50,), generator=rng).tolist()

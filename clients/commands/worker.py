@@ -26,6 +26,19 @@ def add_parser(sub) -> None:
     )
     add_service_args(w, port=50052, grace=10.0)
     w.add_argument("--device", default=os.environ.get("COOLFUSION_DEVICE") or None)
+    w.add_argument(
+        "--backend",
+        choices=["auto", "transformers", "llamacpp"],
+        default=os.environ.get("COOLFUSION_BACKEND") or "auto",
+        help="what runs the model: auto = transformers on CUDA, llama.cpp for .gguf models on the CPU when "
+        "llama-cpp-python is installed, else transformers ($COOLFUSION_BACKEND)",
+    )
+    w.add_argument(
+        "--kv-cells",
+        type=int,
+        default=int(os.environ.get("COOLFUSION_KV_CELLS") or 0),
+        help="llama.cpp: KV cells (tokens) shared by all sessions of the worker (0: 16384; $COOLFUSION_KV_CELLS)",
+    )
     _add_compute_args(w)
     _add_session_limits(w)
     w.set_defaults(func=run)
@@ -118,6 +131,8 @@ async def serve_worker(args) -> None:
         max_batch=args.max_batch,
         pack_weights=args.pack_weights,
         fill_ahead=args.fill_ahead,
+        backend=args.backend,
+        kv_cells=args.kv_cells,
     )
     if args.prefix_cache_mb is not None:
         limits["prefix_cache_bytes"] = int(args.prefix_cache_mb * 2**20)

@@ -54,27 +54,31 @@ def compute_lock(model) -> threading.Lock:
 
 
 class Forwards:
-    """Every forward of one worker's model. ``forward`` is the call ``generate`` makes; ``run``
-    goes through the step batcher, so that a session's forward may share one batched forward
-    with other sessions' (``max_batch`` rows at most; 1 turns batching off). ``fill(n)``: up to
-    ``n`` idle sessions' steps to top a batch up with (``fill_rows``)."""
+    """Every forward of one worker's model, whatever runs it (the backend interface; transformers
+    below, llama.cpp in ``llamacpp.py``). A backend gives ``new_cache`` (a KV cache with the part
+    of ``DynamicCache``'s API the worker uses: ``get_seq_length``, ``crop``,
+    ``batch_repeat_interleave``, ``batch_select_indices``, ``copy.deepcopy``), ``forward`` (rows
+    of equal length on a cache), ``_single_step`` and ``_batched_step`` (the step batcher's lone
+    and batched forwards) and ``batcher``; prefilling, running a session's step and readying its
+    next logits are shared. ``run`` goes through the step batcher, so that a session's forward may
+    share one batched forward with other sessions' (``max_batch`` rows at most; 1 turns batching
+    off). ``fill(n)``: up to ``n`` idle sessions' steps to top a batch up with (``fill_rows``)."""
 
-    def __init__(self, model, device: torch.device, max_batch: int, fill=None, prefill_chunk: int = PREFILL_CHUNK):
-        self.model = model
-        self.prefill_chunk = prefill_chunk
-        self.device = device
-        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self._compute = compute_lock(model)  # one forward at a time: each uses every thread torch has
-        if not batchable(DynamicCache(config=model.config)):
-            max_batch = 1
-        self.batcher = StepBatcher(self._single_step, self._batched_step, max_batch, fill=fill)
+    backend = ""
+    prefill_chunk = PREFILL_CHUNK
+    batcher: StepBatcher
 
     def new_cache(self):
-        """An empty cache that records past states, so that sliding-window layers (Gemma-3) can
-        roll back by cropping."""
-        cache = DynamicCache(config=self.model.config)
-        cache.activate_past_recording()
-        return cache
+        raise NotImplementedError
+
+    def forward(self, rows: list[list[int]], cache, keep_last: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _single_step(self, cache, tokens: list[int], logits_from: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _batched_step(self, caches: list, rows: list[list[int]], logits_from: list[int]) -> list[torch.Tensor]:
+        raise NotImplementedError
 
     def prefill(
         self, ids: list[int], cache=None, cancelled: Cancelled | None = None, done: int = 0
@@ -96,6 +100,42 @@ class Forwards:
                 logits = self.forward([ids[start : start + step]], cache, keep_last=True)
         return cache, logits[0, -1].to(copy=True, dtype=torch.float32)
 
+    def run(self, cache, tokens: list[int], logits_from: int | None = None, owner=None) -> torch.Tensor:
+        """One session's forward of ``tokens``, alone or in a batch (``StepBatcher.run``)."""
+        return self.batcher.run(cache, tokens, logits_from, owner=owner)
+
+    def ready(self, s: Session) -> torch.Tensor:
+        """Next logits of the committed state, forwarding a committed-but-unfed last token first."""
+        if s.fed < len(s.ids):
+            assert s.lookahead == 0, "unfed committed tokens with lookahead in the cache"
+            # One forward, alone or sharing a batch with other sessions' forwards.
+            s.next_logits = self.run(s.cache, s.ids[s.fed :], owner=s.id)[0]
+            s.fed = len(s.ids)
+        return s.next_logits
+
+
+class TransformersForwards(Forwards):
+    """The forwards of a transformers model: ``forward`` is the call ``generate`` makes."""
+
+    backend = "transformers"
+
+    def __init__(self, model, device: torch.device, max_batch: int, fill=None, prefill_chunk: int = PREFILL_CHUNK):
+        self.model = model
+        self.prefill_chunk = prefill_chunk
+        self.device = device
+        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._compute = compute_lock(model)  # one forward at a time: each uses every thread torch has
+        if not batchable(DynamicCache(config=model.config)):
+            max_batch = 1
+        self.batcher = StepBatcher(self._single_step, self._batched_step, max_batch, fill=fill)
+
+    def new_cache(self):
+        """An empty cache that records past states, so that sliding-window layers (Gemma-3) can
+        roll back by cropping."""
+        cache = DynamicCache(config=self.model.config)
+        cache.activate_past_recording()
+        return cache
+
     def forward(self, rows: list[list[int]], cache, keep_last: bool) -> torch.Tensor:
         """One forward of equally long rows on ``cache``, called the way ``generate`` calls it."""
         input_ids = torch.tensor(rows, dtype=torch.long, device=self.device)
@@ -114,10 +154,6 @@ class Forwards:
         with self._compute:
             return self.model(**kwargs).logits
 
-    def run(self, cache, tokens: list[int], logits_from: int | None = None, owner=None) -> torch.Tensor:
-        """One session's forward of ``tokens``, alone or in a batch (``StepBatcher.run``)."""
-        return self.batcher.run(cache, tokens, logits_from, owner=owner)
-
     def _single_step(self, cache, tokens: list[int], logits_from: int) -> torch.Tensor:
         """One session's forward alone, called exactly as ``generate`` calls it: float32 logits
         after each token from index ``logits_from``."""
@@ -128,15 +164,6 @@ class Forwards:
     def _batched_step(self, caches: list, rows: list[list[int]], logits_from: list[int]) -> list[torch.Tensor]:
         with self._compute:
             return forward_sessions(self.model, caches, rows, logits_from, self.device)
-
-    def ready(self, s: Session) -> torch.Tensor:
-        """Next logits of the committed state, forwarding a committed-but-unfed last token first."""
-        if s.fed < len(s.ids):
-            assert s.lookahead == 0, "unfed committed tokens with lookahead in the cache"
-            # One forward, alone or sharing a batch with other sessions' forwards.
-            s.next_logits = self.run(s.cache, s.ids[s.fed :], owner=s.id)[0]
-            s.fed = len(s.ids)
-        return s.next_logits
 
 
 class Fill:
@@ -187,6 +214,9 @@ def fill_rows(sessions: list[Session], n: int, eos: frozenset, max_positions: in
 def crop_tail(cache, tokens: int) -> None:
     """Remove the last ``tokens`` states of every layer. Unlike ``crop(-tokens)``, sliding
     layers keep all the states they hold (the kept lookahead must stay croppable)."""
+    if hasattr(cache, "crop_tail"):  # a backend's own cache (llama.cpp: positions removed)
+        cache.crop_tail(tokens)
+        return
     for layer in getattr(cache, "layers", ()):
         if not getattr(layer, "is_initialized", False):
             continue

@@ -65,10 +65,21 @@ class LoadedModel:
 
 
 def load_model(
-    name: str, spec: ModelSpec, device=None, dtype=None, model=None, hf_tokenizer=None, pack_weights: str = "all"
+    name: str,
+    spec: ModelSpec,
+    device=None,
+    dtype=None,
+    model=None,
+    hf_tokenizer=None,
+    pack_weights: str = "all",
+    backend: str = "transformers",
+    kv_cells: int = 0,
 ) -> LoadedModel:
     """Load (or take the given ``model`` / ``hf_tokenizer``) on ``device`` (default: CUDA when
-    available) in ``dtype`` (default: bfloat16 on CUDA, float32 on CPU)."""
+    available) in ``dtype`` (default: bfloat16 on CUDA, float32 on CPU). ``backend`` "llamacpp":
+    the GGUF file in a llama.cpp context of ``kv_cells`` cells (``llamacpp.py``), on the CPU."""
+    if backend == "llamacpp":
+        return _load_llamacpp(name, spec, hf_tokenizer, kv_cells)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -98,4 +109,30 @@ def load_model(
         vocab_size=int(min(embed_rows, tokenizer.vocab_size)),
         max_positions=getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None),
         parameters=sum(p.numel() for p in model.parameters()),
+    )
+
+
+def _load_llamacpp(name: str, spec: ModelSpec, hf_tokenizer, kv_cells: int) -> LoadedModel:
+    from .llamacpp import DEFAULT_KV_CELLS, LlamaCppModel
+
+    # The model first: a file llama.cpp cannot load gets its one-line error before any conversion.
+    model = LlamaCppModel(str(spec.gguf_path), name, torch.get_num_threads(), kv_cells or DEFAULT_KV_CELLS)
+    hf_tokenizer = hf_tokenizer if hf_tokenizer is not None else load_hf_tokenizer(spec)
+    tokenizer = TokenizerCore(name, hf_tokenizer, spec.describe())
+    eos_ids = model.eog_ids  # llama.cpp's end-of-generation tokens (Gemma-3: <eos> and <end_of_turn>)
+    tok_eos = tokenizer.eos_token_id
+    eos_token_id = tok_eos if tok_eos in eos_ids or not eos_ids else model.eos_id
+    return LoadedModel(
+        name=name,
+        spec=spec,
+        model=model,
+        tokenizer=tokenizer,
+        device=torch.device("cpu"),
+        dtype=torch.float32,  # the logits' type; the weights stay as the GGUF file has them
+        eos_token_ids=eos_ids,
+        eos_set=frozenset(eos_ids),
+        eos_token_id=eos_token_id,
+        vocab_size=int(min(model.vocab_size, tokenizer.vocab_size)),
+        max_positions=min(model.n_ctx_train, model.kv_cells) if model.n_ctx_train else model.kv_cells,
+        parameters=model.parameters,
     )

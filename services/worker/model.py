@@ -35,7 +35,7 @@ from ..tokenizer.context import context_ids, render, render_messages
 from ..tokenizer.core import TokenizerRegistry
 from .api import NextTextOptions
 from .errors import InvalidArgument
-from .forward import PREFILL_CHUNK, Cancelled, Fill, Forwards, fill_rows
+from .forward import PREFILL_CHUNK, Cancelled, Fill, TransformersForwards, fill_rows
 from .generation import (
     DEFAULT_SEGMENT_CAP,
     DRAFT_CALL_FORWARDS,
@@ -46,6 +46,8 @@ from .generation import (
     BoundaryFn,
     Generator,
 )
+from .llamacpp import DECODE_TOKENS as LLAMACPP_PREFILL
+from .llamacpp import LlamaCppForwards, resolve_backend
 from .loading import load_model
 from .prefix_cache import DEFAULT_BUDGET_BYTES as DEFAULT_PREFIX_CACHE_BYTES
 from .prefix_cache import PrefixCache
@@ -140,6 +142,8 @@ class WorkerCore:
         fill_ahead: int = FILL_AHEAD,
         prefill_chunk: int = PREFILL_CHUNK,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+        backend: str | None = "transformers",
+        kv_cells: int = 0,
     ):
         """Load the model (or take ``model`` and ``hf_tokenizer``) and set up the parts.
 
@@ -152,33 +156,23 @@ class WorkerCore:
         ``prefill_chunk``: tokens per prefill forward (a cancelled Open stops within one).
         ``prefix_cache_bytes``: KV kept of prefilled contexts (``prefix_cache.py``; 0: off).
         ``pack_weights``: "all", "head" or "none" linear weights get a oneDNN-packed copy when this
-        core loads the model on CPU (``packing.py``)."""
-        loaded = load_model(name, spec, device, dtype, model, hf_tokenizer, pack_weights)
-        self.name, self.spec, self.device, self.dtype = name, spec, loaded.device, loaded.dtype
-        self.tokenizer, self.model = loaded.tokenizer, loaded.model
-        self.eos_token_ids = list(loaded.eos_token_ids)
-        self._eos_set = loaded.eos_set
-        self.eos_token_id = loaded.eos_token_id
-        self.vocab_size, self.max_positions, self.parameters = (
-            loaded.vocab_size,
-            loaded.max_positions,
-            loaded.parameters,
-        )
+        core loads the model on CPU (``packing.py``). ``backend``: "transformers", "llamacpp" (a context
+        of ``kv_cells`` cells) or "auto" (both ``llamacpp.py``); a given ``model`` is transformers."""
+        backend = "transformers" if model is not None else resolve_backend(backend, spec, device)
+        loaded = load_model(name, spec, device, dtype, model, hf_tokenizer, pack_weights, backend, kv_cells)
+        self.backend = backend
+        self._take(loaded)
         self.boundary = boundary if boundary is not None else TokenizerRegistry([self.tokenizer]).common_boundary
         self._table = SessionTable(
             name, session_ttl, max_sessions, kv_budget_bytes, forget=lambda session_id: self.batcher.forget(session_id)
         )
         fill_ahead = max(0, int(fill_ahead))
-        self._forwards = Forwards(
-            self.model,
-            self.device,
-            max_batch,
-            fill=self._fill_rows if fill_ahead else None,
-            prefill_chunk=prefill_chunk,
-        )
+        self._forwards = self._make_forwards(max_batch, self._fill_rows if fill_ahead else None, prefill_chunk)
+        if backend == "llamacpp":  # kept contexts would pin llama.cpp sequences; its prefill is cheap
+            prefix_cache_bytes = 0
         self._generator = Generator(loaded, self._forwards, self.boundary, segment_cap, reuse_lookahead, fill_ahead)
         self._scorer = Scorer(loaded, self._forwards, reuse_own_logprobs)
-        self.prefix_cache = PrefixCache(prefix_cache_bytes, prefill_chunk)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes, self._forwards.prefill_chunk)
         self._kv_per_token: int | None = None  # measured when a KV budget first needs it
 
     # ---- info ----------------------------------------------------------------------------
@@ -187,13 +181,15 @@ class WorkerCore:
             "name": self.name,
             "model_id": self.spec.gguf_file if self.spec.is_gguf else self.spec.source,
             "tokenizer_id": self.tokenizer.id,
-            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "dtype": "gguf" if self.backend == "llamacpp" else str(self.model.dtype).removeprefix("torch."),
+            "backend": self.backend,
             "device": str(self.device),
             "eos_token_ids": list(self.eos_token_ids),
             "has_chat_template": self.tokenizer.has_chat_template,
             "vocab_size": self.vocab_size,
             "live_sessions": len(self._table.live()),
             "threads": torch.get_num_threads(),
+            "kv_cells": getattr(self.model, "kv_cells", 0),
             "parameters": self.parameters,
             "context_length": self.max_positions or 0,
             "prefix_cache_bytes": self.prefix_cache.nbytes(),
@@ -231,8 +227,9 @@ class WorkerCore:
         if not ids:
             raise InvalidArgument("context encodes to no tokens")
         if self.max_positions and len(ids) >= self.max_positions:
+            more = " (raise --kv-cells)" if self.backend == "llamacpp" else ""
             raise InvalidArgument(
-                f"context has {len(ids)} tokens; {self.name} supports fewer than {self.max_positions}"
+                f"context has {len(ids)} tokens; {self.name} supports fewer than {self.max_positions}{more}"
             )
         start = self.prefix_cache.restore(ids)
         cache = start.cache if start else self._forwards.new_cache()
@@ -345,6 +342,19 @@ class WorkerCore:
             return {"kv_bytes": s.kv_bytes(), "logits_bytes": logits, "tokens": len(s.ids), "lookahead": s.lookahead}
 
     # ---- internals -----------------------------------------------------------------------
+    def _take(self, loaded) -> None:
+        """The loaded model and its facts as the core's attributes."""
+        self.name, self.spec, self.device, self.dtype = loaded.name, loaded.spec, loaded.device, loaded.dtype
+        self.tokenizer, self.model = loaded.tokenizer, loaded.model
+        self.eos_token_ids, self._eos_set = list(loaded.eos_token_ids), loaded.eos_set
+        self.eos_token_id, self.vocab_size = loaded.eos_token_id, loaded.vocab_size
+        self.max_positions, self.parameters = loaded.max_positions, loaded.parameters
+
+    def _make_forwards(self, max_batch: int, fill, prefill_chunk: int):
+        if self.backend == "llamacpp":
+            return LlamaCppForwards(self.model, max_batch, fill=fill, prefill_chunk=LLAMACPP_PREFILL)
+        return TransformersForwards(self.model, self.device, max_batch, fill=fill, prefill_chunk=prefill_chunk)
+
     def _kv_bytes_per_token(self) -> int:
         """KV bytes per context token, measured once on a one-token prefill: every layer holds a
         state per token (a sliding layer at most its window, so this bounds it from above)."""

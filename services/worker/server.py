@@ -252,6 +252,9 @@ def build_loading_service(model_spec: str, address: str = "127.0.0.1:0") -> tupl
 
 
 def load_core(model_spec: str, tokenizer_address: str, device: str | None = None, **session_limits) -> WorkerCore:
+    """The worker core of ``coolfusion worker``: ``backend`` (in ``session_limits``) defaults to
+    "auto" (``llamacpp.resolve_backend``), unlike ``WorkerCore``'s transformers."""
+    session_limits.setdefault("backend", "auto")
     spec = parse_spec(model_spec)
     boundary = TokenizerClient(tokenizer_address)
     boundary.wait_ready()

@@ -90,6 +90,8 @@ class Session:
 
 
 def cache_bytes(cache) -> int:
+    if hasattr(cache, "nbytes"):  # a backend's own cache (llama.cpp) knows its size
+        return cache.nbytes()
     kv = 0
     for layer in getattr(cache, "layers", ()) if cache is not None else ():
         for name in ("keys", "values"):

@@ -1,0 +1,255 @@
+"""The llama.cpp worker backend (``services/worker/llamacpp.py``) on the bundled GGUF models.
+
+Oracles from llama.cpp itself: ``single:<m>`` equals llama-cpp-python's own greedy generation,
+two fused copies of a model equal it too, and a scored candidate's log-probs equal those of one
+plain decode of prompt + candidate in a fresh sequence. Mixed backends (SmolLM2 on llama.cpp,
+Gemma-3 on transformers) fuse to well-formed, reproducible output.
+
+Without llama-cpp-python these tests are skipped, except under CI, which installs it: there they
+fail, so a broken build cannot pass unnoticed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import os
+
+import grpc
+import pytest
+import pytest_asyncio
+from cluster import gsm8k_prompt, start_cluster, stop_cluster
+
+from coolfusion.clients.client import FusionClient
+from coolfusion.services.common.errors import FailedPrecondition
+from coolfusion.services.sources import parse_spec
+from coolfusion.services.worker import llamacpp
+from coolfusion.services.worker.errors import InvalidArgument
+from coolfusion.services.worker.model import WorkerCore
+
+if not llamacpp.llamacpp_available():
+    if os.environ.get("CI"):
+        raise RuntimeError("llama-cpp-python is not importable; scripts/install.sh builds it for CI")
+    pytest.skip(
+        "llama-cpp-python is not installed (COOLFUSION_LLAMACPP=1 bash scripts/install.sh)", allow_module_level=True
+    )
+
+pytestmark = pytest.mark.slow
+LONG_PROMPT = gsm8k_prompt(0, shots=5)  # > 512 Gemma tokens: crosses the sliding window
+# llama.cpp's log-probs of the same tokens move with where a sequence's KV cells lie and how many
+# tokens a decode holds (float rounding that the next layer's 8-bit activation quantisation
+# amplifies). Two plain decodes of one 800-token text at different cell offsets differed by
+# 0.04-0.05 nats per token on average and up to 0.95 on single tokens, on both models; a wrong
+# position or a stale cell costs several nats on ordinary tokens (as the lookup-crop bug did).
+MEAN_GAP, MAX_GAP = 0.15, 1.5
+
+
+def llamacpp_greedy(name: str, prompt_ids: list[int], n: int, eos: set[int]) -> list[int]:
+    """The oracle: llama-cpp-python's own greedy generation (its ``Llama`` class, top_k=1) of up to
+    ``n`` tokens, stopping after an end-of-generation token."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(parse_spec(name).gguf_path), n_ctx=4096, n_threads=2, flash_attn=False, verbose=False)
+    try:
+        out = []
+        for token in llm.generate(prompt_ids, top_k=1, temp=0.0):
+            out.append(int(token))
+            if len(out) == n or token in eos:
+                break
+        return out
+    finally:
+        llm.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def llama_cluster():
+    """Tokenizer service, orchestrator and workers of smollm2, gemma3 and smollm2b all on llama.cpp."""
+    c = await start_cluster(llamacpp=("smollm2", "gemma3", "smollm2b"))
+    yield c
+    await stop_cluster(c)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def client(llama_cluster):
+    async with FusionClient(llama_cluster.address) as c:
+        yield c
+
+
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+async def test_single_equals_llamacpp_greedy(llama_cluster, client, model):
+    core = llama_cluster.cores[model]
+    ids = core.tokenizer.hf(LONG_PROMPT)["input_ids"]
+    if model == "gemma3":
+        assert len(ids) > 512  # rolls back across the sliding window
+    n = 40
+    reply = await client.generate(LONG_PROMPT, mode=f"single:{model}", max_new_tokens=n)
+    expected = await asyncio.to_thread(llamacpp_greedy, model, ids, n, set(core.eos_token_ids))
+    got = [t for s in reply.segments for t in s.token_ids]
+    assert got == expected
+    assert reply.text == core.tokenizer.decode([t for t in expected if t not in core.eos_token_ids])[0]
+    assert len(reply.segments) > 1
+
+
+async def test_two_copies_fuse_to_llamacpp_greedy(llama_cluster, client):
+    core = llama_cluster.cores["smollm2"]
+    n = 32
+    reply = await client.generate(LONG_PROMPT, mode="cool", models=["smollm2", "smollm2b"], max_new_tokens=n)
+    ids = core.tokenizer.hf(LONG_PROMPT)["input_ids"]
+    expected = await asyncio.to_thread(llamacpp_greedy, "smollm2", ids, n, set(core.eos_token_ids))
+    assert reply.text == core.tokenizer.decode(expected)[0]
+    assert {s.model for s in reply.segments} == {"smollm2"}  # ties go to the first model
+
+
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+async def test_scores_equal_a_plain_decode_of_prompt_and_candidate(llama_cluster, model):
+    await asyncio.to_thread(_check_scores, llama_cluster.cores[model])
+
+
+def _check_scores(core) -> None:
+    """ScoreCandidates (forked sequences sharing the session's cells, the own candidate's
+    log-probs reused) against one decode of prompt + candidate in a fresh sequence."""
+    sid, n_context, _ = core.open(LONG_PROMPT)
+    try:
+        own = core.next_text(sid, [], 12)
+        candidates = [(own.text, False), (" The answer is 42.", False), (" 18", True), (" x", False)]
+        scores = core.score_candidates(sid, candidates, own.state_id)
+        assert scores[0].reused and not scores[1].reused
+        context = core.tokenizer.hf(LONG_PROMPT)["input_ids"]
+        assert len(context) == n_context
+        gaps: list[float] = []
+        for (_text, eos), score in zip(candidates, scores):
+            ids = score.token_ids
+            if eos:
+                assert ids[-1] == core.eos_token_id
+            reference = core._forwards.new_cache()
+            (logits,) = core.model.decode([(reference.seqs[0], 0, context + ids, n_context - 1)])
+            del reference
+            lps = [float(x) for x in logits.log_softmax(-1)[range(len(ids)), ids]]
+            gaps += [abs(a - b) for a, b in zip(score.logprobs, lps)]
+            assert score.ppl == pytest.approx(math.exp(-sum(score.logprobs) / len(ids)), rel=1e-6)
+        assert len(gaps) >= 8
+        assert max(gaps) <= MAX_GAP and sum(gaps) / len(gaps) <= MEAN_GAP, gaps
+        # Committing a scored row adopts its sequence; generation goes on from it.
+        core.update_state(sid, scores[1].state_id)
+        assert core.next_text(sid, [], 4).token_ids
+    finally:
+        core.close(sid)
+
+
+async def test_concurrent_sessions_batch_into_one_decode_with_the_same_output(llama_cluster):
+    await asyncio.to_thread(_check_batching, llama_cluster.cores["smollm2"])
+
+
+def _check_batching(core) -> None:
+    """Decode steps of concurrent sessions share one llama_decode (a sequence per session); the
+    text each gets is what it gets alone."""
+    import threading
+
+    prompts = [f"Write a sentence about the number {i}." for i in range(3)]
+
+    def run(prompt: str) -> list[int]:
+        sid, _, _ = core.open(prompt)
+        tokens: list[int] = []
+        try:
+            while len(tokens) < 24:
+                r = core.next_text(sid, [], 24 - len(tokens))
+                core.update_state(sid, r.state_id)
+                tokens += r.token_ids
+                if r.eos:
+                    break
+        finally:
+            core.close(sid)
+        return tokens
+
+    alone = [run(p) for p in prompts]
+    before = dict(core.batcher.stats.sizes)
+    together: list = [None] * len(prompts)
+    threads = [
+        threading.Thread(target=lambda i=i: together.__setitem__(i, run(prompts[i]))) for i in range(len(prompts))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone
+    batched = {k: v - before.get(k, 0) for k, v in core.batcher.stats.sizes.items() if k > 1}
+    assert sum(batched.values()) > 0  # some steps did share a decode
+
+
+async def test_info_and_list_models_report_the_backend(llama_cluster, client):
+    assert llama_cluster.cores["gemma3"].info()["backend"] == "llamacpp"
+    models = await client.list_models()
+    assert {m.name: m.backend for m in models.models} == {
+        "smollm2": "llamacpp",
+        "gemma3": "llamacpp",
+        "smollm2b": "llamacpp",
+    }
+
+
+# ---- mixed backends ------------------------------------------------------------------------------
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def mixed_cluster(bundled_models):
+    """SmolLM2 on llama.cpp, Gemma-3 on transformers."""
+    c = await start_cluster(bundled_models, llamacpp=("smollm2",))
+    yield c
+    await stop_cluster(c)
+
+
+async def test_mixed_backends_fuse_to_well_formed_reproducible_output(mixed_cluster):
+    assert (mixed_cluster.cores["smollm2"].backend, mixed_cluster.cores["gemma3"].backend) == (
+        "llamacpp",
+        "transformers",
+    )
+    prompt = gsm8k_prompt(2)
+    kwargs = dict(mode="cool", models=["smollm2", "gemma3"], max_new_tokens=40, stop=["Question:"])
+    async with FusionClient(mixed_cluster.address) as c:
+        first = await c.generate(prompt, **kwargs)
+        second = await c.generate(prompt, **kwargs)
+    assert first.text == second.text and first.text.strip()
+    assert [s.model for s in first.segments] == [s.model for s in second.segments]
+    assert "".join(s.text for s in first.segments) == first.text
+    assert {s.model for s in first.segments} == {"smollm2", "gemma3"}  # both models won segments
+    for s in first.segments:
+        assert [c.model for c in s.candidates] == ["smollm2", "gemma3"]
+        assert all(p.ppl > 0 for c in s.candidates for p in c.ppl)
+    assert "Question:" not in first.text
+    assert first.finish_reason in ("stop", "length") and (first.finish_reason == "stop") == (
+        "Question:" in "".join(next(c.text for c in s.candidates if c.model == s.model) for s in first.segments)
+    )
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+def test_resolve_backend_picks_llamacpp_for_gguf_on_cpu_only(monkeypatch):
+    gguf = parse_spec("smollm2")
+    hub = dataclasses.replace(gguf, source="HuggingFaceTB/SmolLM2-135M-Instruct", gguf_file=None)
+    assert llamacpp.resolve_backend(None, gguf, "cpu") == "llamacpp"
+    assert llamacpp.resolve_backend("auto", gguf, "cuda") == "transformers"
+    assert llamacpp.resolve_backend("auto", hub, "cpu") == "transformers"
+    assert llamacpp.resolve_backend("transformers", gguf, "cpu") == "transformers"
+    with pytest.raises(FailedPrecondition, match="loads .gguf files"):
+        llamacpp.resolve_backend("llamacpp", hub, "cpu")
+    monkeypatch.setattr(llamacpp, "llamacpp_available", lambda: False)
+    assert llamacpp.resolve_backend("auto", gguf, "cpu") == "transformers"
+    with pytest.raises(FailedPrecondition, match=r"'smollm2'.*llama-cpp-python.*--backend transformers"):
+        llamacpp.resolve_backend("llamacpp", gguf, "cpu")
+
+
+def test_a_file_llamacpp_cannot_load_is_one_line_naming_the_model(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 64)
+    spec = parse_spec(f"broken={bad}")
+    with pytest.raises(FailedPrecondition) as info:
+        WorkerCore(spec.name, spec, device="cpu", backend="llamacpp")
+    message = str(info.value)
+    assert "'broken'" in message and str(bad) in message and "--backend transformers" in message
+    assert "\n" not in message
+    assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_context_longer_than_the_cells_is_invalid_argument(llama_cluster):
+    core = WorkerCore("smollm2", parse_spec("smollm2"), device="cpu", backend="llamacpp", kv_cells=256)
+    with pytest.raises(InvalidArgument, match=r"supports fewer than 256 \(raise --kv-cells\)"):
+        core.open("word " * 300)
+    sid, _, _ = core.open("A short prompt")  # the worker still serves
+    assert core.next_text(sid, [], 4).token_ids
