@@ -137,6 +137,11 @@ def _session_memory(spec, model, tok, prompt: str, n: int) -> dict:
     from ..services.worker.model import WorkerCore
 
     core = WorkerCore(spec.name, spec, device="cpu", model=model, hf_tokenizer=tok)
+    note = "sliding-window layers (Gemma-3) hold at most window-1 (+ kept lookahead) tokens"
+    return _core_session_memory(core, prompt, n, note)
+
+
+def _core_session_memory(core, prompt: str, n: int, note: str) -> dict:
     sid, ctx, _ = core.open(prompt)
     done = 0
     while done < n:
@@ -152,7 +157,7 @@ def _session_memory(spec, model, tok, prompt: str, n: int) -> dict:
         "kv_bytes": b["kv_bytes"],
         "kv_bytes_per_token": b["kv_bytes"] / max(1, b["tokens"]),
         "logits_bytes": b["logits_bytes"],
-        "note": "sliding-window layers (Gemma-3) hold at most window-1 (+ kept lookahead) tokens",
+        "note": note,
     }
 
 
@@ -206,20 +211,5 @@ def _llamacpp_session_memory(spec, prompt: str, n: int) -> dict:
     from ..services.worker.model import WorkerCore
 
     core = WorkerCore(spec.name, spec, device="cpu", backend="llamacpp")
-    sid, ctx, _ = core.open(prompt)
-    done = 0
-    while done < n:
-        r = core.next_text(sid, [], n - done)
-        done = core.update_state(sid, r.state_id).committed_tokens
-        if r.eos or not r.token_ids:
-            break
-    b = core.session_bytes(sid)
-    core.close(sid)
-    return {
-        "context_tokens": ctx,
-        "output_tokens": done,
-        "kv_bytes": b["kv_bytes"],
-        "kv_bytes_per_token": b["kv_bytes"] / max(1, b["tokens"]),
-        "logits_bytes": b["logits_bytes"],
-        "note": "llama.cpp keeps every state of sliding-window layers (swa_full), so rollbacks can cross the window",
-    }
+    note = "llama.cpp keeps every state of sliding-window layers (swa_full), so rollbacks can cross the window"
+    return _core_session_memory(core, prompt, n, note)
