@@ -253,3 +253,16 @@ def test_a_context_longer_than_the_cells_is_invalid_argument(llama_cluster):
         core.open("word " * 300)
     sid, _, _ = core.open("A short prompt")  # the worker still serves
     assert core.next_text(sid, [], 4).token_ids
+
+
+def test_sessions_past_the_cap_evict_the_least_recently_used_and_scoring_still_has_sequences():
+    from coolfusion.services.worker.errors import SessionNotFound
+
+    core = WorkerCore("smollm2", parse_spec("smollm2"), device="cpu", backend="llamacpp", kv_cells=4096)
+    assert core.max_sessions == llamacpp.MAX_SESSIONS < llamacpp.MAX_SEQUENCES
+    ids = [core.open(f"Session {i} says")[0] for i in range(llamacpp.MAX_SESSIONS + 1)]
+    with pytest.raises(SessionNotFound, match="evicted"):
+        core.next_text(ids[0], [], 2)
+    assert core.info()["live_sessions"] == llamacpp.MAX_SESSIONS
+    scores = core.score_candidates(ids[-1], [(f" word{i}", False) for i in range(8)])
+    assert len(scores) == 8 and all(s.logprobs for s in scores)

@@ -38,10 +38,14 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("transformers", "llamacpp")
 # KV cells of a worker's context, shared by all its sessions and their scoring forks (a fork
-# shares its parent's cells). Cells are small for the bundled models: ~23 KiB a token for SmolLM2.
+# shares its parent's cells). Cells are small for the bundled models: ~21 KiB a token for SmolLM2.
 DEFAULT_KV_CELLS = 16384
 # Sequences of one context: live sessions plus their scoring rows (each candidate is a sequence).
+# Its logits buffer holds a row per sequence (64 MiB for Gemma-3's vocabulary at 64).
 MAX_SEQUENCES = 64
+# Live sessions a llama.cpp worker keeps at most (fewer when --max-sessions says so): beyond, the
+# least recently used idle one is evicted, so that scoring rows always find sequences.
+MAX_SESSIONS = MAX_SEQUENCES * 3 // 4
 DECODE_TOKENS = 512  # tokens per llama_decode call (n_batch = n_ubatch)
 
 INSTALL_HINT = (

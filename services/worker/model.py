@@ -47,6 +47,7 @@ from .generation import (
     Generator,
 )
 from .llamacpp import DECODE_TOKENS as LLAMACPP_PREFILL
+from .llamacpp import MAX_SESSIONS as LLAMACPP_SESSIONS
 from .llamacpp import LlamaCppForwards, resolve_backend
 from .loading import load_model
 from .prefix_cache import DEFAULT_BUDGET_BYTES as DEFAULT_PREFIX_CACHE_BYTES
@@ -163,6 +164,8 @@ class WorkerCore:
         self.backend = backend
         self._take(loaded)
         self.boundary = boundary if boundary is not None else TokenizerRegistry([self.tokenizer]).common_boundary
+        if backend == "llamacpp":
+            max_sessions = min(max_sessions or LLAMACPP_SESSIONS, LLAMACPP_SESSIONS)
         self._table = SessionTable(
             name, session_ttl, max_sessions, kv_budget_bytes, forget=lambda session_id: self.batcher.forget(session_id)
         )
