@@ -266,3 +266,45 @@ def test_sessions_past_the_cap_evict_the_least_recently_used_and_scoring_still_h
     assert core.info()["live_sessions"] == llamacpp.MAX_SESSIONS
     scores = core.score_candidates(ids[-1], [(f" word{i}", False) for i in range(8)])
     assert len(scores) == 8 and all(s.logprobs for s in scores)
+
+
+def test_serve_with_backend_flag_runs_worker_processes_on_llamacpp():
+    """``coolfusion serve --backend llamacpp``: the flag reaches the worker processes the command
+    starts (ListModels says so, over the $COOLFUSION_BACKEND the tests set), and their
+    single-model output is llama.cpp's own greedy text."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from coolfusion.clients.client import SyncFusionClient
+
+    prompt = "Question: What is 12 plus 30?\nAnswer:"
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "coolfusion.clients.cli", "serve", "--models", "smollm2", "--port", "0"]
+        + ["--backend", "llamacpp"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "COOLFUSION_BACKEND": "transformers"},
+    )
+    try:
+        address = None
+        for line in serve.stderr:
+            if found := re.search(r"coolfusion serving on (\S+)", line):
+                address = found.group(1)
+                break
+        assert address, "serve exited before it served"
+        client = SyncFusionClient(address)
+        try:
+            assert [(m.name, m.backend) for m in client.list_models().models] == [("smollm2", "llamacpp")]
+            reply = client.generate(prompt, mode="single:smollm2", max_new_tokens=12)
+        finally:
+            client.close()
+    finally:
+        serve.send_signal(signal.SIGINT)
+        serve.wait(timeout=120)
+    core = WorkerCore("smollm2", parse_spec("smollm2"), device="cpu", backend="llamacpp")
+    ids = core.tokenizer.hf(prompt)["input_ids"]
+    expected = llamacpp_greedy("smollm2", ids, 12, set(core.eos_token_ids))
+    assert [t for s in reply.segments for t in s.token_ids] == expected

@@ -54,8 +54,22 @@ async def serve(make_service, name: str, grace: float, metrics_port: int = 0) ->
     await service.serve_until_signal(grace)
 
 
+def add_backend_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "transformers", "llamacpp"],
+        help="what runs each model: auto (default: llama.cpp for GGUF models on the CPU when installed, "
+        "else transformers), transformers or llamacpp ($COOLFUSION_BACKEND)",
+    )
+
+
 def start_cluster(
-    models: list[str], device: str | None, port: int = 0, host: str = "127.0.0.1", http_port: int | None = None
+    models: list[str],
+    device: str | None,
+    port: int = 0,
+    host: str = "127.0.0.1",
+    http_port: int | None = None,
+    backend: str | None = None,
 ):
     """Start the services for ``models`` on this machine, with a live status line on stderr."""
     from rich.console import Console
@@ -76,7 +90,13 @@ def start_cluster(
                 console.log(f"{name} ready")
 
         cluster = LocalCluster(
-            models, device=device, on_event=on_event, orchestrator_port=port, host=host, http_port=http_port
+            models,
+            device=device,
+            on_event=on_event,
+            orchestrator_port=port,
+            host=host,
+            http_port=http_port,
+            backend=backend,
         )
         cluster.start()
     return cluster

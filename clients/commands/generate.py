@@ -8,7 +8,7 @@ import json
 import math
 import sys
 
-from .common import add_rule_args, default_models, models_arg, rule_from_args, start_cluster
+from .common import add_backend_arg, add_rule_args, default_models, models_arg, rule_from_args, start_cluster
 
 TIMINGS = ("total_s", "first_segment_s", "open_s", "generate_s", "score_s", "commit_s")
 
@@ -29,6 +29,7 @@ def add_parser(sub) -> None:
     g.add_argument("--seed", type=seed_arg, help="sampling seed (default: drawn and reported, so it can be reused)")
     g.add_argument("--connect", help="HOST:PORT of a running orchestrator")
     g.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    add_backend_arg(g)
     add_rule_args(g)
     g.set_defaults(func=run)
 
@@ -49,7 +50,7 @@ def run(args) -> int:
     if args.connect:
         return asyncio.run(generate(args.connect, args))
     try:
-        cluster = start_cluster(models_arg(args.models or default_models()), args.device)
+        cluster = start_cluster(models_arg(args.models or default_models()), args.device, backend=args.backend)
     except StartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -6,7 +6,7 @@ import signal
 import sys
 import time
 
-from .common import default_models, models_arg, start_cluster
+from .common import add_backend_arg, default_models, models_arg, start_cluster
 
 
 def add_parser(sub) -> None:
@@ -15,6 +15,7 @@ def add_parser(sub) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=50051)
     s.add_argument("--device")
+    add_backend_arg(s)
     s.add_argument("--http-port", type=int, default=None, help="also serve the OpenAI-compatible API on this port")
     s.set_defaults(func=run)
 
@@ -23,7 +24,9 @@ def run(args) -> int:
     from ..launcher import StartError
 
     try:
-        cluster = start_cluster(models_arg(args.models), args.device, args.port, args.host, args.http_port)
+        cluster = start_cluster(
+            models_arg(args.models), args.device, args.port, args.host, args.http_port, backend=args.backend
+        )
     except StartError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
