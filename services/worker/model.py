@@ -171,7 +171,7 @@ class WorkerCore:
         )
         fill_ahead = max(0, int(fill_ahead))
         self._forwards = self._make_forwards(max_batch, self._fill_rows if fill_ahead else None, prefill_chunk)
-        if backend == "llamacpp":  # kept contexts would pin llama.cpp sequences; its prefill is cheap
+        if backend == "llamacpp":  # kept contexts would pin sequences, and restores sit in other cells
             prefix_cache_bytes = 0
         self._generator = Generator(loaded, self._forwards, self.boundary, segment_cap, reuse_lookahead, fill_ahead)
         self._scorer = Scorer(loaded, self._forwards, reuse_own_logprobs)
