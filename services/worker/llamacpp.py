@@ -215,7 +215,10 @@ class LlamaCppModel:
                 if wanted:
                     ptr = ll.llama_get_logits(self._ctx)
                     outputs.append(np.ctypeslib.as_array(ptr, shape=(wanted, self.vocab_size)).copy())
-        rows = torch.from_numpy(np.concatenate(outputs)) if outputs else torch.empty(0, self.vocab_size)
+        if not outputs:
+            rows = torch.empty(0, self.vocab_size)
+        else:  # one decode call in the usual case: its copy is the result, not copied again
+            rows = torch.from_numpy(outputs[0] if len(outputs) == 1 else np.concatenate(outputs))
         out, at = [], 0
         for _seq, _pos, tokens, first in entries:
             n = max(0, len(tokens) - first)
@@ -306,8 +309,8 @@ class LlamaCppForwards(Forwards):
     in one ``llama_decode``."""
 
     backend = "llamacpp"
-    # Each token of a decode costs about what a lone one does here (1 thread: 12 ms for one SmolLM2
-    # token, 22 for two), so no prompt-lookup guesses: they made fused generation 15 % slower.
+    # Each token of a decode costs about what a lone one does here (the 4-bit products are bound by
+    # arithmetic), so prompt-lookup guesses cost their full price: they made fused generation slower.
     cheap_rows = False
 
     def __init__(self, model: LlamaCppModel, max_batch: int, fill=None, prefill_chunk: int = DECODE_TOKENS):
@@ -321,9 +324,9 @@ class LlamaCppForwards(Forwards):
     def forward(self, rows: list[list[int]], cache: SequenceKV, keep_last: bool) -> torch.Tensor:
         """Equally long ``rows``, one per sequence of ``cache``: logits [rows, tokens (or 1), vocab].
 
-        A decode per row: llama.cpp's logits move (by up to a tenth of a nat) with what else a
-        decode holds, and a row scored alone gets the log-probs a lone decode of it gives. Scoring
-        batches hold one row in the usual case anyway (each model reuses its own candidate's)."""
+        A decode per row: llama.cpp's logits move with what else a decode holds, and a row scored
+        alone gets the log-probs a lone decode of it gives. Scoring batches hold one row in the
+        usual case anyway (each model reuses its own candidate's)."""
         width = len(rows[0])
         first = width - 1 if keep_last else 0
         logits = [self.model.decode([(seq, cache.length, row, first)])[0] for seq, row in zip(cache.seqs, rows)]
@@ -331,9 +334,7 @@ class LlamaCppForwards(Forwards):
         return torch.stack(logits)
 
     def _single_step(self, cache: SequenceKV, tokens: list[int], logits_from: int) -> torch.Tensor:
-        (logits,) = self.model.decode([(cache.seqs[0], cache.length, tokens, logits_from)])
-        cache.length += len(tokens)
-        return logits
+        return self._batched_step([cache], [tokens], [logits_from])[0]
 
     def _batched_step(self, caches: list, rows: list[list[int]], logits_from: list[int]) -> list[torch.Tensor]:
         logits = self.model.decode(
