@@ -54,12 +54,15 @@ async def serve(make_service, name: str, grace: float, metrics_port: int = 0) ->
     await service.serve_until_signal(grace)
 
 
-def add_backend_arg(parser: argparse.ArgumentParser) -> None:
+def add_backend_arg(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """``--backend`` of the workers (``services/worker/llamacpp.py``, ``resolve_backend``)."""
     parser.add_argument(
         "--backend",
         choices=["auto", "transformers", "llamacpp"],
-        help="what runs each model: auto (default: llama.cpp for GGUF models on the CPU when installed, "
-        "else transformers), transformers or llamacpp ($COOLFUSION_BACKEND)",
+        default=default,
+        help="what runs each model: auto (transformers on CUDA, llama.cpp for .gguf models on the CPU "
+        "when llama-cpp-python is installed, else transformers), transformers or llamacpp "
+        "(default: $COOLFUSION_BACKEND, else auto)",
     )
 
 

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 
-from .common import add_service_args, bind
+from .common import add_backend_arg, add_service_args, bind
 
 LOADING_PREFIX = "COOLFUSION_LOADING "  # stdout: a worker bound its port and loads its model (health NOT_SERVING)
 
@@ -26,13 +26,7 @@ def add_parser(sub) -> None:
     )
     add_service_args(w, port=50052, grace=10.0)
     w.add_argument("--device", default=os.environ.get("COOLFUSION_DEVICE") or None)
-    w.add_argument(
-        "--backend",
-        choices=["auto", "transformers", "llamacpp"],
-        default=os.environ.get("COOLFUSION_BACKEND") or "auto",
-        help="what runs the model: auto = transformers on CUDA, llama.cpp for .gguf models on the CPU when "
-        "llama-cpp-python is installed, else transformers ($COOLFUSION_BACKEND)",
-    )
+    add_backend_arg(w, default=os.environ.get("COOLFUSION_BACKEND") or "auto")
     w.add_argument(
         "--kv-cells",
         type=int,
