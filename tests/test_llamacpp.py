@@ -143,7 +143,7 @@ async def test_concurrent_sessions_batch_into_one_decode_with_the_same_output(ll
 
 def _check_batching(core) -> None:
     """Decode steps of concurrent sessions share one llama_decode (a sequence per session); the
-    text each gets is what it gets alone."""
+    text each gets is what it gets alone, up to a near tie that layout noise can flip."""
     import threading
 
     prompts = [f"Write a sentence about the number {i}." for i in range(3)]
@@ -172,9 +172,27 @@ def _check_batching(core) -> None:
         t.start()
     for t in threads:
         t.join()
-    assert together == alone
+    for prompt, mine, lone in zip(prompts, together, alone):
+        _assert_same_or_near_tie(core, prompt, mine, lone)
     batched = {k: v - before.get(k, 0) for k, v in core.batcher.stats.sizes.items() if k > 1}
     assert sum(batched.values()) > 0  # some steps did share a decode
+
+
+def _assert_same_or_near_tie(core, prompt: str, mine: list[int], lone: list[int]) -> None:
+    """``mine`` (decoded beside other sessions) is ``lone`` (decoded alone), or parts from it
+    where the two tokens are a near tie: cells interleaved with other sessions' move llama.cpp's
+    logits by layout noise (MAX_GAP), which can flip such a pick. A token from another
+    session's sequence would be far from this one's greedy pick."""
+    at = next((i for i, (a, b) in enumerate(zip(mine, lone)) if a != b), None)
+    if at is None:
+        assert mine == lone
+        return
+    context = core.tokenizer.hf(prompt)["input_ids"] + lone[:at]
+    reference = core._forwards.new_cache()
+    (logits,) = core.model.decode([(reference.seqs[0], 0, context, len(context) - 1)])
+    del reference
+    lps = logits[0].log_softmax(-1)
+    assert float(lps[lone[at]] - lps[mine[at]]) <= MAX_GAP, (at, mine, lone)
 
 
 async def test_info_and_list_models_report_the_backend(llama_cluster, client):
