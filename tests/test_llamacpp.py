@@ -286,6 +286,50 @@ def test_sessions_past_the_cap_evict_the_least_recently_used_and_scoring_still_h
     assert len(scores) == 8 and all(s.logprobs for s in scores)
 
 
+def test_prefix_cache_shares_the_kept_cells_and_restored_sessions_score_as_a_plain_decode():
+    """An Open of a kept context prefills nothing and starts from its very logits; another
+    question after the same few shots prefills only its own tokens, on a sequence that shares the
+    shots' cells, and scores as one plain decode of its text does. Entries stay capped, and every
+    sequence goes back to the context when they are dropped."""
+    import gc
+
+    core = WorkerCore("smollm2", parse_spec("smollm2"), device="cpu", backend="llamacpp", kv_cells=8192)
+    first, again, other = gsm8k_prompt(0, shots=5), gsm8k_prompt(0, shots=5), gsm8k_prompt(1, shots=5)
+    sid, n_first, _ = core.open(first)
+    lone = core.next_text(sid, [], 8)
+    core.close(sid)
+    assert core.info()["prefix_cache_hits"] == 0
+    sid, _, _ = core.open(again)
+    assert core.info()["prefix_cache_hits"] == 1 and core.info()["prefix_cache_reused_tokens"] == n_first
+    kept = core.next_text(sid, [], 8)
+    assert kept.logprobs[0] == lone.logprobs[0]  # the kept logits, not a new prefill
+    core.close(sid)
+    ids = core.tokenizer.hf(other)["input_ids"]
+    shared = next(i for i, (a, b) in enumerate(zip(ids, core.tokenizer.hf(first)["input_ids"])) if a != b)
+    sid, n_other, _ = core.open(other)
+    assert core.info()["prefix_cache_reused_tokens"] == n_first + shared > n_first + 600
+    try:
+        candidate = " The answer is 18 dollars."
+        (score,) = core.score_candidates(sid, [(candidate, False)])
+        reference = core._forwards.new_cache()
+        (logits,) = core.model.decode([(reference.seqs[0], 0, ids + score.token_ids, n_other - 1)])
+        del reference
+        lps = logits.log_softmax(-1)[range(len(score.token_ids)), score.token_ids].tolist()
+        gaps = [abs(a - b) for a, b in zip(score.logprobs, lps)]
+        assert max(gaps) <= MAX_GAP and sum(gaps) / len(gaps) <= MEAN_GAP, gaps
+    finally:
+        core.close(sid)
+    for i in range(llamacpp.PREFIX_ENTRIES + 3):
+        sid, _, _ = core.open(f"Context number {i}: " + "a long enough line of words " * 12)
+        core.close(sid)
+    assert len(core.prefix_cache._entries) == llamacpp.PREFIX_ENTRIES
+    core.prefix_cache.clear()
+    gc.collect()
+    with core.model.lock:
+        core.model._drain()
+    assert len(core.model._free_seqs) == llamacpp.MAX_SEQUENCES
+
+
 def test_serve_with_backend_flag_runs_worker_processes_on_llamacpp():
     """``coolfusion serve --backend llamacpp``: the flag reaches the worker processes the command
     starts (ListModels says so, over the $COOLFUSION_BACKEND the tests set), and their

@@ -76,3 +76,37 @@ def test_budget_drops_the_least_recently_used_and_refuses_what_cannot_be_kept():
     assert not kept.store([6] * 12, cut_back, torch.zeros(5))
     off = PrefixCache(0, CHUNK)
     assert not off.store(a, prefilled(a), torch.zeros(5)) and off.restore(a) is None
+
+
+class SequenceLike:
+    """A cache like llama.cpp's ``SequenceKV``: ``cut`` copies by reference (shared cells)."""
+
+    def __init__(self, ids: list[int]):
+        self.ids = list(ids)
+
+    def holds_every_state(self, n: int) -> bool:
+        return len(self.ids) == n
+
+    def cut(self, n: int):
+        return SequenceLike(self.ids[:n])
+
+    def __deepcopy__(self, memo):
+        return self.cut(len(self.ids))
+
+    def nbytes(self) -> int:
+        return 10 * len(self.ids)
+
+
+def test_backend_caches_restore_after_any_token_and_entries_are_capped():
+    kept = PrefixCache(10**6, 1, min_tokens=3, max_entries=2)
+    shots = [7, 8, 9, 10, 11]
+    assert not kept.store([1, 2], SequenceLike([1, 2]), torch.zeros(5))  # shorter than min_tokens
+    assert kept.store(shots + [1], SequenceLike(shots + [1]), torch.zeros(5))
+    # Another question after the same shots resumes after the last shared token, not at a chunk.
+    other = kept.restore(shots + [2, 3])
+    assert other.tokens == len(shots) and other.cache.ids == shots and other.logits is None
+    assert kept.reused_tokens == len(shots)
+    for tail in ([4], [5]):
+        assert kept.store(shots + tail, SequenceLike(shots + tail), torch.zeros(5))
+    # Beyond max_entries the least recently used entry goes, whatever the byte budget says.
+    assert len(kept._entries) == 2 and tuple(shots + [1]) not in kept._entries

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ...orchestrator.rules import RULES, RuleError, ScoreRule, default_rule
+from ..commands.common import add_backend_arg
 from .runner import EvalDataError, load_rows, run_task, write_reports
 
 TASKS = ("gsm8k", "mgsm", "arc-easy", "arc-challenge")
@@ -49,6 +50,7 @@ def add_eval_parser(sub, default_models: str) -> None:
     e.add_argument("--connect", help="HOST:PORT of a running orchestrator")
     e.add_argument("--models", default=default_models)
     e.add_argument("--device")
+    add_backend_arg(e)
     e.set_defaults(func=cmd_eval)
 
 
@@ -167,7 +169,9 @@ def cmd_eval(args) -> int:
     try:
         address = args.connect
         if not address:
-            cluster = start_cluster([m.strip() for m in args.models.split(",") if m.strip()], args.device)
+            cluster = start_cluster(
+                [m.strip() for m in args.models.split(",") if m.strip()], args.device, backend=args.backend
+            )
             address = cluster.address
         summary = asyncio.run(run(address))
     except KeyboardInterrupt:

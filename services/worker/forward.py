@@ -83,6 +83,12 @@ class Forwards:
     def _batched_step(self, caches: list, rows: list[list[int]], logits_from: list[int]) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    @property
+    def restore_align(self) -> int:
+        """A prefill resumes from a restored cache only at multiples of this many tokens: where
+        chunks of a whole prefill end, so that the rest is computed as a whole prefill would."""
+        return max(1, self.prefill_chunk)
+
     def prefill(
         self, ids: list[int], cache=None, cancelled: Cancelled | None = None, done: int = 0
     ) -> tuple[object, torch.Tensor]:
@@ -90,12 +96,14 @@ class Forwards:
 
         Chunks of ``prefill_chunk`` tokens, one forward each, called the way ``generate`` calls
         them with ``prefill_chunk_size`` (a prompt of one chunk: its plain call). ``done``: the
-        tokens ``cache`` already holds (a chunk boundary: the prefix cache's start). Between chunks
+        tokens ``cache`` already holds (the prefix cache's start, a multiple of ``restore_align``). Between chunks
         ``cancelled()`` is asked and ``PrefillCancelled`` raised when it says so: a caller that
         left stops the work within one chunk, and other sessions' steps get the model between."""
         cache = self.new_cache() if cache is None else cache
         step = max(1, self.prefill_chunk)
-        assert done % step == 0 and done < len(ids), "a prefill starts at a chunk boundary before its last token"
+        assert done % self.restore_align == 0 and done < len(ids), (
+            "a prefill resumes at a boundary before its last token"
+        )
         with torch.inference_mode():
             for start in range(done, len(ids), step):
                 if start > done and cancelled is not None and cancelled():

@@ -40,12 +40,16 @@ BACKENDS = ("transformers", "llamacpp")
 # KV cells of a worker's context, shared by all its sessions and their scoring forks (a fork
 # shares its parent's cells). Cells are small for the bundled models: ~21 KiB a token for SmolLM2.
 DEFAULT_KV_CELLS = 16384
-# Sequences of one context: live sessions plus their scoring rows (each candidate is a sequence).
-# Its logits buffer holds a row per sequence (64 MiB for Gemma-3's vocabulary at 64).
-MAX_SEQUENCES = 64
 # Live sessions a llama.cpp worker keeps at most (fewer when --max-sessions says so): beyond, the
 # least recently used idle one is evicted, so that scoring rows always find sequences.
-MAX_SESSIONS = MAX_SEQUENCES * 3 // 4
+MAX_SESSIONS = 48
+# The prefix cache on this backend: contexts it keeps at most (each entry holds a sequence and
+# its cells, at most a quarter of the cells in all), and the shortest it keeps.
+PREFIX_ENTRIES = 8
+PREFIX_MIN_TOKENS = 64
+# Sequences of one context: live sessions, their scoring rows (a sequence per candidate) and the
+# prefix cache's entries. The logits buffer holds a row per sequence (1 MiB each for Gemma-3).
+MAX_SEQUENCES = MAX_SESSIONS + 16 + PREFIX_ENTRIES
 DECODE_TOKENS = 512  # tokens per llama_decode call (n_batch = n_ubatch)
 
 INSTALL_HINT = (
@@ -292,7 +296,15 @@ class SequenceKV:
         self.seqs = keep
 
     def __deepcopy__(self, memo) -> SequenceKV:
-        return SequenceKV(self.model, [self.model.copy_seq(seq, self.length) for seq in self.seqs], self.length)
+        return self.cut(self.length)
+
+    def cut(self, length: int) -> SequenceKV:
+        """A copy holding the first ``length`` states: new sequences sharing those cells."""
+        return SequenceKV(self.model, [self.model.copy_seq(seq, length) for seq in self.seqs], length)
+
+    def holds_every_state(self, length: int) -> bool:
+        """One row of ``length`` states (``swa_full`` keeps every sliding-window state)."""
+        return len(self.seqs) == 1 and self.length == length
 
     def nbytes(self) -> int:
         return self.length * len(self.seqs) * self.model.kv_bytes_per_token
@@ -312,6 +324,8 @@ class LlamaCppForwards(Forwards):
     # Each token of a decode costs about what a lone one does here (the 4-bit products are bound by
     # arithmetic), so prompt-lookup guesses cost their full price: they made fused generation slower.
     cheap_rows = False
+    # A restored prefix shares its entry's cells, so a prefill may resume after any token.
+    restore_align = 1
 
     def __init__(self, model: LlamaCppModel, max_batch: int, fill=None, prefill_chunk: int = DECODE_TOKENS):
         self.model = model

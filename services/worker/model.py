@@ -48,6 +48,8 @@ from .generation import (
 )
 from .llamacpp import DECODE_TOKENS as LLAMACPP_PREFILL
 from .llamacpp import MAX_SESSIONS as LLAMACPP_SESSIONS
+from .llamacpp import PREFIX_ENTRIES as LLAMACPP_PREFIX_ENTRIES
+from .llamacpp import PREFIX_MIN_TOKENS as LLAMACPP_PREFIX_MIN_TOKENS
 from .llamacpp import LlamaCppForwards, resolve_backend
 from .loading import load_model
 from .prefix_cache import DEFAULT_BUDGET_BYTES as DEFAULT_PREFIX_CACHE_BYTES
@@ -171,11 +173,9 @@ class WorkerCore:
         )
         fill_ahead = max(0, int(fill_ahead))
         self._forwards = self._make_forwards(max_batch, self._fill_rows if fill_ahead else None, prefill_chunk)
-        if backend == "llamacpp":  # kept contexts would pin sequences, and restores sit in other cells
-            prefix_cache_bytes = 0
         self._generator = Generator(loaded, self._forwards, self.boundary, segment_cap, reuse_lookahead, fill_ahead)
         self._scorer = Scorer(loaded, self._forwards, reuse_own_logprobs)
-        self.prefix_cache = PrefixCache(prefix_cache_bytes, self._forwards.prefill_chunk)
+        self.prefix_cache = self._make_prefix_cache(prefix_cache_bytes)
         self._kv_per_token: int | None = None  # measured when a KV budget first needs it
 
     # ---- info ----------------------------------------------------------------------------
@@ -352,6 +352,19 @@ class WorkerCore:
         self.eos_token_ids, self._eos_set = list(loaded.eos_token_ids), loaded.eos_set
         self.eos_token_id, self.vocab_size = loaded.eos_token_id, loaded.vocab_size
         self.max_positions, self.parameters = loaded.max_positions, loaded.parameters
+
+    def _make_prefix_cache(self, budget_bytes: int) -> PrefixCache:
+        if self.backend != "llamacpp":
+            return PrefixCache(budget_bytes, self._forwards.restore_align)
+        # A restore shares the entry's cells at any length; entries hold sequences and cells that
+        # sessions need too, so they are few and keep at most a quarter of the cells.
+        cells_bytes = self.model.kv_cells // 4 * self.model.kv_bytes_per_token
+        return PrefixCache(
+            min(budget_bytes, cells_bytes),
+            self._forwards.restore_align,
+            LLAMACPP_PREFIX_MIN_TOKENS,
+            max_entries=LLAMACPP_PREFIX_ENTRIES,
+        )
 
     def _make_forwards(self, max_batch: int, fill, prefill_chunk: int):
         if self.backend == "llamacpp":

@@ -10,6 +10,12 @@ recorded cache cut at the boundary is the cache a prefill of that many tokens le
 of an Open served from here are therefore bitwise those of a whole prefill; only caches holding
 every state of their context are kept (``store`` checks it).
 
+On the llama.cpp backend an entry is a sequence of the worker's context, and a restore is a new
+sequence sharing the entry's cells (``SequenceKV.cut``): the restored states are the very ones
+the first prefill computed, at any length, so there restores need no chunk boundary. What is
+prefilled after them lands in other cells than a whole prefill's would, which moves llama.cpp's
+logits by the same layout noise as any session decoded beside others (``llamacpp.py``).
+
 Entries are never handed out, only copies: a session crops and grows its own cache.
 """
 
@@ -62,6 +68,8 @@ def _common_prefix(a: tuple[int, ...], b: list[int]) -> int:
 
 def _holds_every_state(cache, n: int) -> bool:
     """Every layer holds exactly ``n`` states (none dropped out of a sliding window)."""
+    if hasattr(cache, "holds_every_state"):  # llama.cpp's SequenceKV
+        return cache.holds_every_state(n)
     layers = [layer for layer in getattr(cache, "layers", ()) if getattr(layer, "is_initialized", False)]
     return bool(layers) and all(
         layer.keys.shape[-2] == n and getattr(layer, "cumulative_length", n) == n for layer in layers
@@ -71,6 +79,8 @@ def _holds_every_state(cache, n: int) -> bool:
 def _cut(cache, n: int):
     """A copy of ``cache`` (holding every state) holding its first ``n`` states: the deep copy
     takes each layer's first ``n`` states in place of the whole tensors, copied once."""
+    if hasattr(cache, "cut"):  # llama.cpp's SequenceKV: shares the cells, copies nothing
+        return cache.cut(n)
     layers = [layer for layer in getattr(cache, "layers", ()) if getattr(layer, "is_initialized", False)]
     memo = {id(t): t[..., :n, :].clone() for layer in layers for t in (layer.keys, layer.values)}
     out = copy.deepcopy(cache, memo)
@@ -82,11 +92,15 @@ def _cut(cache, n: int):
 
 class PrefixCache:
     """Caches of prefilled contexts, least recently used dropped beyond ``budget_bytes``
-    (0: off). Thread-safe; copies are made outside the lock."""
+    (0: off) or ``max_entries`` (None: no cap). Restores start at a multiple of ``chunk``
+    tokens; contexts shorter than ``min_tokens`` (default: ``chunk``) are not kept.
+    Thread-safe; copies are made outside the lock."""
 
-    def __init__(self, budget_bytes: int, chunk: int):
+    def __init__(self, budget_bytes: int, chunk: int, min_tokens: int | None = None, max_entries: int | None = None):
         self.budget_bytes = max(0, int(budget_bytes))
         self.chunk = max(1, int(chunk))
+        self.min_tokens = self.chunk if min_tokens is None else max(1, int(min_tokens))
+        self.max_entries = max_entries
         self._entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0  # Opens that started from a kept cache
@@ -126,10 +140,10 @@ class PrefixCache:
 
     def store(self, ids: list[int], cache, logits: torch.Tensor) -> bool:
         """Keep a copy of a freshly prefilled ``cache`` of ``ids`` and the logits after them;
-        False when it is not kept (off, shorter than a chunk, a layer that dropped states, or
+        False when it is not kept (off, shorter than ``min_tokens``, a layer that dropped states, or
         larger than the whole budget)."""
         key = tuple(ids)
-        if not self.budget_bytes or len(key) < self.chunk:
+        if not self.budget_bytes or len(key) < self.min_tokens:
             return False
         with self._lock:
             if key in self._entries:
@@ -144,7 +158,7 @@ class PrefixCache:
         with self._lock:
             self._entries[key] = entry
             used = sum(e.nbytes for e in self._entries.values())
-            while used > self.budget_bytes:
+            while used > self.budget_bytes or (self.max_entries is not None and len(self._entries) > self.max_entries):
                 _, dropped = self._entries.popitem(last=False)
                 used -= dropped.nbytes
         return True
