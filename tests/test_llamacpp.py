@@ -195,6 +195,17 @@ def _assert_same_or_near_tie(core, prompt: str, mine: list[int], lone: list[int]
     assert float(lps[lone[at]] - lps[mine[at]]) <= MAX_GAP, (at, mine, lone)
 
 
+async def test_sampling_with_a_seed_is_reproducible_and_not_greedy(llama_cluster, client):
+    """Sampling draws from llama.cpp's logits with the seed's stream (``sampling.py``): the same
+    seed gives the same fused text and winners, and sampled text is not the greedy one."""
+    prompt, options = "Write one sentence about the sea.", dict(max_new_tokens=24, temperature=1.2, top_k=40)
+    greedy = await client.generate(prompt, mode="cool", max_new_tokens=24)
+    runs = [await client.generate(prompt, mode="cool", seed=seed, **options) for seed in (7, 7, 8)]
+    assert runs[0].text == runs[1].text and runs[0].seed == 7
+    assert [s.model for s in runs[0].segments] == [s.model for s in runs[1].segments]
+    assert {runs[0].text, runs[2].text} != {greedy.text}
+
+
 async def test_info_and_list_models_report_the_backend(llama_cluster, client):
     assert llama_cluster.cores["gemma3"].info()["backend"] == "llamacpp"
     models = await client.list_models()
@@ -284,6 +295,27 @@ def test_sessions_past_the_cap_evict_the_least_recently_used_and_scoring_still_h
     assert core.info()["live_sessions"] == llamacpp.MAX_SESSIONS
     scores = core.score_candidates(ids[-1], [(f" word{i}", False) for i in range(8)])
     assert len(scores) == 8 and all(s.logprobs for s in scores)
+
+
+def test_the_kv_budget_evicts_the_least_recently_used_session():
+    """``--kv-budget-mb`` counts a llama.cpp session's cells (``SequenceKV.nbytes``): beyond the
+    budget the least recently used idle session goes, and the rest go on generating."""
+    from coolfusion.services.worker.errors import SessionNotFound
+
+    probe = WorkerCore("smollm2", parse_spec("smollm2"), device="cpu", backend="llamacpp", kv_cells=4096)
+    per_token = probe.model.kv_bytes_per_token
+    del probe
+    prompt = "Tell me about the river. " * 16  # about 100 tokens
+    core = WorkerCore(
+        "smollm2", parse_spec("smollm2"), device="cpu", backend="llamacpp", kv_cells=4096,
+        kv_budget_bytes=330 * per_token, prefix_cache_bytes=0,
+    )  # fmt: skip
+    ids = [core.open(prompt + str(i))[0] for i in range(4)]
+    assert core.info()["live_sessions"] == 3
+    assert sum(s.kv_bytes() for s in core._table.live()) <= 330 * per_token
+    with pytest.raises(SessionNotFound, match="evicted"):
+        core.next_text(ids[0], [], 2)
+    assert all(core.next_text(sid, [], 2).token_ids for sid in ids[1:])
 
 
 def test_prefix_cache_shares_the_kept_cells_and_restored_sessions_score_as_a_plain_decode():
