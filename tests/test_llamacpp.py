@@ -318,6 +318,27 @@ def test_the_kv_budget_evicts_the_least_recently_used_session():
     assert all(core.next_text(sid, [], 2).token_ids for sid in ids[1:])
 
 
+def test_kept_contexts_give_their_cells_back_when_a_session_needs_them():
+    """The prefix cache's entries hold cells of the worker's context; an Open that needs them
+    gets them (oldest entries dropped), where without that hook it would find the cells full."""
+    from coolfusion.services.common.errors import ResourceExhausted
+
+    core = WorkerCore("smollm2", parse_spec("smollm2"), device="cpu", backend="llamacpp", kv_cells=1024)
+    kept, large = "word " * 200, "text " * 880  # 200 cells kept; 880 more do not fit beside them
+    sid, _, _ = core.open(kept)
+    core.close(sid)
+    assert len(core.prefix_cache._entries) == 1
+    sid, _, _ = core.open(large)
+    assert core.next_text(sid, [], 4).token_ids and not core.prefix_cache._entries
+    core.close(sid)
+    make_room, core.model.make_room = core.model.make_room, None  # the same without the hook
+    sid, _, _ = core.open(kept)
+    core.close(sid)
+    with pytest.raises(ResourceExhausted, match="KV cells are full"):
+        core.open(large)
+    core.model.make_room = make_room
+
+
 def test_prefix_cache_shares_the_kept_cells_and_restored_sessions_score_as_a_plain_decode():
     """An Open of a kept context prefills nothing and starts from its very logits; another
     question after the same few shots prefills only its own tokens, on a sequence that shares the

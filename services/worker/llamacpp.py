@@ -24,7 +24,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -150,6 +150,9 @@ class LlamaCppModel:
         self._batch = ll.llama_batch_init(DECODE_TOKENS, 0, 1)
         self._free_seqs = list(range(MAX_SEQUENCES - 1, -1, -1))
         self._released: list[int] = []  # freed by garbage collection, removed at the next call
+        # Called when the cells are full, to free some (the prefix cache's oldest entry); False
+        # when it freed nothing.
+        self.make_room: Callable[[], bool] | None = None
         self._threads = max(1, threads)
         self.kv_bytes_per_token = self._measure_kv_bytes()
 
@@ -208,6 +211,9 @@ class LlamaCppModel:
                     batch.seq_id[i][0] = seq
                     batch.logits[i] = want
                 status = ll.llama_decode(self._ctx, batch)
+                while status == 1 and self.make_room is not None and self.make_room():
+                    self._drain()  # a failed decode stored nothing: the same batch again
+                    status = ll.llama_decode(self._ctx, batch)
                 if status == 1:
                     raise ResourceExhausted(
                         f"worker {self.name!r}: the {self.kv_cells} llama.cpp KV cells are full "

@@ -358,13 +358,16 @@ class WorkerCore:
             return PrefixCache(budget_bytes, self._forwards.restore_align)
         # A restore shares the entry's cells at any length; entries hold sequences and cells that
         # sessions need too, so they are few and keep at most a quarter of the cells.
+        # When sessions need the cells after all, the entries give theirs back (oldest first).
         cells_bytes = self.model.kv_cells // 4 * self.model.kv_bytes_per_token
-        return PrefixCache(
+        cache = PrefixCache(
             min(budget_bytes, cells_bytes),
             self._forwards.restore_align,
             LLAMACPP_PREFIX_MIN_TOKENS,
             max_entries=LLAMACPP_PREFIX_ENTRIES,
         )
+        self.model.make_room = cache.drop_oldest
+        return cache
 
     def _make_forwards(self, max_batch: int, fill, prefill_chunk: int):
         if self.backend == "llamacpp":

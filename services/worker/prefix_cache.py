@@ -110,6 +110,15 @@ class PrefixCache:
         with self._lock:
             return sum(e.nbytes for e in self._entries.values())
 
+    def drop_oldest(self) -> bool:
+        """Drop the least recently used entry (its cells go back to a llama.cpp context once no
+        session shares them); False when there is none."""
+        with self._lock:
+            if not self._entries:
+                return False
+            self._entries.popitem(last=False)
+            return True
+
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
