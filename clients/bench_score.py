@@ -68,12 +68,12 @@ async def score_rpc(address: str, questions, models: list[str]) -> list[float]:
 
 def run_score_bench(args, log) -> dict:
     from .bench import machine
-    from .evaluation.command import SHARED_DATA
+    from ..data import data_dir
     from .launcher import LocalCluster
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     names = [m.split("=", 1)[0] for m in models]
-    data = Path(args.score_data) if args.score_data else SHARED_DATA / "arc" / "ARC-Easy-validation.jsonl"
+    data = Path(args.score_data) if args.score_data else data_dir() / "arc" / "ARC-Easy-validation.jsonl"
     questions = _questions(data, args.score_questions)
     threads = max(1, (os.cpu_count() or 2) // len(models))
     result = {

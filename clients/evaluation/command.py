@@ -1,24 +1,22 @@
 """``coolfusion eval TASK``: argument parsing and the run, for every task.
 
-coolfusion eval gsm8k --data ../shared/data/gsm8k/test.jsonl --limit 200
-coolfusion eval arc-easy --split validation            # ../shared/data/arc/ARC-Easy-validation.jsonl
+coolfusion eval gsm8k --limit 200                      # the packaged GSM8K test split
+coolfusion eval arc-easy --split validation            # the packaged ARC-Easy-validation.jsonl
 coolfusion eval mgsm --data DIR --lang de               # DIR/mgsm_de.tsv
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 from pathlib import Path
 
+from ...data import data_dir
 from ...orchestrator.rules import RULES, RuleError, ScoreRule, default_rule
 from ..commands.common import add_backend_arg
 from .runner import EvalDataError, load_rows, run_task, write_reports
 
 TASKS = ("gsm8k", "mgsm", "arc-easy", "arc-challenge")
-# ../shared beside the checkout holds the data (see the README); --data overrides.
-SHARED_DATA = Path(os.environ.get("COOLFUSION_DATA_DIR", Path(__file__).resolve().parents[3] / "shared" / "data"))
 
 
 def add_eval_parser(sub, default_models: str) -> None:
@@ -28,7 +26,7 @@ def add_eval_parser(sub, default_models: str) -> None:
         "--data", help="data file (gsm8k: JSONL/TSV; arc-*: ARC JSONL; mgsm: a TSV or a folder of mgsm_LANG.tsv)"
     )
     e.add_argument(
-        "--split", default="", help="arc-*: train | validation (default validation), under ../shared/data/arc"
+        "--split", default="", help="arc-*: train | validation (default validation), of the packaged ARC files"
     )
     e.add_argument("--lang", default="", help="mgsm: language of DIR/mgsm_LANG.tsv")
     e.add_argument("--train", help="gsm8k/mgsm few-shot exemplars (default: train.jsonl beside --data for gsm8k)")
@@ -74,7 +72,7 @@ def _choice_task(args, models: list[str]):
     if split not in ("train", "validation", "test"):
         raise ValueError(f"--split takes train, validation or test, got {split!r}")
     name = {"arc-easy": "ARC-Easy", "arc-challenge": "ARC-Challenge"}[args.task]
-    data = Path(args.data) if args.data else SHARED_DATA / "arc" / f"{name}-{split}.jsonl"
+    data = Path(args.data) if args.data else data_dir() / "arc" / f"{name}-{split}.jsonl"
     if not data.exists():
         raise EvalDataError(f"data file not found: {data} (pass --data PATH to an ARC JSONL)")
     items = choice.load_choice_items(data)[: args.limit or None]
@@ -100,7 +98,7 @@ def _generation_data(args) -> tuple[Path, int, Path | None]:
                 raise EvalDataError(f"{data} is a folder: name the language with --lang (reads mgsm_LANG.tsv)")
             data = data / f"mgsm_{args.lang}.tsv"
         return data, 0 if args.shots is None else args.shots, Path(args.train) if args.train else None
-    data = Path(args.data) if args.data else SHARED_DATA / "gsm8k" / "test.jsonl"
+    data = Path(args.data) if args.data else data_dir() / "gsm8k" / "test.jsonl"
     train = Path(args.train) if args.train else data.with_name("train.jsonl")
     return data, 3 if args.shots is None else args.shots, train
 
