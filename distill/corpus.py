@@ -8,8 +8,8 @@ A corpus spec is a task name or a path:
 - ``gsm8k``: the GSM8K train questions with their worked solutions, in the eval's few-shot form;
 - anything else: a jsonl file of objects with a non-empty string ``text``.
 
-The task files come from the folder ``coolfusion eval`` reads (``../shared/data`` beside the
-checkout, or ``$COOLFUSION_DATA_DIR``). Only train splits are read: the validation splits stay for
+The task files come from the folder ``coolfusion eval`` reads (``coolfusion.data``'s packaged copy,
+or ``$COOLFUSION_DATA_DIR``). Only train splits are read: the validation splits stay for
 evaluation. The held-out slice is chosen by a hash of the text, so it does not move when the corpus
 grows, is reordered or is read again after a kill.
 """
