@@ -16,10 +16,17 @@ Weights ``w_v`` (default 1 each) are normalised to sum to 1; ``n̄`` is the mean
 | ``mean-nll`` | argmax sum_v w_v lp_v / n_v (geometric mean of PPL) | n̄ sum_v w_v lp_v / n_v |
 | ``product`` | argmax sum_v w_v lp_v (product of experts) | sum_v w_v lp_v |
 | ``calibrated`` | argmax sum_v w_v q_v(c), q_v = softmax over the candidates of lp_v | ln sum_v w_v q_v(c) |
+| ``calibrated-token`` | as ``calibrated`` with q_v = softmax of t_v = lp_v * m_v / n_v | ln sum_v w_v q_v(c) |
+| ``hedged`` | as ``calibrated`` with q_v = (softmax(lp_v) + softmax(t_v)) / 2 | ln sum_v w_v q_v(c) |
 | ``gated`` | the primary's argmax when max_c q_p(c) >= threshold, else ``product`` | ln q_p(c) when the gate holds, else ``product``'s |
 
-``calibrated`` and ``gated`` compare the candidates with each other, so their values depend on
-the whole candidate set (a ``Score`` request's texts; a question's choices in lm-eval).
+``m_v`` is model v's mean token count over the (scorable) candidates: ``t_v`` is v's per-token
+log-likelihood scaled back to a typical candidate's length, so its softmax is as sharp as
+``calibrated``'s but does not favour the candidates with fewer tokens. ``hedged`` trusts each model's
+summed and per-token preferences equally.
+
+The set-relative rules (``calibrated``, ``calibrated-token``, ``hedged``, ``gated``) compare the
+candidates with each other, so their values depend on the whole candidate set (a ``Score`` request's texts; a question's choices in lm-eval).
 A candidate some model could not score (no tokens) never wins and has log-likelihood -inf.
 """
 
@@ -31,8 +38,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-RULES = ("mean-ppl", "mean-nll", "product", "calibrated", "gated")
-SET_RELATIVE = ("calibrated", "gated")
+RULES = ("mean-ppl", "mean-nll", "product", "calibrated", "calibrated-token", "hedged", "gated")
+SET_RELATIVE = ("calibrated", "calibrated-token", "hedged", "gated")
 DEFAULT_THRESHOLD = 0.5
 
 
@@ -95,8 +102,14 @@ class ScoreRule:
 
     @classmethod
     def parse(cls, name: str = "", weights: str = "", primary: str = "", threshold: float | None = None) -> ScoreRule:
-        """CLI form: a rule name or a rule JSON file; weights as ``m1=2,m2=1`` or a JSON file."""
-        base = cls.load(name) if name.endswith(".json") else cls(name=name or "mean-ppl")
+        """CLI form: a rule name, a label (``hedged(gemma3=2)``, ``gated(gemma3@0.6)``) or a rule
+        JSON file; weights as ``m1=2,m2=1`` or a JSON file."""
+        if name.endswith(".json"):
+            base = cls.load(name)
+        elif name.endswith(")") and "(" in name:
+            base = cls.from_label(name)
+        else:
+            base = cls(name=name or "mean-ppl")
         w = dict(base.weights)
         if weights:
             w = dict(cls.load(weights).weights) if weights.endswith(".json") else _parse_weights(weights)
@@ -106,6 +119,21 @@ class ScoreRule:
             primary=primary or base.primary,
             threshold=base.threshold if threshold is None else threshold,
         )
+
+    @classmethod
+    def from_label(cls, label: str) -> ScoreRule:
+        """The inverse of ``label``: ``name(model=w,...)``, a gated rule's ``primary@threshold`` first."""
+        name, _, inner = label[:-1].partition("(")
+        primary, threshold, parts = "", None, [p.strip() for p in inner.split(",") if p.strip()]
+        if parts and "@" in parts[0]:
+            primary, _, value = parts.pop(0).partition("@")
+            try:
+                threshold = float(value)
+            except ValueError:
+                raise RuleError(f"gated threshold must be a number, got {value!r}") from None
+            primary = "" if primary == "first" else primary
+        weights = _parse_weights(",".join(parts)) if parts else {}
+        return cls(name.strip(), weights, primary, DEFAULT_THRESHOLD if threshold is None else threshold)
 
     def to_dict(self) -> dict:
         out: dict = {"rule": self.name}
@@ -182,7 +210,7 @@ class ScoreRule:
     def _set_relative(self, candidates, models, w, valid) -> list[float]:
         if not any(valid):
             return [-math.inf] * len(candidates)
-        posteriors = {m: _softmax([c[m][0] if ok else -math.inf for c, ok in zip(candidates, valid)]) for m in models}
+        posteriors = {m: self._posterior(candidates, m, valid) for m in models}
         if self.name == "gated":
             primary = self.primary or models[0]
             if primary not in posteriors:
@@ -193,6 +221,18 @@ class ScoreRule:
             return [_product(c, models, w) if ok else -math.inf for c, ok in zip(candidates, valid)]
         mixed = [sum(wv * posteriors[m][i] for wv, m in zip(w, models)) for i in range(len(candidates))]
         return [math.log(p) if p > 0 else -math.inf for p in mixed]
+
+    def _posterior(self, candidates, model: str, valid) -> list[float]:
+        """Model ``model``'s distribution over the candidates (q_v of the module table)."""
+        summed = [c[model][0] if ok else -math.inf for c, ok in zip(candidates, valid)]
+        if self.name in ("calibrated", "gated"):
+            return _softmax(summed)
+        counts = [c[model][1] for c, ok in zip(candidates, valid) if ok]
+        mean_tokens = sum(counts) / len(counts)
+        per_token = [c[model][0] * mean_tokens / c[model][1] if ok else -math.inf for c, ok in zip(candidates, valid)]
+        if self.name == "calibrated-token":
+            return _softmax(per_token)
+        return [(a + b) / 2 for a, b in zip(_softmax(summed), _softmax(per_token))]
 
 
 DEFAULT_RULE_FILE = Path(__file__).with_name("default_rule.json")

@@ -139,8 +139,33 @@ async def test_arc_accuracy_equals_an_independent_recomputation(arc_run):
         for r in rows
     )
     assert summary["configs"]["product"]["acc"] == prod / len(rows)
+    # The shipped default, hedged with gemma3 weighted 2, from its formula (orchestrator/rules.py).
+    assert _task().rules[-1].label() == "hedged(gemma3=2)"
+    hedged = [_hedged({"smollm2": 1 / 3, "gemma3": 2 / 3}, r) for r in rows]
+    for metric in ("acc", "acc_norm"):
+        hits = []
+        for ll, r in zip(hedged, rows):
+            per = r["chars"] if metric == "acc_norm" else [1] * len(ll)
+            hits.append(max(range(len(ll)), key=lambda i: (ll[i] / per[i], -i)) == r["answer"])
+        assert summary["configs"]["hedged(gemma3=2)"][metric] == pytest.approx(sum(hits) / len(rows))
     assert json.loads((folder / "summary.json").read_text())["configs"] == json.loads(json.dumps(summary["configs"]))
     assert "| product |" in (folder / "table.md").read_text() and (folder / "arc-easy.png").stat().st_size > 0
+
+
+def _hedged(weights: dict, row: dict) -> list[float]:
+    """ln sum_v w_v (softmax(lp_v) + softmax(lp_v * mean(n_v) / n_v)) / 2 over a question's choices."""
+
+    def softmax(xs):
+        exps = [math.exp(x - max(xs)) for x in xs]
+        return [e / sum(exps) for e in exps]
+
+    mix = [0.0] * len(row["chars"])
+    for m, w in weights.items():
+        lps, tokens = [s[0] for s in row["scores"][m]], [s[1] for s in row["scores"][m]]
+        mean = sum(tokens) / len(tokens)
+        per_token = softmax([lp * mean / t for lp, t in zip(lps, tokens)])
+        mix = [x + w * (a + b) / 2 for x, a, b in zip(mix, softmax(lps), per_token)]
+    return [math.log(p) for p in mix]
 
 
 async def test_score_rpc_fuses_by_the_requested_rule(cluster):

@@ -47,7 +47,10 @@ utf8_or_not = st.one_of(text.map(str.encode), st.binary(max_size=48))
 
 
 def _rule():
-    names = st.one_of(st.sampled_from(["", "mean-ppl", "mean-nll", "product", "calibrated", "gated"]), text)
+    names = st.one_of(
+        st.sampled_from(["", "mean-ppl", "mean-nll", "product", "calibrated", "calibrated-token", "hedged", "gated"]),
+        text,
+    )
     return st.builds(
         fpb.ScoreRule,
         name=names,

@@ -304,7 +304,7 @@ def _one_line(exc: BaseException) -> str:
     [
         (
             "address=127.0.0.1:1,score_rule=nope",
-            "unknown score rule 'nope'; rules: mean-ppl, mean-nll, product, calibrated, gated",
+            "unknown score rule 'nope'; rules: mean-ppl, mean-nll, product, calibrated, calibrated-token, hedged, gated",
         ),
         ("mode=cool,score_rule=product", "coolfusion needs model_args address=HOST:PORT (a running orchestrator)"),
         ("address=nowhere", "model_args address must be HOST:PORT, got 'nowhere'"),
@@ -363,7 +363,7 @@ def test_cli_bad_input_is_one_line(task_dir, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert err.endswith(
-        "coolfusion-lm-eval: error: unknown score rule 'nope'; rules: mean-ppl, mean-nll, product, calibrated, gated\n"
+        "coolfusion-lm-eval: error: unknown score rule 'nope'; rules: mean-ppl, mean-nll, product, calibrated, calibrated-token, hedged, gated\n"
     )
     assert "Traceback" not in err
 

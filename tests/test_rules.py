@@ -88,3 +88,70 @@ def test_parse_files_and_bad_input(tmp_path):
     with pytest.raises(RuleError, match="not in this request"):
         ScoreRule("product", weights={"c": 2.0}).check_models(["a", "b"])
     assert ScoreRule("product", weights={"c": 2.0, "a": 3.0}).restricted(["a", "b"]).weights == {"a": 3.0}
+
+
+def _softmax(xs):
+    top = max(xs)
+    exps = [math.exp(x - top) for x in xs]
+    return [e / sum(exps) for e in exps]
+
+
+# Three candidates of different lengths: "a" prefers the short one by its summed log-prob but the
+# long one per token; "b" mildly prefers the middle one.
+LENGTHS = [{"a": (-2.0, 1), "b": (-4.0, 2)}, {"a": (-3.0, 2), "b": (-3.5, 2)}, {"a": (-3.6, 4), "b": (-5.0, 3)}]
+
+
+def _per_token_posterior(model):
+    mean_tokens = sum(c[model][1] for c in LENGTHS) / len(LENGTHS)
+    return _softmax([c[model][0] * mean_tokens / c[model][1] for c in LENGTHS])
+
+
+def test_calibrated_token_mixes_per_token_posteriors():
+    # t_v = lp_v * m_v / n_v with m_v the model's mean token count over the candidates.
+    qa, qb = _per_token_posterior("a"), _per_token_posterior("b")
+    expected = [math.log((2 * x + y) / 3) for x, y in zip(qa, qb)]
+    rule = ScoreRule("calibrated-token", weights={"a": 2.0})
+    assert rule.loglikelihood(LENGTHS) == pytest.approx(expected)
+    assert rule.choose(LENGTHS) == max(range(3), key=lambda i: expected[i]) == 2
+    assert ScoreRule("calibrated", weights={"a": 2.0}).choose(LENGTHS) == 0  # the summed log-probs: the short one
+
+
+def test_hedged_averages_the_summed_and_per_token_posteriors():
+    q = {m: [(s + t) / 2 for s, t in zip(_softmax([c[m][0] for c in LENGTHS]), _per_token_posterior(m))] for m in "ab"}
+    expected = [math.log((x + 3 * y) / 4) for x, y in zip(q["a"], q["b"])]
+    rule = ScoreRule("hedged", weights={"b": 3.0})
+    assert rule.loglikelihood(LENGTHS) == pytest.approx(expected)
+    assert rule.choose(LENGTHS) == max(range(3), key=lambda i: expected[i])
+    # Each mixture is a distribution over the candidates.
+    assert sum(math.exp(v) for v in rule.loglikelihood(LENGTHS)) == pytest.approx(1.0)
+
+
+def test_per_token_posteriors_skip_unscorable_candidates_in_the_mean_length():
+    cands = [*LENGTHS, {"a": (0.0, 0), "b": (-1.0, 1)}]
+    for name in ("calibrated-token", "hedged"):
+        ll = ScoreRule(name).loglikelihood(cands)
+        assert ll[:3] == pytest.approx(ScoreRule(name).loglikelihood(LENGTHS)) and ll[3] == -math.inf, name
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        ScoreRule("hedged", {"gemma3": 2.0}),
+        ScoreRule("calibrated-token", {"gemma3": 1.5, "smollm2": 0.5}),
+        ScoreRule("gated", {"b": 2.0}, primary="a", threshold=0.6),
+        ScoreRule("gated"),
+        ScoreRule("mean-ppl"),
+    ],
+    ids=lambda r: r.label(),
+)
+def test_a_label_parses_back_to_its_rule(rule):
+    assert ScoreRule.parse(rule.label()) == rule
+
+
+def test_bad_labels():
+    with pytest.raises(RuleError, match="unknown score rule 'nope'"):
+        ScoreRule.parse("nope(a=1)")
+    with pytest.raises(RuleError, match="model=number"):
+        ScoreRule.parse("hedged(a)")
+    with pytest.raises(RuleError, match="threshold must be a number"):
+        ScoreRule.parse("gated(a@x)")

@@ -69,6 +69,13 @@ def default_rules() -> list[ScoreRule]:
     return [ScoreRule(name) for name in RULES]
 
 
+def _score_cell(entry: dict) -> str:
+    """``60.4% acc, +3.0 pts (p=0.019)``: the better metric, and its difference to the best single."""
+    vs = entry.get("score_vs_best")
+    text = f"{entry['score']:.1%} {entry['score_metric']}"
+    return f"{text}, {vs['diff'] * 100:+.1f} pts (p={vs['p']:.3g})" if vs else text
+
+
 def _argmax(values: Sequence[float]) -> int:
     best = 0
     for i, v in enumerate(values):
@@ -145,6 +152,11 @@ class ChoiceTask:
                 if label not in singles:
                     test = mcnemar(hits, best)
                     entry[f"{metric}_vs_best"] = {"diff": (k - sum(best)) / n if n else 0.0, **test}
+            # A configuration's score is the better of its acc and acc_norm, as the best single's is.
+            metric = max(("acc", "acc_norm"), key=lambda m: sum(metrics[m]))
+            entry["score"], entry["score_metric"] = entry[metric], metric
+            if label not in singles:
+                entry["score_vs_best"] = entry[f"{metric}_vs_best"]
             configs[label] = entry
         return {
             "n": n,
@@ -160,8 +172,9 @@ class ChoiceTask:
             f"N = {summary['n']}; best single model: {best['config']} {best['metric']} {best['acc']:.1%}; "
             f"either model right (any selection rule's ceiling): {summary['either_model_right']:.1%}",
             "",
-            "| configuration | acc (95% CI) | acc_norm (95% CI) | acc vs best single (McNemar p) | acc_norm vs best single (McNemar p) |",
-            "| --- | --- | --- | --- | --- |",
+            "| configuration | acc (95% CI) | acc_norm (95% CI) | acc vs best single (McNemar p) "
+            "| acc_norm vs best single (McNemar p) | score vs best single |",
+            "| --- | --- | --- | --- | --- | --- |",
         ]
         for label, s in summary["configs"].items():
             cells = [label]
@@ -171,6 +184,7 @@ class ChoiceTask:
             for metric in ("acc", "acc_norm"):
                 vs = s.get(f"{metric}_vs_best")
                 cells.append(f"{vs['diff'] * 100:+.1f} pts (p={vs['p']:.3g})" if vs else "")
+            cells.append(_score_cell(s))
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines) + "\n"
 

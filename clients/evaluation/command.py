@@ -3,6 +3,8 @@
 coolfusion eval gsm8k --limit 200                      # the packaged GSM8K test split
 coolfusion eval arc-easy --split validation            # the packaged ARC-Easy-validation.jsonl
 coolfusion eval mgsm --data DIR --lang de               # DIR/mgsm_de.tsv
+coolfusion eval arc-easy --out runs/eval-arc-easy --rescore --rules hedged   # tables from results.jsonl
+coolfusion eval summary runs/eval-arc-easy runs/eval-arc-challenge   # each rule's worst case
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ TASKS = ("gsm8k", "mgsm", "arc-easy", "arc-challenge")
 
 def add_eval_parser(sub, default_models: str) -> None:
     e = sub.add_parser("eval", help="evaluate source models and fused configurations on a benchmark")
-    e.add_argument("task", choices=TASKS)
+    e.add_argument("task", choices=(*TASKS, "summary"), help="a benchmark, or summary: worst cases over runs")
+    e.add_argument("runs", nargs="*", help="summary: run folders (or their summary.json files)")
     e.add_argument(
         "--data", help="data file (gsm8k: JSONL/TSV; arc-*: ARC JSONL; mgsm: a TSV or a folder of mgsm_LANG.tsv)"
     )
@@ -40,11 +43,17 @@ def add_eval_parser(sub, default_models: str) -> None:
     e.add_argument(
         "--rules",
         default=",".join(RULES),
-        help="arc-*: scoring rules to report (names or rule JSON files), besides each model alone and the default rule",
+        help="arc-*: scoring rules to report (names, labels such as hedged(gemma3=2), or rule JSON files), "
+        "besides each model alone and the default rule",
+    )
+    e.add_argument(
+        "--rescore",
+        action="store_true",
+        help="arc-*: recompute the reports of --out from its results.jsonl with --rules, without any model",
     )
     e.add_argument("--max-new-tokens", type=int, default=256)
     e.add_argument("--concurrency", type=int, default=1, help="questions in flight at once")
-    e.add_argument("--out", help="output folder (default runs/eval-TASK)")
+    e.add_argument("--out", help="output folder (default runs/eval-TASK); summary: also write the result as JSON here")
     e.add_argument("--connect", help="HOST:PORT of a running orchestrator")
     e.add_argument("--models", default=default_models)
     e.add_argument("--device")
@@ -76,10 +85,7 @@ def _choice_task(args, models: list[str]):
     if not data.exists():
         raise EvalDataError(f"data file not found: {data} (pass --data PATH to an ARC JSONL)")
     items = choice.load_choice_items(data)[: args.limit or None]
-    rules = [ScoreRule.parse(spec.strip()) for spec in args.rules.split(",") if spec.strip()]
-    shipped = default_rule()
-    if shipped.label() not in [r.label() for r in rules]:
-        rules.append(shipped)
+    rules = _rules(args.rules)
     task = choice.ChoiceTask(args.task, models, rules)
     settings = {"data": str(data), "limit": args.limit, "models": models, "rules": [r.to_dict() for r in rules]}
     return task, items, settings
@@ -111,8 +117,11 @@ def _generation_task(args, models: list[str]):
         raise EvalDataError(f"data file not found: {data}")
     if shots and (train is None or not train.exists()):
         raise EvalDataError(f"few-shot exemplars need a train split: {train} not found (use --train or --shots 0)")
-    items = generation.load_items(data)[: args.limit or None]
+    items = generation.load_items(data)
     exemplars = generation.load_items(train)[:shots] if shots else []
+    if exemplars and train is not None and data.resolve() == train.resolve():
+        items = items[shots:]  # evaluating the train split itself: the exemplars are not questions
+    items = items[: args.limit or None]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for mode in modes:
         _, rule = generation.split_mode(mode)
@@ -141,6 +150,8 @@ def cmd_eval(args) -> int:
     from ..commands.common import start_cluster
     from ..launcher import StartError
 
+    if args.task == "summary" or args.runs or args.rescore:
+        return _offline(args)
     try:
         task, items, settings = build_task(args)
     except (EvalDataError, RuleError, ValueError, OSError) as exc:
@@ -188,3 +199,62 @@ def cmd_eval(args) -> int:
     print(task.table(summary))
     print(f"wrote {out}/table.md, summary.json, results.jsonl, {task.name}.png", file=sys.stderr)
     return 0
+
+
+def _offline(args) -> int:
+    """The forms that start no model: ``eval summary RUN...`` and ``eval arc-* --rescore``."""
+    if args.task == "summary":
+        from .summary import cmd_summary
+
+        return cmd_summary(args.runs, args.out)
+    if args.runs:
+        return _fail(f"unexpected argument(s) {' '.join(args.runs)}: only eval summary takes run folders")
+    return _rescore(args)
+
+
+def _rescore(args) -> int:
+    """The reports of a multiple-choice run recomputed from its results.jsonl for ``--rules``: the
+    rules are functions of the stored scores, so no model runs and the rows stay as they are."""
+    import json
+
+    from . import choice
+
+    if not args.task.startswith("arc-"):
+        return _fail("--rescore recomputes multiple-choice runs (arc-*); generation needs the models")
+    out = Path(args.out or f"runs/eval-{args.task}")
+    rows = load_rows(out)
+    if not rows:
+        return _fail(f"--rescore: no results in {out}/results.jsonl")
+    try:
+        rules = _rules(args.rules)
+    except RuleError as exc:
+        return _fail(str(exc))
+    previous = out / "summary.json"
+    settings = json.loads(previous.read_text(encoding="utf-8")).get("settings", {}) if previous.exists() else {}
+    models = list(rows[0]["scores"])
+    settings.update(models=models, rules=[r.to_dict() for r in rules])
+    summary = write_reports(choice.ChoiceTask(args.task, models, rules), out, rows, settings)
+    print(choice.ChoiceTask(args.task, models, rules).table(summary))
+    return 0
+
+
+def _rules(spec: str) -> list[ScoreRule]:
+    """``--rules`` plus the shipped default when it is not among them."""
+    rules = [ScoreRule.parse(part.strip()) for part in split_specs(spec)]
+    shipped = default_rule()
+    if shipped.label() not in [r.label() for r in rules]:
+        rules.append(shipped)
+    return rules
+
+
+def split_specs(spec: str) -> list[str]:
+    """``a,b(m=1,n=2),c`` -> ``[a, b(m=1,n=2), c]``: commas inside a label's parentheses stay."""
+    parts, depth, current = [], 0, ""
+    for ch in spec:
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    return [p.strip() for p in [*parts, current] if p.strip()]
