@@ -11,7 +11,7 @@ service runs (``orchestrator/rules.py`` through ``ChoiceTask``); runs in seconds
 ``causes``: per split, how often the gold choice is the longest / shortest, how often each
 configuration's acc pick is the shortest choice and its acc_norm pick the longest, how often its
 acc and acc_norm picks differ, and each model's accuracy by how peaked its posterior over the
-choices is. ``bootstrap``: the expected worst-case difference to the best single model over the
+choices is, and the accuracy of deferring to the more confident model. ``bootstrap``: the expected worst-case difference to the best single model over the
 splits when the questions are resampled (the best single re-picked in every resample, as a user
 would), a less noisy ranking than the one observed worst case.
 """
@@ -84,6 +84,11 @@ def causes(run: Path, rules: list[ScoreRule]) -> None:
             sel = [h for c, h in zip(conf, hits) if lo <= c < hi]
             cells.append(f"{_pct(sel)} ({len(sel)} q)")
         print(f"| {m} | {sum(conf) / len(conf):.2f} | " + " | ".join(cells) + " |")
+    defer = []  # the acc pick of whichever model's posterior is the most peaked
+    for r in rows:
+        top = max(models, key=lambda m: _posterior_max([lp for lp, _ in r["scores"][m]]))
+        defer.append(ChoiceTask.single_predictions(r, top)[0] == r["answer"])
+    print(f"\ndeferring to the more confident model (largest posterior): acc {_pct(defer)}")
     agree = [
         ChoiceTask.single_predictions(r, models[0])[0] == ChoiceTask.single_predictions(r, models[1])[0] for r in rows
     ]
