@@ -13,6 +13,7 @@ SUBCOMMANDS = (
     "orchestrator",
     "gateway",
     "eval",
+    "distill",
     "drain",
     "healthcheck",
     "bench",
