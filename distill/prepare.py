@@ -28,7 +28,7 @@ import numpy as np
 
 from ..services.sources import DEFAULT_MODELS
 from ..services.worker.results import TextDistributions
-from .corpus import load_corpus, split_heldout
+from .corpus import Corpus, load_corpus, split_heldout
 from .remote import Alignment, Remote, RemoteError
 from .shards import ShardStore, SourceRows, TextRecord, fallback_rows
 
@@ -95,16 +95,23 @@ class Stats:
     source_tokens: dict[str, int] = field(default_factory=dict)
 
 
-def check_options(options: PrepareOptions, remote: Remote) -> None:
-    """Bad options and what the deployment cannot serve, before anything is written."""
+def check_local(options: PrepareOptions) -> None:
+    """The options' own errors (no service needed: the CLI checks them before starting any)."""
     if options.method not in METHODS:
         raise PrepareError(f"unknown alignment method {options.method!r}: use {' or '.join(METHODS)}")
     if options.k <= 0:
         raise PrepareError(f"k must be at least 1, got {options.k}")
     if options.shard_texts <= 0 or options.batch_texts <= 0:
         raise PrepareError("--shard-texts and --batch-texts must be at least 1")
-    if not options.sources:
-        raise PrepareError("no sources")
+    if not 0.0 <= options.heldout < 1.0:
+        raise PrepareError(f"--heldout is a fraction in [0, 1), got {options.heldout}")
+    if not options.sources or len(set(options.sources)) != len(options.sources):
+        raise PrepareError(f"sources must be distinct names, got {options.sources}")
+
+
+def check_options(options: PrepareOptions, remote: Remote) -> None:
+    """Bad options and what the deployment cannot serve, before anything is written."""
+    check_local(options)
     hosted = remote.tokenizers()
     if options.target not in hosted:
         raise PrepareError(
@@ -168,12 +175,15 @@ def _chunks(items: Sequence[str], size: int) -> list[list[str]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
-def prepare(options: PrepareOptions, remote: Remote, reporter: Reporter | None = None) -> dict:
-    """Run (or resume) a prepare into ``options.out``; returns the summary the CLI prints."""
+def prepare(
+    options: PrepareOptions, remote: Remote, reporter: Reporter | None = None, corpus: Corpus | None = None
+) -> dict:
+    """Run (or resume) a prepare into ``options.out``; returns the summary the CLI prints.
+    ``corpus``: the texts of ``options.corpus`` when the caller loaded them already."""
     reporter = reporter or Reporter()
-    corpus = load_corpus(options.corpus, options.limit)
-    train, heldout = split_heldout(corpus.texts, options.heldout)
     check_options(options, remote)
+    corpus = corpus or load_corpus(options.corpus, options.limit)
+    train, heldout = split_heldout(corpus.texts, options.heldout)
     store = ShardStore(options.out, options.settings(corpus))
     resumed = store.open()
     stats = Stats()

@@ -75,15 +75,18 @@ def _options(args):
 
 def run_prepare(args) -> int:
     from ...clients.launcher import StartError
-    from ...distill.corpus import CorpusError
-    from ...distill.prepare import PrepareError, prepare
+    from ...distill.corpus import CorpusError, load_corpus
+    from ...distill.prepare import PrepareError, check_local, prepare
     from ...distill.remote import EmbeddedServices, RemoteError, connected
     from ...distill.shards import ShardError
     from ...services.sources import parse_spec, parse_specs
 
     options = _options(args)
-    if args.k <= 0:  # before minutes of model loading
-        return _fail(f"k must be at least 1, got {args.k}")
+    try:  # the checks that need no service come before minutes of model loading
+        check_local(options)
+        corpus = load_corpus(options.corpus, options.limit)
+    except (CorpusError, PrepareError) as exc:
+        return _fail(str(exc))
     services = None
     try:
         if args.connect:
@@ -101,7 +104,7 @@ def run_prepare(args) -> int:
             services.start()
             remote = services.remote()
         with _ProgressReporter() as reporter:
-            result = prepare(options, remote, reporter)
+            result = prepare(options, remote, reporter, corpus)
         remote.close()
     except (CorpusError, ShardError, RemoteError) as exc:
         return _fail(str(exc))
