@@ -1,0 +1,268 @@
+"""``coolfusion distill train`` / ``export`` (distill/train.py, soft_loss.py, train_data.py,
+export.py): the loss against a plain full-vocabulary recomputation, the chunked output layer's
+gradient, λ = 1 against the model's own CLM loss, kill-and-resume against an uninterrupted run,
+bad options, and an export served by a real worker against transformers' greedy generate.
+
+The shards are written here with distill/shards.py's writer from synthetic source rows; the
+target is SmolLM2-135M (the bundled GGUF, dequantised as a worker loads it) or, where only the
+control flow matters, a one-layer model with SmolLM2's tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from coolfusion.distill.shards import ShardStore, SourceRows, TextRecord
+from coolfusion.distill.soft_loss import distill_loss
+from coolfusion.distill.train import CURVE_FILE, TrainOptions, load_target, train
+from coolfusion.distill.train_data import Separators, fused_texts, load_prepared, pack_blocks
+
+TEXTS = [
+    "Question: Which gas do plants take in for photosynthesis? Answer: carbon dioxide",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "The moon orbits the Earth about once every 27 days; its phases repeat every 29.5 days.",
+]
+SOURCES = ("smollm2", "gemma3")
+K = 4
+
+
+def write_shards(out: Path, tokenizer, texts=TEXTS, k: int = K, seed: int = 0) -> Path:
+    """A prepared directory for ``texts``: random source rows on the target's vocabulary, some
+    fallback one-hots, some padded entries, some ids shared between the sources."""
+    rng = np.random.default_rng(seed)
+    vocab = len(tokenizer)
+    records = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        record = TextRecord(ids, len(text.encode()))
+        common = rng.integers(0, vocab, size=len(ids))
+        for s, name in enumerate(SOURCES):
+            rows = rng.integers(0, vocab, size=(len(ids), k)).astype(np.int32)
+            rows[:, s] = common  # both sources propose this id: fusion adds its probabilities
+            logits = rng.normal(size=(len(ids), k + 1)) * 2
+            logprobs = (logits - np.logaddexp.reduce(logits, axis=1, keepdims=True))[:, :k]
+            logprobs[1::5, k - 1] = -np.inf  # a padded entry
+            rows[1::5, k - 1] = -1
+            aligned = rng.random(len(ids)) > 0.2
+            rows[~aligned] = -1
+            logprobs[~aligned] = -np.inf
+            rows[~aligned, 0] = np.asarray(ids)[~aligned]
+            logprobs[~aligned, 0] = 0.0
+            record.sources[name] = SourceRows(
+                rows, logprobs.astype(np.float16), aligned, float(rng.uniform(0.5, 1.5)), 2.0, len(ids)
+            )
+        records.append(record)
+    settings = {"target": "smollm2", "sources": list(SOURCES), "k": k, "method": "span", "corpus": "test", "heldout": 0}
+    store = ShardStore(out, settings)
+    store.open()
+    store.write("train", 0, records)
+    store.write_manifest(complete=True)
+    return out
+
+
+def direct_fused(prepared_dir: Path, method: str, k: int):
+    """Per text (ids, {target id: prob}) per position, fused from the stored rows by hand."""
+    from safetensors.numpy import load_file
+
+    shard = load_file(str(prepared_dir / "shard-00000.safetensors"))
+    offsets = shard["offsets"].tolist()
+    out = []
+    for t, (lo, hi) in enumerate(zip(offsets, offsets[1:])):
+        nll = np.array([shard[f"nll_per_byte.{s}"][t] for s in SOURCES], dtype=np.float64)
+        weights = np.exp(np.exp(-nll)) / np.exp(np.exp(-nll)).sum() if method == "avgCE" else np.eye(2)[nll.argmin()]
+        rows = []
+        for pos in range(lo, hi):
+            dist: dict[int, float] = {}
+            for s, name in enumerate(SOURCES):
+                entries = [
+                    (float(lp), int(i))
+                    for i, lp in zip(shard[f"topk_ids.{name}"][pos], shard[f"topk_logprobs.{name}"][pos])
+                    if i >= 0
+                ]
+                entries = sorted(entries, reverse=True)[:k]
+                mass = sum(math.exp(lp) for lp, _ in entries)
+                for lp, i in entries:
+                    dist[i] = dist.get(i, 0.0) + weights[s] * math.exp(lp) / mass
+            kept = sorted(dist.items(), key=lambda kv: -kv[1])[:k]
+            total = sum(p for _, p in kept)
+            rows.append({i: p / total for i, p in kept if p > 0})
+        out.append((shard["input_ids"][lo:hi].tolist(), rows))
+    return out
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tokenizer, _ = load_target("smollm2")
+    return model, tokenizer
+
+
+def options(tmp_path: Path, prepared: Path, **kw) -> TrainOptions:
+    base = dict(prepared=str(prepared), out=str(tmp_path / "run"), seq_len=32, batch_size=8, max_steps=1, lr=1e-4)
+    return TrainOptions(**{**base, **kw})
+
+
+def curve(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / CURVE_FILE).read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_one_step_loss_equals_a_direct_recomputation(tmp_path, smollm2):
+    model, tokenizer = smollm2
+    prepared = write_shards(tmp_path / "prep", tokenizer)
+    # All blocks in one batch: the step's loss is the mean over every position, whatever the order.
+    train(options(tmp_path, prepared, lam=0.3, fusion="avgce", k=3, chunk=7, target="smollm2"))
+    logged = curve(tmp_path / "run")
+    assert [line["step"] for line in logged] == [1]
+
+    # The oracle: the texts packed by hand, the untouched model's dense logits, plain log_softmax.
+    stream, rows = [], []
+    for ids, text_rows in direct_fused(prepared, "avgCE", 3):
+        stream += ids + [tokenizer.eos_token_id]
+        rows += text_rows + [None]
+    assert tokenizer("a")["input_ids"][0] != tokenizer.bos_token_id  # SmolLM2 puts no BOS before a text
+    clm, kd, n_clm, n_kd = 0.0, 0.0, 0, 0
+    for start in range(0, len(stream), 32):
+        block = stream[start : start + 32]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([block])).logits[0].double(), -1)
+        for p in range(len(block) - 1):
+            clm -= float(logp[p, block[p + 1]])
+            n_clm += 1
+            target = rows[start + p + 1]
+            if target:
+                kd -= sum(q * float(logp[p, i]) for i, q in target.items())
+                n_kd += 1
+    expected = 0.3 * clm / n_clm + 0.7 * kd / n_kd
+    assert logged[0]["clm"] == pytest.approx(clm / n_clm, rel=1e-5)
+    assert logged[0]["kd"] == pytest.approx(kd / n_kd, rel=1e-5)
+    assert logged[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    assert logged[0]["tokens"] == 32 * math.ceil(len(stream) / 32)
+    assert (tmp_path / "run" / "model" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_chunked_gradient_and_lambda_one(tmp_path, smollm2):
+    model, tokenizer = smollm2
+    prepared = load_prepared(write_shards(tmp_path / "prep", tokenizer))
+    blocks = pack_blocks(fused_texts(prepared, "minCE", K), 24, K, Separators.of(tokenizer))
+    batch = {name: t[:2] for name, t in blocks.items()}
+    args = (batch["input_ids"], batch["labels"], batch["soft_ids"], batch["soft_probs"])
+
+    # λ = 1 is the model's own CLM loss (labels shifted inside the model; -100 ignored).
+    with torch.no_grad():
+        ours = distill_loss(model, *args, lam=1.0, chunk=5).loss
+        labels = torch.where(batch["labels"] >= 0, batch["labels"], -100)
+        theirs = model(input_ids=batch["input_ids"], labels=labels).loss
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-5)
+
+    # Chunks of 5 positions under checkpointing give the gradient of the loss written densely.
+    def dense_loss():
+        logp = torch.log_softmax(model(input_ids=batch["input_ids"]).logits[:, :-1].float(), -1)
+        labels, ids, probs = batch["labels"][:, 1:], batch["soft_ids"][:, 1:].long(), batch["soft_probs"][:, 1:]
+        gold = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        clm = -(gold * (labels >= 0)).sum() / (labels >= 0).sum()
+        soft = (logp.gather(-1, ids.clamp(min=0)) * probs * (ids >= 0)).sum(-1)
+        kd = -soft.sum() / (ids >= 0).any(-1).sum()
+        return 0.4 * clm + 0.6 * kd
+
+    def grads(loss_fn):
+        model.zero_grad()
+        loss_fn().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    chunked = grads(lambda: distill_loss(model, *args, lam=0.4, chunk=5).loss)
+    dense = grads(dense_loss)
+    model.zero_grad()
+    assert chunked.keys() == dense.keys() and len(chunked) > 10
+    for name in dense:  # float32 sums in another order: compare against the gradient's own size
+        error = (chunked[name] - dense[name]).norm() / dense[name].norm()
+        assert error < 1e-4, (name, float(error))
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory):
+    """``tiny=DIR``: a one-layer Llama with SmolLM2's tokenizer, a local directory as a worker takes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from coolfusion.services.sources import load_hf_tokenizer, parse_spec
+
+    tokenizer = load_hf_tokenizer(parse_spec("smollm2"))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return f"tiny={folder}", tokenizer
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAt:
+    """Raises in ``on_log`` of ``step``: after the step's curve line, before its checkpoint."""
+
+    def __init__(self, step: int):
+        from transformers import TrainerCallback
+
+        self.step = step
+        self.callback = type("CrashCallback", (TrainerCallback,), {"on_log": self.on_log})()
+
+    def on_log(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Crash(self.step)
+
+
+def test_kill_and_resume_reproduces_the_loss_curve(tmp_path, tiny_target):
+    spec, tokenizer = tiny_target
+    prepared = write_shards(tmp_path / "prep", tokenizer)
+    run = dict(target=spec, lam=0.5, max_steps=6, batch_size=2, seq_len=16, save_steps=1, warmup=2, lr=1e-2)
+    whole = options(tmp_path, prepared, **run, out=str(tmp_path / "whole"))
+    train(whole)
+    expected = curve(tmp_path / "whole")
+    assert [line["step"] for line in expected] == [1, 2, 3, 4, 5, 6]
+    assert len({line["loss"] for line in expected}) == 6 and expected[-1]["loss"] < expected[0]["loss"]
+    assert expected[0]["lr"] == 0.0 and expected[2]["lr"] == pytest.approx(1e-2)  # warm-up, then cosine
+
+    parted = options(tmp_path, prepared, **run, out=str(tmp_path / "parted"))
+    with pytest.raises(Crash):
+        train(parted, callbacks=(CrashAt(4).callback,))
+    out = tmp_path / "parted"
+    assert len(curve(out)) == 4 and not (out / "checkpoint-4").exists()
+    (out / "checkpoint-9").mkdir()  # a checkpoint a kill cut short: no trainer_state.json
+    (out / "checkpoint-9" / "model.safetensors").write_bytes(b"partial")
+    train(parted)
+    assert not (out / "checkpoint-9").exists()
+    resumed = curve(out)
+    assert [line["step"] for line in resumed] == [1, 2, 3, 4, 5, 6]
+    for ours, theirs in zip(resumed, expected):
+        assert (ours["loss"], ours["clm"], ours["kd"], ours["lr"]) == (
+            theirs["loss"],
+            theirs["clm"],
+            theirs["kd"],
+            theirs["lr"],
+        )
+    assert (out / "model" / "config.json").exists()
+    # Rerunning a finished run changes nothing; other options are refused, one line.
+    assert train(parted) == out / "model" and len(curve(out)) == 6
+    from coolfusion.distill.train_options import TrainError
+
+    with pytest.raises(TrainError, match="other options"):
+        train(options(tmp_path, prepared, **{**run, "lam": 0.6}, out=str(out)))
