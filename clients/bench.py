@@ -327,7 +327,12 @@ def variant_throughput(
 
 # ---- driver ------------------------------------------------------------------------------------
 def run(args) -> dict:
+    from ..services.common.security import INTERNAL_TOKEN_ENV, new_internal_token
     from .launcher import LocalCluster
+
+    # Its own clients call the workers directly: the bench and every cluster it starts share one
+    # internal token (LocalCluster takes $COOLFUSION_INTERNAL_TOKEN when set).
+    os.environ[INTERNAL_TOKEN_ENV] = os.environ.get(INTERNAL_TOKEN_ENV) or new_internal_token()
 
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     models = [m.strip() for m in args.models.split(",") if m.strip()]

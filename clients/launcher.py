@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..services.common import security
+
 READY_PREFIX = "COOLFUSION_READY "
 
 
@@ -72,9 +74,13 @@ class LocalCluster:
         host: str = "127.0.0.1",
         http_port: int | None = None,
         backend: str | None = None,
+        internal_token: str | None = None,
     ):
-        """``backend``: every worker's ``--backend`` (None: theirs, "auto" unless $COOLFUSION_BACKEND)."""
+        """``backend``: every worker's ``--backend`` (None: theirs, "auto" unless $COOLFUSION_BACKEND).
+        ``internal_token``: what the workers and the tokenizer service require (None:
+        $COOLFUSION_INTERNAL_TOKEN's, or a random one, so the inside is closed by default)."""
         self.models = models
+        self.internal_token = internal_token or security.internal_token() or security.new_internal_token()
         self.backend = backend
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix="coolfusion-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -94,6 +100,10 @@ class LocalCluster:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env[var] = str(threads)
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if name == "gateway":  # it calls only the orchestrator: the inside's token stays inside
+            env.pop(security.INTERNAL_TOKEN_ENV, None)
+        else:
+            env[security.INTERNAL_TOKEN_ENV] = self.internal_token
         proc = subprocess.Popen(
             [sys.executable, "-m", "coolfusion.clients.cli", *args],
             stdout=subprocess.PIPE,

@@ -21,7 +21,7 @@ from coolfusion.protos import tokenizer_pb2 as tok_pb
 from coolfusion.protos import tokenizer_pb2_grpc as tok_grpc
 
 from ..services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
-from ..services.common.security import aio_channel
+from ..services.common.security import aio_channel, internal_token
 from ..services.common.server import CHANNEL_OPTIONS
 from .workers import WorkerHandle, call_timeout
 
@@ -63,14 +63,16 @@ class ContextAdmission:
         workers: Mapping[str, WorkerHandle],
         tokenizer_address: str | None = None,
         limits: ContextLimits | None = None,
+        token: str | None = None,
     ):
+        """``token``: the internal token of the tokenizer service (None: $COOLFUSION_INTERNAL_TOKEN's)."""
         self.workers = workers  # name -> WorkerHandle (the engine's, so replaced handles are seen)
         self.tokenizer_address = tokenizer_address
         self.limits = limits or ContextLimits()
         self._facts: dict[str, tuple[float, ModelFacts]] = {}
         self._stub: tok_grpc.TokenizerServiceStub | None = None
         if tokenizer_address:
-            self._channel = aio_channel(tokenizer_address, CHANNEL_OPTIONS)
+            self._channel = aio_channel(tokenizer_address, CHANNEL_OPTIONS, token=internal_token(token))
             self._stub = tok_grpc.TokenizerServiceStub(self._channel)
 
     async def check(self, request, names: Sequence[str]) -> None:

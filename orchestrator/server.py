@@ -212,13 +212,17 @@ class FusionServicer(pb_grpc.FusionServicer):
         max_concurrent: int = 16,
         max_queue: int = 64,
         tokenizer_address: str | None = None,
+        internal_token: str | None = None,
     ):
         self.engine = engine
         self.limits = limits or Limits()
         self.admission = Admission(max_concurrent, max_queue)
         # Sizes checked before any worker does work (admission.py).
         self.context_check = ContextAdmission(
-            engine.workers, tokenizer_address, ContextLimits(self.limits.max_messages, self.limits.max_rendered_chars)
+            engine.workers,
+            tokenizer_address,
+            ContextLimits(self.limits.max_messages, self.limits.max_rendered_chars),
+            token=internal_token,
         )
 
     async def _run(self, request: pb.GenerateRequest, context):
@@ -350,6 +354,7 @@ def build_service(
     auth_tokens: list[str] | None = None,
     score_rule: ScoreRule | None = None,
     tokenizer_address: str | None = None,
+    internal_token: str | None = None,
 ) -> tuple[GrpcService, FusionEngine]:
     """Fusion service over remote workers given as {model name: address}, in config order.
 
@@ -357,9 +362,12 @@ def build_service(
     from a headless Service's DNS records); see ``workers.make_worker``. With ``auth_tokens``
     callers must send one as ``authorization: Bearer <token>``. With ``tokenizer_address`` (the
     tokenizer service) every request's context is measured against each model's limits before
-    any worker opens a session."""
-    engine = FusionEngine([make_worker(name, addr) for name, addr in workers.items()], score_rule=score_rule)
-    servicer = FusionServicer(engine, limits, max_concurrent, max_queue, tokenizer_address)
+    any worker opens a session. ``internal_token``: what calls to the workers and the tokenizer
+    service carry (None: $COOLFUSION_INTERNAL_TOKEN's; docs/security.md)."""
+    engine = FusionEngine(
+        [make_worker(name, addr, internal_token) for name, addr in workers.items()], score_rule=score_rule
+    )
+    servicer = FusionServicer(engine, limits, max_concurrent, max_queue, tokenizer_address, internal_token)
     service = GrpcService(
         lambda server: pb_grpc.add_FusionServicer_to_server(servicer, server),
         [SERVICE_NAME],

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import itertools
 import logging
 import math
@@ -27,7 +28,7 @@ from coolfusion.protos import worker_pb2 as pb
 from coolfusion.protos import worker_pb2_grpc as pb_grpc
 
 from ..services.common.errors import NotFound, Unavailable
-from ..services.common.security import aio_channel
+from ..services.common.security import aio_channel, internal_token
 from ..services.common.server import CHANNEL_OPTIONS
 from ..services.worker.api import NextTextOptions
 
@@ -184,11 +185,20 @@ def call_timeout(default: float | None) -> float | None:
 class RemoteWorker:
     """A worker process reached over gRPC; fan-out calls are rate-capped by asyncio-throttle."""
 
-    def __init__(self, name: str, address: str, rate_limit: int = 2000, timeout: float | None = 600.0):
+    def __init__(
+        self,
+        name: str,
+        address: str,
+        rate_limit: int = 2000,
+        timeout: float | None = 600.0,
+        token: str | None = None,
+    ):
+        """``token``: the internal token every call carries (None: $COOLFUSION_INTERNAL_TOKEN's)."""
         self.name = name
         self.address = address
         self.timeout = timeout
-        self.channel = aio_channel(address, CHANNEL_OPTIONS)  # TLS/mTLS from COOLFUSION_TLS_* when set
+        # TLS/mTLS from COOLFUSION_TLS_* when set.
+        self.channel = aio_channel(address, CHANNEL_OPTIONS, token=internal_token(token))
         self.stub = pb_grpc.ModelWorkerStub(self.channel)
         self.throttler = Throttler(rate_limit=rate_limit, period=1.0)
 
@@ -309,12 +319,13 @@ def _join_hostport(host: str, port: int | str) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def make_worker(name: str, target: str) -> RemoteWorker | ReplicatedWorker:
-    """``RemoteWorker`` for one plain address, ``ReplicatedWorker`` for ``dns:///`` or ``a|b``."""
+def make_worker(name: str, target: str, token: str | None = None) -> RemoteWorker | ReplicatedWorker:
+    """``RemoteWorker`` for one plain address, ``ReplicatedWorker`` for ``dns:///`` or ``a|b``;
+    ``token``: the internal token (None: $COOLFUSION_INTERNAL_TOKEN's)."""
     dns, addresses = parse_worker_target(target)
     if dns is None and len(addresses) == 1:
-        return RemoteWorker(name, addresses[0])
-    return ReplicatedWorker(name, dns=dns, addresses=addresses)
+        return RemoteWorker(name, addresses[0], token=token)
+    return ReplicatedWorker(name, dns=dns, addresses=addresses, token=token)
 
 
 class ReplicatedWorker:
@@ -340,7 +351,9 @@ class ReplicatedWorker:
         refresh_s: float = 10.0,
         resolver=None,
         client_factory=None,
+        token: str | None = None,
     ):
+        """``token``: the internal token of the replicas' channels (None: $COOLFUSION_INTERNAL_TOKEN's)."""
         if (dns is None) == (not addresses):
             raise ValueError("give exactly one of dns (HOST:PORT) and addresses")
         self.name = name
@@ -348,7 +361,8 @@ class ReplicatedWorker:
         self.address = f"{DNS_PREFIX}{dns}" if dns else "|".join(addresses)
         self.refresh_s = refresh_s
         self._resolver = resolver or self._resolve_dns
-        self._client_factory = client_factory or RemoteWorker
+        # Resolved once: "" (none) must not fall back to the environment in each replica's client.
+        self._client_factory = client_factory or functools.partial(RemoteWorker, token=internal_token(token) or "")
         self._clients: dict[str, RemoteWorker] = {}  # every replica we may still talk to
         self._active: list[str] = []  # replicas that take new sessions
         self._sessions: dict[str, str] = {}  # session id -> replica address

@@ -69,11 +69,15 @@ class Cluster:
     services: list
 
 
-async def start_cluster(models: dict | None = None, llamacpp: tuple[str, ...] = ()) -> Cluster:
+async def start_cluster(
+    models: dict | None = None, llamacpp: tuple[str, ...] = (), internal_token: str = ""
+) -> Cluster:
     """``models``: name -> loaded model (``conftest.Bundled``: ``spec``, ``model``,
     ``hf_tokenizer``) to share; without it each bundled model is loaded here. ``llamacpp``: the
     workers (of smollm2, gemma3, smollm2b) that run on the llama.cpp backend instead, each with
-    its own context."""
+    its own context. ``internal_token``: the workers and the tokenizer service require it, and
+    their callers send it ("": the inside is open, whatever $COOLFUSION_INTERNAL_TOKEN says)."""
+    tokens = [internal_token] if internal_token else []
     specs = parse_specs("smollm2,gemma3")
     if models:
         registry = TokenizerRegistry(TokenizerCore(s.name, models[s.name].hf_tokenizer, s.describe()) for s in specs)
@@ -83,11 +87,11 @@ async def start_cluster(models: dict | None = None, llamacpp: tuple[str, ...] = 
     copy_spec = dataclasses.replace(specs[0], name="smollm2b")
     registry.add(TokenizerCore("smollm2b", registry.get("smollm2").hf, copy_spec.describe()))
     services: list[GrpcService] = []
-    tok_service = build_tokenizer_service(registry)
+    tok_service = build_tokenizer_service(registry, tokens=tokens)
     tok_port = await tok_service.start()
     services.append(tok_service)
     tokenizer_address = f"127.0.0.1:{tok_port}"
-    boundary = TokenizerClient(tokenizer_address)
+    boundary = TokenizerClient(tokenizer_address, token=internal_token)
 
     cores, addresses = {}, {}
     for spec in [*specs, copy_spec]:
@@ -102,14 +106,16 @@ async def start_cluster(models: dict | None = None, llamacpp: tuple[str, ...] = 
         core = WorkerCore(spec.name, spec, device="cpu", boundary=boundary.common_boundary, **shared)
         servicer = WorkerServicer(core)
         service = GrpcService(
-            lambda server, s=servicer: worker_pb2_grpc.add_ModelWorkerServicer_to_server(s, server), [WORKER_SERVICE]
+            lambda server, s=servicer: worker_pb2_grpc.add_ModelWorkerServicer_to_server(s, server),
+            [WORKER_SERVICE],
+            internal_tokens=tokens,
         )
         port = await service.start()
         services.append(service)
         cores[spec.name] = core
         addresses[spec.name] = f"127.0.0.1:{port}"
 
-    orchestrator, _ = build_orchestrator(addresses, tokenizer_address=tokenizer_address)
+    orchestrator, _ = build_orchestrator(addresses, tokenizer_address=tokenizer_address, internal_token=internal_token)
     port = await orchestrator.start()
     services.append(orchestrator)
     return Cluster(registry, cores, tokenizer_address, addresses, f"127.0.0.1:{port}", services)

@@ -15,6 +15,7 @@ import pytest
 
 from coolfusion.clients.launcher import LocalCluster
 from coolfusion.protos import fusion_pb2, fusion_pb2_grpc, worker_pb2, worker_pb2_grpc
+from coolfusion.services.common.security import token_metadata
 
 GRACE = 30.0  # the orchestrator's default --grace
 
@@ -111,9 +112,16 @@ async def test_sigterm_during_a_generation(tmp_path, monkeypatch):
         assert "long-one" in logged, orchestrator.log_tail()
         assert refused[0] not in logged, orchestrator.log_tail()
 
-        # The worker holds no session of the drained orchestrator.
+        # The worker holds no session of the drained orchestrator; it answers only with the internal
+        # token the launcher gave the services (the inside is closed by default).
         async with grpc.aio.insecure_channel(procs["worker:smollm2"].address) as channel:
-            info = await worker_pb2_grpc.ModelWorkerStub(channel).Info(worker_pb2.InfoRequest(), timeout=10)
+            stub = worker_pb2_grpc.ModelWorkerStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as anonymous:
+                await stub.Info(worker_pb2.InfoRequest(), timeout=10)
+            info = await stub.Info(
+                worker_pb2.InfoRequest(), timeout=10, metadata=token_metadata(cluster.internal_token)
+            )
+        assert anonymous.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert info.live_sessions == 0
         print(f"\nSIGTERM during a generation: {outcome}")
     finally:

@@ -22,17 +22,21 @@ def run(args) -> int:
 
     from coolfusion.protos import worker_pb2, worker_pb2_grpc
 
-    from ...services.common.security import sync_channel
+    from ...services.common.security import internal_token, sync_channel
     from ...services.common.server import CHANNEL_OPTIONS
 
     started = time.monotonic()
-    with sync_channel(args.address, CHANNEL_OPTIONS) as channel:  # TLS from COOLFUSION_TLS_* as every client
+    # TLS from COOLFUSION_TLS_* as every client; Info is internal: $COOLFUSION_INTERNAL_TOKEN.
+    with sync_channel(args.address, CHANNEL_OPTIONS, token=internal_token()) as channel:
         stub = worker_pb2_grpc.ModelWorkerStub(channel)
         while True:
             elapsed = time.monotonic() - started
             try:
                 live = stub.Info(worker_pb2.InfoRequest(), timeout=5.0).live_sessions
             except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:  # a misconfiguration, not a gone worker
+                    print(f"drain: {exc.details()}; set the worker's COOLFUSION_INTERNAL_TOKEN", file=sys.stderr)
+                    return 1
                 print(f"drain: worker unreachable ({exc.code().name}); done", file=sys.stderr)
                 return 0
             if elapsed >= args.min_wait and live == 0:

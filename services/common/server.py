@@ -12,7 +12,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .interceptor import ExceptionToStatusInterceptor
-from .security import BearerTokenInterceptor, ServerTls
+from .security import INTERNAL_TOKEN_ENV, BearerTokenInterceptor, ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -43,14 +43,20 @@ class GrpcService:
         address: str = "127.0.0.1:0",
         tls: ServerTls | None = None,
         auth_tokens: list[str] | None = None,
+        internal_tokens: list[str] | None = None,
     ):
-        """``tls`` defaults to the COOLFUSION_TLS_* environment; ``auth_tokens`` (bearer tokens)
-        are checked before anything else when given."""
+        """``tls`` defaults to the COOLFUSION_TLS_* environment; ``auth_tokens`` (bearer tokens of
+        public callers) or ``internal_tokens`` (an internal service's: docs/security.md) are
+        checked before anything else when given; health and reflection stay open."""
+        if auth_tokens and internal_tokens:
+            raise ValueError("a service takes public bearer tokens or internal tokens, not both")
         self.address = address
         self.tls = tls if tls is not None else ServerTls.from_env()
-        interceptors = [ExceptionToStatusInterceptor()]
+        interceptors: list[grpc.aio.ServerInterceptor] = [ExceptionToStatusInterceptor()]
         if auth_tokens:
             interceptors.insert(0, BearerTokenInterceptor(auth_tokens))
+        elif internal_tokens:
+            interceptors.insert(0, BearerTokenInterceptor(internal_tokens, f"internal token (${INTERNAL_TOKEN_ENV})"))
         self.server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
         register(self.server)
         self.health = health.aio.HealthServicer()

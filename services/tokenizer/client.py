@@ -10,15 +10,17 @@ from coolfusion.protos import tokenizer_pb2 as pb
 from coolfusion.protos import tokenizer_pb2_grpc as pb_grpc
 
 from ..common.errors import Unavailable
-from ..common.security import sync_channel
+from ..common.security import internal_token, sync_channel
 from ..common.server import CHANNEL_OPTIONS
 
 
 class TokenizerClient:
-    def __init__(self, address: str, timeout: float = 10.0):
+    def __init__(self, address: str, timeout: float = 10.0, token: str | None = None):
+        """``token``: the internal token every call carries (None: $COOLFUSION_INTERNAL_TOKEN's)."""
         self.address = address
         self.timeout = timeout
-        self.channel = sync_channel(address, CHANNEL_OPTIONS)  # TLS from COOLFUSION_TLS_* when set
+        # TLS from COOLFUSION_TLS_* when set.
+        self.channel = sync_channel(address, CHANNEL_OPTIONS, token=internal_token(token))
         self.stub = pb_grpc.TokenizerServiceStub(self.channel)
 
     def wait_ready(self, timeout: float = 60.0) -> None:

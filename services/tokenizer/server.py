@@ -8,6 +8,7 @@ import threading
 from coolfusion.protos import tokenizer_pb2 as pb
 from coolfusion.protos import tokenizer_pb2_grpc as pb_grpc
 
+from ..common.security import internal_tokens
 from ..common.server import GrpcService
 from .context import count_tokens, cuts_cleanly, render
 from .core import TokenizerError, TokenizerRegistry
@@ -121,8 +122,14 @@ class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
         )
 
 
-def build_service(registry: TokenizerRegistry, address: str = "127.0.0.1:0") -> GrpcService:
+def build_service(
+    registry: TokenizerRegistry, address: str = "127.0.0.1:0", tokens: list[str] | None = None
+) -> GrpcService:
+    """``tokens``: the internal tokens callers must send (None: $COOLFUSION_INTERNAL_TOKEN's)."""
     servicer = TokenizerServicer(registry)
     return GrpcService(
-        lambda server: pb_grpc.add_TokenizerServiceServicer_to_server(servicer, server), [SERVICE_NAME], address
+        lambda server: pb_grpc.add_TokenizerServiceServicer_to_server(servicer, server),
+        [SERVICE_NAME],
+        address,
+        internal_tokens=internal_tokens() if tokens is None else tokens,
     )

@@ -25,6 +25,7 @@ from coolfusion.protos import worker_pb2_grpc as pb_grpc
 
 from ..common.errors import InvalidArgument, Unavailable
 from ..common.metrics import KV_BYTES, LIVE_SESSIONS, PREFIX_CACHE_BYTES, PREFIX_CACHE_TOKENS, STEP_BATCH
+from ..common.security import internal_tokens
 from ..common.server import GrpcService
 from ..sources import parse_spec
 from ..tokenizer.client import TokenizerClient
@@ -240,12 +241,18 @@ def build_service(
     return service
 
 
-def build_loading_service(model_spec: str, address: str = "127.0.0.1:0") -> tuple[GrpcService, WorkerServicer]:
+def build_loading_service(
+    model_spec: str, address: str = "127.0.0.1:0", tokens: list[str] | None = None
+) -> tuple[GrpcService, WorkerServicer]:
     """A worker server without its model yet: start it with ``start(serving=False)``, load the
-    core (``load_core``, in a thread), then ``servicer.set_core(core)`` and ``service.set_serving()``."""
+    core (``load_core``, in a thread), then ``servicer.set_core(core)`` and ``service.set_serving()``.
+    ``tokens``: the internal tokens callers must send (None: $COOLFUSION_INTERNAL_TOKEN's)."""
     servicer = WorkerServicer(None, name=parse_spec(model_spec).name)
     service = GrpcService(
-        lambda server: pb_grpc.add_ModelWorkerServicer_to_server(servicer, server), [SERVICE_NAME], address
+        lambda server: pb_grpc.add_ModelWorkerServicer_to_server(servicer, server),
+        [SERVICE_NAME],
+        address,
+        internal_tokens=internal_tokens() if tokens is None else tokens,
     )
     service.on_stop.append(servicer.stop_reaper)
     return service, servicer
