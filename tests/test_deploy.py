@@ -103,7 +103,22 @@ def merge(base, override, key: str = ""):
     return override
 
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:-|:\?)([^}]*))?\}")
+# What an operator sets for `docker compose up` (docs/security.md).
+COMPOSE_ENV = {"COOLFUSION_INTERNAL_TOKEN": "compose-internal-token"}
+
+
+class MissingVariable(ValueError):
+    pass
+
+
+def _substitute(match: re.Match, env: dict[str, str]) -> str:
+    name, op, arg = match.groups()
+    if env.get(name):
+        return env[name]
+    if op == ":?":  # `docker compose` refuses to start: required variable missing
+        raise MissingVariable(f"required variable {name} is missing a value: {arg}")
+    return arg or ""
 
 
 def interpolate(value, env: dict[str, str]):
@@ -112,7 +127,7 @@ def interpolate(value, env: dict[str, str]):
     if isinstance(value, list):
         return [interpolate(v, env) for v in value]
     if isinstance(value, str):
-        return _VAR.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
+        return _VAR.sub(lambda m: _substitute(m, env), value)
     return value
 
 
@@ -177,6 +192,16 @@ def check_topology(config: dict, gpu: bool) -> None:
     assert published == [env_map(orchestrator)["COOLFUSION_PORT"]], "the orchestrator publishes its gRPC port"
     assert "model-cache" in config["volumes"]
     check_compose_gateway(services)
+    check_compose_internal_token(services)
+
+
+def check_compose_internal_token(services: dict) -> None:
+    """Every service of the inside and the orchestrator get the one internal token; the gateway,
+    which calls only the orchestrator, does not; the public tokens go to the orchestrator."""
+    inside = {n: env_map(s).get("COOLFUSION_INTERNAL_TOKEN") for n, s in services.items() if n != "gateway"}
+    assert set(inside.values()) == {COMPOSE_ENV["COOLFUSION_INTERNAL_TOKEN"]}, inside
+    assert "COOLFUSION_INTERNAL_TOKEN" not in env_map(services["gateway"])
+    assert "COOLFUSION_AUTH_TOKENS" in env_map(services["orchestrator"])
 
 
 def check_compose_gateway(services: dict) -> None:
@@ -193,7 +218,7 @@ def check_compose_gateway(services: dict) -> None:
 def test_compose_files_match_the_compose_spec():
     validator = compose_schema_validator()
     for paths in [(COMPOSE,), (COMPOSE, COMPOSE_CPU)]:
-        config = compose_config(*paths, env={})
+        config = compose_config(*paths, env=COMPOSE_ENV)
         errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
         assert not errors, "\n".join(f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in errors)
     # The raw base file as well, anchors and `${...}` untouched (what `docker compose` reads first).
@@ -201,10 +226,18 @@ def test_compose_files_match_the_compose_spec():
     assert not list(validator.iter_errors(raw))
 
 
+def test_compose_requires_the_internal_token():
+    for paths in [(COMPOSE,), (COMPOSE, COMPOSE_CPU)]:
+        with pytest.raises(MissingVariable, match="COOLFUSION_INTERNAL_TOKEN.*docs/security.md"):
+            compose_config(*paths, env={})
+    public = compose_config(COMPOSE, env={**COMPOSE_ENV, "COOLFUSION_AUTH_TOKENS": "a,b"})["services"]
+    assert env_map(public["orchestrator"])["COOLFUSION_AUTH_TOKENS"] == "a,b"
+
+
 def test_compose_topology_gpu_and_cpu():
-    check_topology(compose_config(COMPOSE), gpu=True)
-    check_topology(compose_config(COMPOSE, COMPOSE_CPU), gpu=False)
-    cpu = compose_config(COMPOSE, COMPOSE_CPU)
+    check_topology(compose_config(COMPOSE, env=COMPOSE_ENV), gpu=True)
+    check_topology(compose_config(COMPOSE, COMPOSE_CPU, env=COMPOSE_ENV), gpu=False)
+    cpu = compose_config(COMPOSE, COMPOSE_CPU, env=COMPOSE_ENV)
     assert all(
         cpu["services"][w]["build"]["dockerfile"] == "deploy/docker/worker-cpu.Dockerfile"
         for w in ("worker-a", "worker-b")
@@ -384,7 +417,10 @@ def _container(deploy: dict) -> dict:
 def _env(container: dict, configmap: dict) -> dict[str, str]:
     out = {}
     for e in container["env"]:
-        if "valueFrom" in e:
+        if "secretKeyRef" in e.get("valueFrom", {}):  # its value is the operator's: name it
+            ref = e["valueFrom"]["secretKeyRef"]
+            out[e["name"]] = f"secret:{ref['name']}/{ref['key']}" + ("?" if ref.get("optional") else "")
+        elif "valueFrom" in e:
             ref = e["valueFrom"]["configMapKeyRef"]
             assert ref["name"] == configmap["metadata"]["name"]
             out[e["name"]] = configmap["data"][ref["key"]]
@@ -447,6 +483,15 @@ def test_kubernetes_topology(path, gpu):
     )
     assert ("Service", "orchestrator") in docs and ("Service", "tokenizer") in docs
     check_k8s_gateway(docs)
+    # The inside's token from one required Secret; the gateway never holds it.
+    internal = {
+        n: _env(_container(d), configmap).get("COOLFUSION_INTERNAL_TOKEN")
+        for (k, n), d in docs.items()
+        if k == "Deployment" and n != "gateway"
+    }
+    assert set(internal.values()) == {"secret:coolfusion-internal/token"}, internal
+    assert "COOLFUSION_INTERNAL_TOKEN" not in _env(_container(docs[("Deployment", "gateway")]), configmap)
+    assert _env(orch_c, configmap)["COOLFUSION_AUTH_TOKENS"] == "secret:coolfusion-auth/tokens?"
 
 
 def check_k8s_gateway(docs: dict) -> None:
@@ -473,6 +518,93 @@ def check_k8s_gateway(docs: dict) -> None:
     )
     assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
     assert docs[("PodDisruptionBudget", "gateway")]["spec"]["selector"]["matchLabels"] == labels
+
+
+# ---- NetworkPolicies: the paths they open, resolved against the Deployments' labels ---------------
+ANYWHERE, NAMESPACE = "<anywhere>", "<namespace>"
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels and matchExpressions) against a pod's labels."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+        ok = {
+            "In": labels.get(key) in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def _peers(rule: dict, pods: dict[str, dict]) -> set[str]:
+    """Which Deployments' pods (or ANYWHERE / NAMESPACE) one ingress rule admits."""
+    if not rule.get("from"):
+        return {ANYWHERE}
+    out = set()
+    for peer in rule["from"]:
+        assert set(peer) == {"podSelector"}, f"only same-namespace pod peers here: {peer}"
+        if not peer["podSelector"]:
+            out.add(NAMESPACE)
+        else:
+            out |= {name for name, labels in pods.items() if _selects(peer["podSelector"], labels)}
+    return out
+
+
+def ingress_paths(docs: dict) -> dict[str, set[tuple[str, str]]]:
+    """Deployment -> {(source, port)} that the NetworkPolicies let in (all ingress is denied
+    unless some policy admits it: the default deny selects every pod)."""
+    pods = {n: d["spec"]["template"]["metadata"]["labels"] for (k, n), d in docs.items() if k == "Deployment"}
+    policies = [d for (k, _), d in docs.items() if k == "NetworkPolicy"]
+    deny = [p for p in policies if p["spec"]["podSelector"] == {} and not p["spec"].get("ingress")]
+    assert deny and deny[0]["spec"]["policyTypes"] == ["Ingress"], "a default deny for the namespace"
+    paths: dict[str, set[tuple[str, str]]] = {name: set() for name in pods}
+    for policy in policies:
+        spec = policy["spec"]
+        assert "Ingress" in spec["policyTypes"]
+        for name, labels in pods.items():
+            if not _selects(spec["podSelector"], labels):
+                continue
+            ports = {p["name"]: p["containerPort"] for p in _container(docs[("Deployment", name)])["ports"]}
+            for rule in spec.get("ingress") or []:
+                assert rule.get("ports"), f"{policy['metadata']['name']}: every path names its port"
+                for port in rule["ports"]:
+                    assert port["port"] in ports, f"{policy['metadata']['name']}: {name} has no port {port['port']}"
+                    paths[name] |= {(source, port["port"]) for source in _peers(rule, pods)}
+    return paths
+
+
+def expected_paths(docs: dict) -> dict[str, set[tuple[str, str]]]:
+    workers = [n for (k, n) in docs if k == "Deployment" and n.startswith("worker-")]
+    return {
+        **{w: {("orchestrator", "grpc")} for w in workers},
+        "tokenizer": {(source, "grpc") for source in ("orchestrator", *workers)},
+        "orchestrator": {(NAMESPACE, "grpc")},
+        "gateway": {(ANYWHERE, "http")},
+    }
+
+
+@pytest.mark.parametrize("path", ["k8s/base", "k8s/overlays/cpu-demo"])
+def test_network_policies_open_exactly_the_named_paths(path):
+    docs = by_kind(kustomize(path))
+    assert ingress_paths(docs) == expected_paths(docs)
+    for name in ("worker-a", "worker-b", "tokenizer", "orchestrator", "gateway"):  # each Service's port is let in
+        [port] = docs[("Service", name)]["spec"]["ports"]
+        assert port["targetPort"] in {p for _, p in ingress_paths(docs)[name]}
+    # A renamed label changes what the policies select: the check above would fail.
+    renamed = copy.deepcopy(docs)
+    renamed[("Deployment", "orchestrator")]["spec"]["template"]["metadata"]["labels"] = {"app": "orchestrator"}
+    assert ingress_paths(renamed)["worker-a"] == set() != expected_paths(docs)["worker-a"]
+    relabelled = copy.deepcopy(docs)
+    relabelled[("Deployment", "worker-b")]["spec"]["template"]["metadata"]["labels"].pop("app.kubernetes.io/component")
+    assert (
+        ingress_paths(relabelled)["worker-b"] == set()
+        and ("worker-b", "grpc") not in ingress_paths(relabelled)["tokenizer"]
+    )
 
 
 # ---- the compose topology as local processes -------------------------------------------------------
@@ -619,6 +751,7 @@ def test_compose_cpu_topology_as_local_processes(tmp_path):
         "COOLFUSION_PUBLIC_PORT": str(public),
         "COOLFUSION_HTTP_PORT": str(http_public),
         "COOLFUSION_CPU_THREADS": "1",
+        **COMPOSE_ENV,
     }
     config = compose_config(COMPOSE, COMPOSE_CPU, env=env)
     stack = LocalCompose(config, tmp_path, {})
@@ -636,6 +769,14 @@ def test_compose_cpu_topology_as_local_processes(tmp_path):
             await client.wait_ready(30)
             models = await client.list_models()
             reply = await client.generate(PROMPT, max_new_tokens=8)
+        import grpc  # the inside refuses a caller without the compose file's internal token
+
+        from coolfusion.protos import worker_pb2, worker_pb2_grpc
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{stack.ports['worker-a']}") as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await worker_pb2_grpc.ModelWorkerStub(channel).Info(worker_pb2.InfoRequest(), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         import httpx2  # the gateway, on its published port, in front of the same orchestrator
 
         async with httpx2.AsyncClient(timeout=120) as http:
