@@ -25,15 +25,17 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from ..common.errors import InvalidArgument as CommonInvalidArgument
+from ..common.errors import ResourceExhausted
 from ..sources import ModelSpec
 from ..tokenizer.context import context_ids, render, render_messages
 from ..tokenizer.core import TokenizerRegistry
 from .api import NextTextOptions
+from .distributions import LLAMACPP_CELL_SHARE, Distributions
 from .errors import InvalidArgument
 from .forward import PREFILL_CHUNK, Cancelled, Fill, TransformersForwards, fill_rows
 from .generation import (
@@ -62,6 +64,7 @@ from .results import (
     NextTextResult,
     NextTokenResult,
     OpenResult,
+    TextDistributions,
     perplexity,
 )
 from .scoring import Scorer
@@ -124,6 +127,7 @@ class WorkerCore:
     reuse_lookahead = _Part("_generator")
     fill_ahead = _Part("_generator")
     reuse_own_logprobs = _Part("_scorer")
+    distributions_window = _Part("_distributions", "window")  # tokens per context window (None: the model's)
 
     def __init__(
         self,
@@ -177,6 +181,7 @@ class WorkerCore:
         self._scorer = Scorer(loaded, self._forwards, reuse_own_logprobs)
         self.prefix_cache = self._make_prefix_cache(prefix_cache_bytes)
         self._kv_per_token: int | None = None  # measured when a KV budget first needs it
+        self._distributions = Distributions(loaded, self._forwards, self._batch_room, self._batch_window)
 
     # ---- info ----------------------------------------------------------------------------
     def info(self) -> dict:
@@ -309,6 +314,36 @@ class WorkerCore:
         """
         with self._table.get(session_id) as s, torch.inference_mode():
             return commit(s, state_id, self.tokenizer, self.device)
+
+    # ---- batch work ----------------------------------------------------------------------
+    def distributions(
+        self, texts: Sequence[str], top_k: int, cancelled: Cancelled | None = None
+    ) -> Iterator[TextDistributions]:
+        """Per token of each text, the distribution that predicted it (``distributions.py``).
+        The request is checked at once (InvalidArgument); the texts are computed as the iterator
+        is advanced, in order, beside the sessions."""
+        return self._distributions.run(texts, top_k, cancelled)
+
+    def _batch_window(self) -> int:
+        """Most tokens batch work holds in one cache (0: no limit past the model's context): on
+        llama.cpp a share of the KV cells that the sessions share, under a KV budget what it holds."""
+        limits = [self.model.kv_cells // LLAMACPP_CELL_SHARE] if self.backend == "llamacpp" else []
+        if self.kv_budget_bytes:
+            limits.append(max(2, self.kv_budget_bytes // self._kv_bytes_per_token()))
+        return min(limits, default=0)
+
+    def _batch_room(self, tokens: int) -> None:
+        """Under a KV budget: RESOURCE_EXHAUSTED when the sessions leave no room for ``tokens``
+        tokens of batch work's KV now."""
+        if not self.kv_budget_bytes:
+            return
+        need, used = tokens * self._kv_bytes_per_token(), self.stats()[1]
+        if need + used > self.kv_budget_bytes:
+            mib = 2**20
+            raise ResourceExhausted(
+                f"worker {self.name!r}: a window of {tokens} tokens needs {need / mib:.1f} MiB of KV; sessions "
+                f"hold {used / mib:.1f} of the {self.kv_budget_bytes / mib:g} MiB budget; retry later"
+            )
 
     # ---- close and session limits --------------------------------------------------------
     def close(self, session_id: str) -> bool:

@@ -86,3 +86,69 @@ def perplexity(logprobs: Sequence[float]) -> float:
     if not logprobs:
         return math.inf
     return math.exp(-sum(logprobs) / len(logprobs))
+
+
+@dataclass(frozen=True)
+class TextDistributions:
+    """The Distributions RPC's answer for one text (``distributions.py``; the wire's
+    ``TextDistribution``): per token of the worker's own tokenization, the distribution that
+    predicted it. Plain Python (no torch), so that clients and shard writers can hold it.
+
+    ``topk_ids[t]`` / ``topk_logprobs[t]``: the ``top_k`` most likely ids at token t, most likely
+    first, with log-probs normalized over the whole vocabulary (their ``exp`` sums to the kept
+    mass). ``starts``/``ends``: UTF-8 byte spans in the text. ``window_starts``: token indices
+    where a fresh context window starts (``[0]`` for a text that fits the context; empty for a
+    text with no tokens)."""
+
+    text_index: int
+    token_ids: list[int]
+    starts: list[int]
+    ends: list[int]
+    gold_logprobs: list[float]
+    topk_ids: list[list[int]]
+    topk_logprobs: list[list[float]]
+    n_bytes: int
+    window_starts: list[int]
+
+    @property
+    def ce(self) -> float:
+        """Mean cross-entropy per token on the text (nats); 0 for no tokens."""
+        return -sum(self.gold_logprobs) / len(self.gold_logprobs) if self.gold_logprobs else 0.0
+
+    @property
+    def nll_per_byte(self) -> float:
+        """Negative log-likelihood of the text per UTF-8 byte (nats; comparable across tokenizers)."""
+        return -sum(self.gold_logprobs) / self.n_bytes if self.n_bytes else 0.0
+
+    def to_proto(self):
+        from coolfusion.protos import worker_pb2 as pb
+
+        return pb.TextDistribution(
+            text_index=self.text_index,
+            token_ids=self.token_ids,
+            starts=self.starts,
+            ends=self.ends,
+            gold_logprobs=self.gold_logprobs,
+            topk_ids=[i for row in self.topk_ids for i in row],
+            topk_logprobs=[v for row in self.topk_logprobs for v in row],
+            n_bytes=self.n_bytes,
+            window_starts=self.window_starts,
+        )
+
+    @classmethod
+    def from_proto(cls, msg) -> TextDistributions:
+        """The rows of a ``TextDistribution`` (its flat top-k cut back into one row per token)."""
+        n = len(msg.token_ids)
+        k = len(msg.topk_ids) // n if n else 0
+        ids, lps = list(msg.topk_ids), list(msg.topk_logprobs)
+        return cls(
+            text_index=msg.text_index,
+            token_ids=list(msg.token_ids),
+            starts=list(msg.starts),
+            ends=list(msg.ends),
+            gold_logprobs=list(msg.gold_logprobs),
+            topk_ids=[ids[t * k : (t + 1) * k] for t in range(n)],
+            topk_logprobs=[lps[t * k : (t + 1) * k] for t in range(n)],
+            n_bytes=msg.n_bytes,
+            window_starts=list(msg.window_starts),
+        )

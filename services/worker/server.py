@@ -220,6 +220,26 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
             compute_s=seconds,
         )
 
+    async def Distributions(self, request, context):
+        """A message per text, each computed on the compute thread as the stream is read. When
+        the caller leaves (cancel, deadline) the text in work stops at its next chunk."""
+        self.start_reaper()
+        left = threading.Event()
+        texts = await self._run(self.core.distributions, list(request.texts), request.top_k, left.is_set)
+        loop = asyncio.get_running_loop()
+        while True:
+            job = self.executor.submit(next, texts, None)
+            try:
+                item = await asyncio.wrap_future(job, loop=loop)
+            except asyncio.CancelledError:
+                left.set()
+                job.add_done_callback(lambda done: done.cancelled() or done.exception())  # seen, not logged
+                log.info("worker %s: a Distributions call was cancelled; it stops at the next chunk", self.name)
+                raise
+            if item is None:
+                return
+            yield item.to_proto()
+
     async def Close(self, request, context):
         existed = await self._run(self.core.close, request.session_id)
         self.update_gauges()
