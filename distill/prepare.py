@@ -29,7 +29,7 @@ import numpy as np
 from ..services.sources import DEFAULT_MODELS
 from ..services.worker.results import TextDistributions
 from .corpus import Corpus, load_corpus, split_heldout
-from .remote import Alignment, Remote, RemoteError
+from .remote import Remote, RemoteError
 from .shards import ShardStore, SourceRows, TextRecord, fallback_rows
 
 METHODS = ("span", "dtw")
@@ -127,7 +127,7 @@ def check_options(options: PrepareOptions, remote: Remote) -> None:
             raise PrepareError(f"k={options.k} is larger than {name}'s vocabulary ({size} tokens)")
 
 
-def source_rows(alignment: Alignment, dist: TextDistributions, k: int) -> SourceRows:
+def source_rows(alignment, dist: TextDistributions, k: int) -> SourceRows:
     """One source's rows on the target's tokens: mapped where aligned, else the gold one-hot."""
     n = len(alignment.target_ids)
     ids, logprobs = fallback_rows(alignment.target_ids, k)
@@ -147,7 +147,7 @@ def _one_source(remote: Remote, options: PrepareOptions, source: str, texts: Seq
     stats.busy_s[source] = stats.busy_s.get(source, 0.0) + time.perf_counter() - started
     stats.source_tokens[source] = stats.source_tokens.get(source, 0) + sum(len(d.token_ids) for d in dists)
     return [
-        (remote.align(source, options.target, text, dist, options.k, options.method), dist)
+        (remote.align(source, options.target, text, dist, options.method), dist)
         for text, dist in zip(texts, dists)
     ]
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import grpc
 
 from ..clients.launcher import LocalCluster
-from ..protos import tokenizer_pb2, tokenizer_pb2_grpc, worker_pb2, worker_pb2_grpc
+from ..protos import tokenizer_pb2, worker_pb2, worker_pb2_grpc
 from ..services.common import security
 from ..services.common.server import CHANNEL_OPTIONS
 from ..services.worker.results import TextDistributions
@@ -25,42 +24,26 @@ class RemoteError(ValueError):
     """A deployment that cannot serve this prepare (one line, exit 2)."""
 
 
-@dataclass
-class Alignment:
-    """The target's tokenization of a text and, per target token, one source's aligned row."""
-
-    target_ids: list[int]
-    starts: list[int]
-    ends: list[int]
-    source_index: list[int]  # the source token with the same start byte, or -1
-    mapped_ids: list[list[int]]  # [n, k] on the target's vocabulary, -1: padding
-    mapped_logprobs: list[list[float]]
-
-
-def _channel(address: str, token: str | None) -> grpc.Channel:
-    if token is None:
-        return security.sync_channel(address, CHANNEL_OPTIONS)
-    return security.sync_channel(address, CHANNEL_OPTIONS, token=token)
-
-
 class Remote:
-    """Synchronous stubs of the tokenizer service and each source's worker."""
+    """Synchronous clients of the tokenizer service and each source's worker.
+
+    ``token``: the internal token every call carries (None: $COOLFUSION_INTERNAL_TOKEN's)."""
 
     def __init__(self, tokenizer_address: str, workers: dict[str, str], token: str | None = None):
-        self.tokenizer_address = tokenizer_address
-        self.worker_addresses = dict(workers)
-        self.channels = [_channel(tokenizer_address, token)]
-        self.tokenizer = tokenizer_pb2_grpc.TokenizerServiceStub(self.channels[0])
-        self.worker_channels = {name: _channel(address, token) for name, address in workers.items()}
-        self.channels += list(self.worker_channels.values())
-        self.workers = {name: worker_pb2_grpc.ModelWorkerStub(c) for name, c in self.worker_channels.items()}
+        from ..services.tokenizer.client import TokenizerClient
+
+        token = security.internal_token(token)
+        self.tokenizer = TokenizerClient(tokenizer_address, timeout=600.0, token=token)
+        self.worker_channels = {
+            name: security.sync_channel(address, CHANNEL_OPTIONS, token=token) for name, address in workers.items()
+        }
 
     def tokenizers(self) -> dict[str, tokenizer_pb2.TokenizerInfo]:
-        reply = self.tokenizer.ListTokenizers(tokenizer_pb2.ListTokenizersRequest(), timeout=60)
-        return {t.id: t for t in reply.tokenizers}
+        return {t.id: t for t in self.tokenizer.list_tokenizers()}
 
     def vocab_size(self, source: str) -> int:
-        return self.workers[source].Info(worker_pb2.InfoRequest(), timeout=60).vocab_size
+        stub = worker_pb2_grpc.ModelWorkerStub(self.worker_channels[source])
+        return stub.Info(worker_pb2.InfoRequest(), timeout=60).vocab_size
 
     def distributions(self, source: str, texts: Sequence[str], k: int) -> list[TextDistributions]:
         """Every text's distributions from ``source``'s worker, in the order of ``texts``."""
@@ -74,34 +57,17 @@ class Remote:
             raise RemoteError(f"worker {source} answered no distributions for texts {missing}")
         return rows  # type: ignore[return-value]
 
-    def align(self, source: str, target: str, text: str, dist: TextDistributions, k: int, method: str) -> Alignment:
-        """The target's tokenization of ``text`` with ``source``'s rows aligned and mapped onto it."""
-        request = tokenizer_pb2.AlignRequest(
-            source=source,
-            target=target,
-            text=text,
-            method=method,
-            source_ids=dist.token_ids,
-            source_starts=dist.starts,
-            source_ends=dist.ends,
-            top_k=k,
-            topk_ids=[i for row in dist.topk_ids for i in row],
-            topk_logprobs=[v for row in dist.topk_logprobs for v in row],
-        )
-        reply = self.tokenizer.Align(request, timeout=600)
-        n = len(reply.target_ids)
-        ids, lps = list(reply.mapped_ids), list(reply.mapped_logprobs)
-        return Alignment(
-            target_ids=list(reply.target_ids),
-            starts=list(reply.target_starts),
-            ends=list(reply.target_ends),
-            source_index=list(reply.source_index),
-            mapped_ids=[ids[j * k : (j + 1) * k] for j in range(n)],
-            mapped_logprobs=[lps[j * k : (j + 1) * k] for j in range(n)],
+    def align(self, source: str, target: str, text: str, dist: TextDistributions, method: str):
+        """The target's tokens of ``text`` with ``source``'s rows aligned and mapped onto them
+        (``services/tokenizer/alignment.py``'s ``Alignment``)."""
+        spans = list(zip(dist.starts, dist.ends))
+        return self.tokenizer.align(
+            source, target, text, dist.token_ids, spans, dist.topk_ids, dist.topk_logprobs, method
         )
 
     def close(self) -> None:
-        for channel in self.channels:
+        self.tokenizer.close()
+        for channel in self.worker_channels.values():
             channel.close()
 
 
@@ -137,7 +103,7 @@ class EmbeddedServices(LocalCluster):
 
     def remote(self) -> Remote:
         """Stubs of the started services (carrying the internal token they were started with)."""
-        return Remote(self.tokenizer_address, self.worker_addresses, getattr(self, "internal_token", None))
+        return Remote(self.tokenizer_address, self.worker_addresses, self.internal_token)
 
 
 def connected(orchestrator: str, tokenizer_service: str, sources: Sequence[str]) -> Remote:
@@ -156,4 +122,4 @@ def connected(orchestrator: str, tokenizer_service: str, sources: Sequence[str])
         raise RemoteError(
             f"source {', '.join(missing)} is not served by {orchestrator} (it serves {', '.join(models) or 'nothing'})"
         )
-    return Remote(tokenizer_service, {s: models[s] for s in sources}, security.internal_token())
+    return Remote(tokenizer_service, {s: models[s] for s in sources})

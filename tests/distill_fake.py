@@ -17,7 +17,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-from coolfusion.distill.remote import Alignment
 from coolfusion.services.worker.results import TextDistributions
 
 VOCAB = 1000
@@ -34,6 +33,15 @@ def tokens(text: str, how: str) -> list[tuple[int, int]]:
 
 def token_id(text: str, span: tuple[int, int]) -> int:
     return sum(text.encode("utf-8")[span[0] : span[1]]) % VOCAB
+
+
+@dataclass
+class Alignment:  # the fields prepare reads of services/tokenizer/alignment.py's Alignment
+    target_ids: list[int]
+    target_spans: list[tuple[int, int]]
+    source_index: list[int]
+    mapped_ids: list[list[int]]
+    mapped_logprobs: list[list[float]]
 
 
 @dataclass
@@ -75,7 +83,8 @@ class FakeRemote:
             )
         return out
 
-    def align(self, source, target, text, dist, k, method) -> Alignment:
+    def align(self, source, target, text, dist, method) -> Alignment:
+        k = len(dist.topk_ids[0]) if dist.topk_ids else 0
         spans = tokens(text, "words")
         by_start = {s: i for i, s in enumerate(dist.starts)}
         index = [by_start.get(a, -1) for a, _ in spans]
@@ -89,8 +98,7 @@ class FakeRemote:
             mapped_lps.append([math.log(p) for _, p in row] + [-math.inf] * (k - len(row)))
         return Alignment(
             target_ids=[token_id(text, s) for s in spans],
-            starts=[a for a, _ in spans],
-            ends=[b for _, b in spans],
+            target_spans=spans,
             source_index=index,
             mapped_ids=mapped_ids,
             mapped_logprobs=mapped_lps,
