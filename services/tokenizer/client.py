@@ -12,6 +12,7 @@ from coolfusion.protos import tokenizer_pb2_grpc as pb_grpc
 from ..common.errors import Unavailable
 from ..common.security import internal_token, sync_channel
 from ..common.server import CHANNEL_OPTIONS
+from .alignment import Alignment
 
 
 class TokenizerClient:
@@ -52,6 +53,45 @@ class TokenizerClient:
         return reply.offset if reply.found else None
 
     __call__ = common_boundary
+
+    def align(
+        self,
+        source: str,
+        target: str,
+        text: str,
+        source_ids: Sequence[int],
+        spans: Sequence[tuple[int, int]] | None = None,
+        topk_ids: Sequence[Sequence[int]] = (),
+        topk_logprobs: Sequence[Sequence[float]] = (),
+        method: str = "span",
+        timeout: float | None = None,
+    ) -> Alignment:
+        """``Align`` (see services/tokenizer/alignment.py): the target's tokens of ``text``, the
+        source token aligned to each, and the source's top-k rows (one per source token) mapped
+        onto the target vocabulary. Byte spans are computed by the service when not given."""
+        k = len(topk_ids[0]) if topk_ids else 0
+        request = pb.AlignRequest(
+            source=source,
+            target=target,
+            text=text.encode(),
+            method=method,
+            source_ids=list(source_ids),
+            source_starts=[s for s, _ in spans or ()],
+            source_ends=[e for _, e in spans or ()],
+            top_k=k,
+            topk_ids=[i for row in topk_ids for i in row],
+            topk_logprobs=[v for row in topk_logprobs for v in row],
+        )
+        reply = self.stub.Align(request, timeout=timeout or self.timeout)
+        n = len(reply.target_ids)
+        ids, logprobs = list(reply.mapped_ids), list(reply.mapped_logprobs)
+        return Alignment(
+            target_ids=list(reply.target_ids),
+            target_spans=list(zip(reply.target_starts, reply.target_ends)),
+            source_index=list(reply.source_index),
+            mapped_ids=[ids[j * k : (j + 1) * k] for j in range(n)],
+            mapped_logprobs=[logprobs[j * k : (j + 1) * k] for j in range(n)],
+        )
 
     def close(self) -> None:
         self.channel.close()

@@ -10,8 +10,9 @@ from coolfusion.protos import tokenizer_pb2_grpc as pb_grpc
 
 from ..common.security import internal_tokens
 from ..common.server import GrpcService
+from .alignment import align
 from .context import count_tokens, cuts_cleanly, render
-from .core import TokenizerError, TokenizerRegistry
+from .core import TokenizerError, TokenizerRegistry, UnknownTokenizerError
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TokenizerService"].full_name
 
@@ -60,6 +61,39 @@ class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
             list(r.allowed_offsets) or None,
         )
         return pb.CommonBoundaryResponse(found=offset is not None, offset=offset or 0)
+
+    def _align(self, r: pb.AlignRequest) -> pb.AlignResponse:
+        try:
+            source, target = self.registry.get(r.source), self.registry.get(r.target)
+        except UnknownTokenizerError as exc:  # a name in the request, not a resource looked up
+            raise TokenizerError(str(exc)) from None
+        n, k = len(r.source_ids), r.top_k
+        if k < 0 or len(r.topk_ids) != n * k or len(r.topk_logprobs) != n * k:
+            raise TokenizerError(
+                f"top_k {k} with {n} source tokens needs {n * max(k, 0)} top-k ids and log-probs,"
+                f" got {len(r.topk_ids)} and {len(r.topk_logprobs)}"
+            )
+        if (r.source_starts or r.source_ends) and (len(r.source_starts) != n or len(r.source_ends) != n):
+            raise TokenizerError(f"{n} source tokens but {len(r.source_starts)} starts, {len(r.source_ends)} ends")
+        spans = list(zip(r.source_starts, r.source_ends)) if r.source_starts else None
+        result = align(
+            source,
+            target,
+            _text(r.text, "text"),
+            list(r.source_ids),
+            spans,
+            [r.topk_ids[t * k : (t + 1) * k] for t in range(n)] if k else (),
+            [r.topk_logprobs[t * k : (t + 1) * k] for t in range(n)] if k else (),
+            r.method or "span",
+        )
+        return pb.AlignResponse(
+            target_ids=result.target_ids,
+            target_starts=[s for s, _ in result.target_spans],
+            target_ends=[e for _, e in result.target_spans],
+            source_index=result.source_index,
+            mapped_ids=[i for row in result.mapped_ids for i in row],
+            mapped_logprobs=[v for row in result.mapped_logprobs for v in row],
+        )
 
     def _count_one(
         self, tokenizer_id: str, prompt: str | None, messages: list[dict] | None, stop_above: int
@@ -120,6 +154,15 @@ class TokenizerServicer(pb_grpc.TokenizerServiceServicer):
         return pb.CommonBoundaryBatchResponse(
             responses=[self._boundary(r) for r in _nonempty(request.requests, "requests")]
         )
+
+    # Alignment encodes, maps vocabularies and may run a DTW: in a thread, off the event loop that
+    # answers boundary checks.
+    async def Align(self, request, context):
+        return await asyncio.to_thread(self._align, request)
+
+    async def AlignBatch(self, request, context):
+        requests = _nonempty(request.requests, "requests")
+        return pb.AlignBatchResponse(responses=await asyncio.to_thread(lambda: [self._align(r) for r in requests]))
 
 
 def build_service(
