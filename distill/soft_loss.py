@@ -47,7 +47,9 @@ def softcap_of(model) -> float | None:
 
 
 def _chunk_sums(hidden, head, softcap, labels, soft_ids, soft_probs):
-    logits = head(hidden).float()
+    logits = head(hidden)
+    if logits.dtype in (torch.float16, torch.bfloat16):  # the softmax and its sums in float32
+        logits = logits.float()
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     logp = torch.log_softmax(logits, dim=-1)
@@ -74,9 +76,9 @@ def distill_loss(
     target row ``p+1`` (``soft_ids`` [B, L, k], ``-1``: no entry; ``soft_probs`` sum to 1 over
     a row's kept entries). ``lam`` = 1 is plain continued training."""
     hidden = decoder_hidden(model, input_ids, attention_mask)[:, :-1]
-    labels, soft_ids, soft_probs = labels[:, 1:], soft_ids[:, 1:], soft_probs[:, 1:].float()
+    labels, soft_ids, soft_probs = labels[:, 1:], soft_ids[:, 1:], soft_probs[:, 1:]
     head, cap = model.get_output_embeddings(), softcap_of(model)
-    clm_sum = kd_sum = hidden.new_zeros((), dtype=torch.float32)
+    clm_sum = kd_sum = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
     for start in range(0, hidden.shape[1], chunk):
         part = slice(start, start + chunk)
         args = (hidden[:, part], head, cap, labels[:, part], soft_ids[:, part], soft_probs[:, part])

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -111,12 +114,20 @@ def curve(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / CURVE_FILE).read_text().splitlines()]
 
 
-@pytest.mark.slow
-def test_one_step_loss_equals_a_direct_recomputation(tmp_path, smollm2):
-    model, tokenizer = smollm2
-    prepared = write_shards(tmp_path / "prep", tokenizer)
-    # All blocks in one batch: the step's loss is the mean over every position, whatever the order.
+@pytest.fixture(scope="module")
+def one_step(tmp_path_factory, smollm2):
+    """A one-step SmolLM2 run: all blocks in one batch, so the step's loss is the mean over every
+    position whatever the order; avgCE with k = 3 of the prepared 4, chunks of 7 positions."""
+    tmp_path = tmp_path_factory.mktemp("one_step")
+    prepared = write_shards(tmp_path / "prep", smollm2[1])
     train(options(tmp_path, prepared, lam=0.3, fusion="avgce", k=3, chunk=7, target="smollm2"))
+    return tmp_path, prepared
+
+
+@pytest.mark.slow
+def test_one_step_loss_equals_a_direct_recomputation(one_step, smollm2):
+    model, tokenizer = smollm2
+    tmp_path, prepared = one_step
     logged = curve(tmp_path / "run")
     assert [line["step"] for line in logged] == [1]
 
@@ -146,25 +157,37 @@ def test_one_step_loss_equals_a_direct_recomputation(tmp_path, smollm2):
     assert (tmp_path / "run" / "model" / "config.json").exists()
 
 
-@pytest.mark.slow
-def test_chunked_gradient_and_lambda_one(tmp_path, smollm2):
-    model, tokenizer = smollm2
+def blocks_of(tokenizer, tmp_path: Path, seq_len: int = 24) -> dict:
     prepared = load_prepared(write_shards(tmp_path / "prep", tokenizer))
-    blocks = pack_blocks(fused_texts(prepared, "minCE", K), 24, K, Separators.of(tokenizer))
-    batch = {name: t[:2] for name, t in blocks.items()}
-    args = (batch["input_ids"], batch["labels"], batch["soft_ids"], batch["soft_probs"])
+    blocks = pack_blocks(fused_texts(prepared, "minCE", K), seq_len, K, Separators.of(tokenizer))
+    return {name: t[:2] for name, t in blocks.items()}
 
-    # λ = 1 is the model's own CLM loss (labels shifted inside the model; -100 ignored).
+
+@pytest.mark.slow
+def test_lambda_one_is_the_models_own_clm_loss(tmp_path, smollm2):
+    model, tokenizer = smollm2
+    batch = blocks_of(tokenizer, tmp_path)
     with torch.no_grad():
-        ours = distill_loss(model, *args, lam=1.0, chunk=5).loss
-        labels = torch.where(batch["labels"] >= 0, batch["labels"], -100)
+        ours = distill_loss(model, batch["input_ids"], batch["labels"], batch["soft_ids"], batch["soft_probs"], 1.0, 5)
+        labels = torch.where(batch["labels"] >= 0, batch["labels"], -100)  # the model shifts them itself
         theirs = model(input_ids=batch["input_ids"], labels=labels).loss
-    assert float(ours) == pytest.approx(float(theirs), rel=1e-5)
+    assert float(ours.loss) == pytest.approx(float(theirs), rel=1e-5)
+    assert float(ours.clm) == pytest.approx(float(theirs), rel=1e-5) and ours.kd_positions > 0
 
-    # Chunks of 5 positions under checkpointing give the gradient of the loss written densely.
+
+def test_chunked_gradient_equals_the_dense_gradient(tmp_path, tiny_target):
+    """Chunks of 5 positions under checkpointing against the loss written densely, in float64
+    (in float32 the two summation orders differ by more than the check could bound)."""
+    from transformers import AutoModelForCausalLM
+
+    spec, tokenizer = tiny_target
+    model = AutoModelForCausalLM.from_pretrained(spec.split("=", 1)[1], dtype=torch.float64)
+    batch = blocks_of(tokenizer, tmp_path)
+    args = (batch["input_ids"], batch["labels"], batch["soft_ids"], batch["soft_probs"].double())
+
     def dense_loss():
-        logp = torch.log_softmax(model(input_ids=batch["input_ids"]).logits[:, :-1].float(), -1)
-        labels, ids, probs = batch["labels"][:, 1:], batch["soft_ids"][:, 1:].long(), batch["soft_probs"][:, 1:]
+        logp = torch.log_softmax(model(input_ids=batch["input_ids"]).logits[:, :-1], -1)
+        labels, ids, probs = batch["labels"][:, 1:], batch["soft_ids"][:, 1:].long(), args[3][:, 1:]
         gold = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
         clm = -(gold * (labels >= 0)).sum() / (labels >= 0).sum()
         soft = (logp.gather(-1, ids.clamp(min=0)) * probs * (ids >= 0)).sum(-1)
@@ -173,16 +196,16 @@ def test_chunked_gradient_and_lambda_one(tmp_path, smollm2):
 
     def grads(loss_fn):
         model.zero_grad()
-        loss_fn().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        loss = loss_fn()
+        loss.backward()
+        return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    chunked = grads(lambda: distill_loss(model, *args, lam=0.4, chunk=5).loss)
-    dense = grads(dense_loss)
-    model.zero_grad()
-    assert chunked.keys() == dense.keys() and len(chunked) > 10
-    for name in dense:  # float32 sums in another order: compare against the gradient's own size
-        error = (chunked[name] - dense[name]).norm() / dense[name].norm()
-        assert error < 1e-4, (name, float(error))
+    chunked_loss, chunked = grads(lambda: distill_loss(model, *args, lam=0.4, chunk=5).loss)
+    dense_loss_value, dense = grads(dense_loss)
+    assert chunked_loss == pytest.approx(dense_loss_value, rel=1e-12)
+    assert chunked.keys() == dense.keys() and len(chunked) >= 8
+    for name in dense:
+        torch.testing.assert_close(chunked[name], dense[name], rtol=1e-9, atol=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -266,3 +289,80 @@ def test_kill_and_resume_reproduces_the_loss_curve(tmp_path, tiny_target):
 
     with pytest.raises(TrainError, match="other options"):
         train(options(tmp_path, prepared, **{**run, "lam": 0.6}, out=str(out)))
+
+
+def cli(capsys, *args: str) -> tuple[int, str]:
+    from coolfusion.clients.cli import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_bad_options_exit_2_with_one_line_and_write_nothing(tmp_path, tiny_target, capsys):
+    spec, tokenizer = tiny_target
+    prepared = str(write_shards(tmp_path / "prep", tokenizer))
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    (no_tokenizer / "config.json").write_text('{"model_type": "llama"}')
+    out = tmp_path / "run"
+    cases = {
+        ("--lambda", "1.5"): "--lambda must be in [0, 1], got 1.5",
+        ("--lambda", "-0.1"): "--lambda must be in [0, 1]",
+        ("--fusion", "maxCE"): "unknown fusion function 'maxCE'",
+        ("--k", "0"): "--k must be at least 1",
+        ("--k", "5"): "--k must be in [1, 4] (the prepared k), got 5",
+        ("--max-steps", "0"): "--max-steps must be at least 1",
+        ("--target", f"bad={no_tokenizer}"): "tokenizer cannot load",
+        ("--target", "nosuchmodel"): "unknown model 'nosuchmodel'",
+    }
+    for extra, message in cases.items():
+        code, err = cli(capsys, "distill", "train", prepared, "--out", str(out), "--target", spec, *extra)
+        assert code == 2 and message in err, (extra, code, err)
+        assert err.count("\n") == 1 and "Traceback" not in err, err
+        assert not out.exists()
+    code, err = cli(capsys, "distill", "train", str(tmp_path), "--out", str(out))
+    assert code == 2 and "manifest.json not found" in err and not out.exists()
+
+    (tmp_path / "taken").mkdir()
+    code, err = cli(capsys, "distill", "export", str(no_tokenizer), str(tmp_path / "taken"))
+    assert code == 2 and "exists: pass --force" in err
+    code, err = cli(capsys, "distill", "export", str(tmp_path / "prep"), str(tmp_path / "new"))
+    assert code == 2 and "holds no model" in err and not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no-tokenizer", "prep", "taken"]
+
+
+@pytest.mark.slow
+def test_export_is_served_by_a_worker_as_transformers_generates(tmp_path, one_step):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from coolfusion.distill.export import export
+
+    run = one_step[0] / "run"
+    dest = export(run, tmp_path / "distilled")
+    assert json.loads((dest / "coolfusion-export.json").read_text())["run"]["lam"] == 0.3
+    with pytest.raises(ValueError, match="exists"):
+        export(run, dest)
+    export(run / "model", dest, force=True)  # replaces it whole
+    assert [p.name for p in tmp_path.iterdir()] == ["distilled"]
+
+    prompt = "Question: What is the capital of France?\nAnswer:"
+    tokenizer = AutoTokenizer.from_pretrained(dest)
+    model = AutoModelForCausalLM.from_pretrained(dest, dtype=torch.float32)
+    trained = AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32)
+    for a, b in zip(model.parameters(), trained.parameters(), strict=True):
+        assert torch.equal(a, b)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    greedy = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :]
+    expected = tokenizer.decode(greedy, skip_special_tokens=True)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "coolfusion.clients.cli", "generate", prompt, "--models", f"distilled={dest}"]
+        + ["--mode", "single:distilled", "--max-new-tokens", "12", "--json", "--backend", "transformers"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    reply = json.loads(result.stdout)
+    assert reply["text"] == expected and expected.strip()

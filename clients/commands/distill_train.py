@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 
@@ -19,24 +18,39 @@ def add_parsers(sub) -> None:
     t = sub.add_parser(
         "train",
         help="continue training a target on fused soft targets (λ·CLM + (1−λ)·soft CE; FuseLLM)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     t.add_argument("prepared", help="a `coolfusion distill prepare` output directory")
     t.add_argument("--out", required=True, help="run directory (checkpoints, loss.jsonl, model/); rerun to resume")
     t.add_argument("--target", help="model spec NAME[=SOURCE] (default: the target the data was prepared for)")
-    t.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="weight of the CLM loss, in [0, 1]")
-    t.add_argument("--fusion", default=d.fusion, help="minCE | avgCE")
+    t.add_argument(
+        "--lambda",
+        dest="lam",
+        metavar="LAMBDA",
+        type=float,
+        default=d.lam,
+        help="weight of the CLM loss, in [0, 1] (default %(default)s)",
+    )
+    t.add_argument("--fusion", default=d.fusion, help="minCE | avgCE (default %(default)s)")
     t.add_argument("--k", type=int, default=None, help="soft-target entries per token (default: the prepared k)")
-    t.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
-    t.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps before the cosine decay")
-    t.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    t.add_argument("--seed", type=int, default=d.seed)
-    t.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps")
-    t.add_argument("--batch-size", type=int, default=d.batch_size, help="packed blocks per step")
-    t.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per packed block")
-    t.add_argument("--save-steps", type=int, default=d.save_steps, help="checkpoint every this many steps")
-    t.add_argument("--save-total-limit", type=int, default=d.save_total_limit, help="checkpoints kept")
-    t.add_argument("--chunk", type=int, default=d.chunk, help="positions per output-layer chunk")
+    t.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate (default %(default)s)")
+    t.add_argument(
+        "--warmup",
+        type=int,
+        default=d.warmup,
+        help="linear warm-up steps before the cosine decay (default %(default)s)",
+    )
+    t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default %(default)s")
+    t.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
+    t.add_argument("--max-steps", type=int, default=d.max_steps, help="optimizer steps (default %(default)s)")
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help="packed blocks per step (default %(default)s)")
+    t.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per packed block (default %(default)s)")
+    t.add_argument(
+        "--save-steps", type=int, default=d.save_steps, help="checkpoint every this many steps (default %(default)s)"
+    )
+    t.add_argument(
+        "--save-total-limit", type=int, default=d.save_total_limit, help="checkpoints kept (default %(default)s)"
+    )
+    t.add_argument("--chunk", type=int, default=d.chunk, help="positions per output-layer chunk (default %(default)s)")
     t.set_defaults(func=run_train)
 
     e = sub.add_parser("export", help="a trained model as a directory `--models NAME=DIR` serves")
