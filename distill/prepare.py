@@ -22,6 +22,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -30,7 +31,7 @@ from ..services.sources import DEFAULT_MODELS
 from ..services.worker.results import TextDistributions
 from .corpus import Corpus, load_corpus, split_heldout
 from .remote import Remote, RemoteError
-from .shards import ShardStore, SourceRows, TextRecord, fallback_rows
+from .shards import MANIFEST, ShardStore, SourceRows, TextRecord, fallback_rows
 
 METHODS = ("span", "dtw")
 
@@ -92,6 +93,7 @@ class Stats:
     tokens: int = 0  # target tokens computed by this run
     texts: int = 0
     busy_s: dict[str, float] = field(default_factory=dict)  # per source: seconds in its Distributions calls
+    align_s: dict[str, float] = field(default_factory=dict)  # per source: seconds in its Align calls
     source_tokens: dict[str, int] = field(default_factory=dict)
 
 
@@ -146,10 +148,12 @@ def _one_source(remote: Remote, options: PrepareOptions, source: str, texts: Seq
     dists = remote.distributions(source, texts, options.k)
     stats.busy_s[source] = stats.busy_s.get(source, 0.0) + time.perf_counter() - started
     stats.source_tokens[source] = stats.source_tokens.get(source, 0) + sum(len(d.token_ids) for d in dists)
-    return [
-        (remote.align(source, options.target, text, dist, options.method), dist)
-        for text, dist in zip(texts, dists)
+    started = time.perf_counter()
+    aligned = [
+        (remote.align(source, options.target, text, dist, options.method), dist) for text, dist in zip(texts, dists)
     ]
+    stats.align_s[source] = stats.align_s.get(source, 0.0) + time.perf_counter() - started
+    return aligned
 
 
 def batch_records(
@@ -212,6 +216,21 @@ def prepare(
     return summary(manifest, stats, resumed, options)
 
 
+def completed(options: PrepareOptions, corpus: Corpus) -> dict | None:
+    """The summary when ``options.out`` already holds this prepare complete (a rerun needs no
+    service); None when there is work left. A folder of another prepare is a ShardError."""
+    if not (Path(options.out) / MANIFEST).exists():
+        return None
+    train, heldout = split_heldout(corpus.texts, options.heldout)
+    store = ShardStore(options.out, options.settings(corpus))
+    resumed = store.open()
+    if store.done("train") < len(_chunks(train, options.shard_texts)):
+        return None
+    if store.done("heldout") < len(_chunks(heldout, options.shard_texts)):
+        return None
+    return summary(store.write_manifest(complete=True), Stats(), resumed, options)
+
+
 def summary(manifest: dict, stats: Stats, resumed: int, options: PrepareOptions) -> dict:
     seconds = time.perf_counter() - stats.started
     return {
@@ -224,13 +243,15 @@ def summary(manifest: dict, stats: Stats, resumed: int, options: PrepareOptions)
         "computed_texts": stats.texts,
         "computed_tokens": stats.tokens,
         "seconds": round(seconds, 2),
-        "tokens_per_s": round(stats.tokens / seconds, 1) if seconds > 0 else None,
+        "tokens_per_s": round(stats.tokens / seconds, 1) if stats.tokens and seconds > 0 else None,
         "bytes_per_token_per_source": round(manifest["bytes_per_token_per_source"], 1),
         "text_bytes_per_token": manifest["text_bytes_per_token"],
         "aligned_fraction": manifest["aligned_fraction"],
         "sources": {
             s: {
                 "tokens_per_s": round(stats.source_tokens[s] / stats.busy_s[s], 1) if stats.busy_s.get(s) else None,
+                "distributions_s": round(stats.busy_s.get(s, 0.0), 2),
+                "align_s": round(stats.align_s.get(s, 0.0), 2),
                 "text_bytes_per_token": round(manifest["text_bytes_per_token"]["sources"][s], 3),
             }
             for s in options.sources

@@ -17,7 +17,7 @@ import pytest
 from coolfusion.clients.cli import main as cli_main
 from coolfusion.distill import corpus as corpus_mod
 from coolfusion.distill import shards
-from coolfusion.distill.prepare import PrepareError, Reporter, prepare
+from coolfusion.distill.prepare import PrepareError, Reporter, completed, prepare
 
 sys.path.insert(0, str(Path(__file__).parent))
 from distill_fake import TEXTS, FakeRemote, options, tokens  # noqa: E402
@@ -62,7 +62,7 @@ def test_rows_are_the_aligned_mapped_top_k_else_the_gold_one_hot(tmp_path, corpu
             lo, hi = shard["offsets"][j : j + 2].tolist()
             for source in ("words", "triples"):
                 dist = fake.distributions(source, [text], 4)[0]
-                alignment = fake.align(source, "t", text, dist, 4, "span")
+                alignment = fake.align(source, "t", text, dist, "span")
                 assert shard["input_ids"][lo:hi].tolist() == alignment.target_ids
                 ids, lps = shard[f"topk_ids.{source}"][lo:hi], shard[f"topk_logprobs.{source}"][lo:hi].float()
                 for t, src in enumerate(alignment.source_index):
@@ -89,9 +89,13 @@ def test_a_kill_then_a_rerun_writes_the_same_bytes(tmp_path, corpus_file, monkey
     with pytest.raises(KeyboardInterrupt):  # after 3 texts: shard 0 listed, shard 1 half computed
         prepare(options(corpus_file, str(killed)), FakeRemote(), StopAfter(3))
     assert [e["file"] for e in shards.read_manifest(killed)["shards"]] == ["shard-00000.safetensors"]
-    remote = FakeRemote()
-    result = prepare(options(corpus_file, str(killed)), remote)
+    texts = corpus_mod.load_corpus([corpus_file])
+    assert completed(options(corpus_file, str(killed)), texts) is None  # work left: the CLI starts services
+    result = prepare(options(corpus_file, str(killed)), FakeRemote())
     assert result["resumed_shards"] == 1 and result["computed_texts"] == len(TEXTS) - 2
+    assert files(killed) == files(whole)
+    again = completed(options(corpus_file, str(killed)), texts)  # nothing left: no service needed
+    assert again["resumed_shards"] == 3 and again["tokens"] == result["tokens"] and again["tokens_per_s"] is None
     assert files(killed) == files(whole)
     # killed between a shard file and the manifest that lists it: the file is written again
     between = tmp_path / "between"
@@ -174,3 +178,80 @@ def test_fake_tokens_cover_multibyte_text():
     text = "emoji 🙂 漢"
     assert [text.encode()[a:b].decode() for a, b in tokens(text, "words")] == ["emoji", " 🙂", " 漢"]
     assert b"".join(text.encode()[a:b] for a, b in tokens(text, "triples")) == text.encode()
+
+
+# ---- the real pipeline on the bundled models (slow) --------------------------------------------
+CORPUS = str(HERE / "data" / "distill-corpus.jsonl")  # 4 short texts: ASCII, digits, accents + emoji, CJK
+
+
+def real_options(out, **kw):
+    from coolfusion.distill.prepare import PrepareOptions
+
+    settings = dict(target="smollm2", sources=["smollm2", "gemma3"], k=4, heldout=0.0, shard_texts=2, batch_texts=2)
+    return PrepareOptions([CORPUS], str(out), **{**settings, **kw})
+
+
+async def test_prepare_on_the_bundled_models_against_a_recomputation(cluster, tmp_path):
+    import asyncio
+
+    from coolfusion.distill.remote import Remote, RemoteError, connected
+    from coolfusion.services.tokenizer.alignment import map_topk, text_tokens, vocab_map
+    from coolfusion.services.worker.client import distributions_blocking
+
+    sources = ["smollm2", "gemma3"]
+    remote = Remote(cluster.tokenizer_address, {s: cluster.worker_addresses[s] for s in sources})
+    result = await asyncio.to_thread(prepare, real_options(tmp_path / "whole"), remote)
+    texts = corpus_mod.load_corpus([CORPUS]).texts
+    assert result["texts"] == len(texts) and result["tokens_per_s"] > 0
+    assert result["sources"]["gemma3"]["tokens_per_s"] > 0 and result["bytes_per_token_per_source"] < 500
+    target = cluster.registry.get("smollm2")
+    loaded = [shards.load_shard(p) for p in shards.shard_paths(tmp_path / "whole")]
+    for pair in (0, 1):  # the oracle asks each worker for the same batches prepare sent
+        batch = texts[2 * pair : 2 * pair + 2]
+        shard = loaded[pair]
+        for s in sources:
+            dists = await asyncio.to_thread(
+                lambda s=s, batch=batch: list(distributions_blocking(cluster.worker_addresses[s], batch, 4))
+            )
+            vmap = vocab_map(cluster.registry.get(s), target)
+            for j, (text, dist) in enumerate(zip(batch, dists)):
+                lo, hi = shard["offsets"][j : j + 2].tolist()
+                target_ids, target_spans = text_tokens(target, text)
+                assert shard["input_ids"][lo:hi].tolist() == target_ids
+                by_start = {start: i for i, start in enumerate(dist.starts)}
+                ids, lps = shard[f"topk_ids.{s}"][lo:hi], shard[f"topk_logprobs.{s}"][lo:hi].float()
+                aligned = shard[f"aligned.{s}"][lo:hi].tolist()
+                for t, (start, _) in enumerate(target_spans):
+                    i = by_start.get(start, -1)
+                    assert aligned[t] == (i >= 0)
+                    if i < 0:
+                        assert ids[t].tolist() == [target_ids[t], -1, -1, -1] and lps[t][0] == 0
+                        continue
+                    want_ids, want_lps = map_topk(dist.topk_ids[i], dist.topk_logprobs[i], vmap, 4)
+                    assert ids[t].tolist() == want_ids
+                    assert lps[t].tolist() == pytest.approx(want_lps, abs=1e-2)
+                    if s == "smollm2":  # the target itself: every token aligned, the map the identity
+                        assert want_ids == dist.topk_ids[i]
+                if s == "smollm2":
+                    assert all(aligned)
+                n_bytes = len(text.encode())
+                assert float(shard[f"nll_per_byte.{s}"][j]) == pytest.approx(
+                    -sum(dist.gold_logprobs) / n_bytes, rel=1e-5
+                )
+    # a kill after 3 texts, then a rerun: the same bytes
+    with pytest.raises(KeyboardInterrupt):
+        await asyncio.to_thread(prepare, real_options(tmp_path / "killed"), remote, StopAfter(3))
+    resumed = await asyncio.to_thread(prepare, real_options(tmp_path / "killed"), remote)
+    assert resumed["resumed_shards"] == 1 and files(tmp_path / "killed") == files(tmp_path / "whole")
+    # --connect: the orchestrator names the workers; a source it does not serve is one line
+    served = await asyncio.to_thread(connected, cluster.address, cluster.tokenizer_address, sources)
+    vocab = await asyncio.to_thread(served.vocab_size, "gemma3")
+    assert vocab == cluster.cores["gemma3"].info()["vocab_size"]
+    served.close()
+    with pytest.raises(
+        RemoteError, match=r"^source nosuch is not served by .* \(it serves smollm2, gemma3, smollm2b\)$"
+    ):
+        await asyncio.to_thread(connected, cluster.address, cluster.tokenizer_address, ["smollm2", "nosuch"])
+    with pytest.raises(PrepareError, match=r"k=300000 is larger than smollm2's vocabulary \(49152 tokens\)"):
+        await asyncio.to_thread(prepare, real_options(tmp_path / "big", k=300000), remote)
+    remote.close()

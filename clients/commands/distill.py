@@ -76,7 +76,7 @@ def _options(args):
 def run_prepare(args) -> int:
     from ...clients.launcher import StartError
     from ...distill.corpus import CorpusError, load_corpus
-    from ...distill.prepare import PrepareError, check_local, prepare
+    from ...distill.prepare import PrepareError, check_local, completed, prepare
     from ...distill.remote import EmbeddedServices, RemoteError, connected
     from ...distill.shards import ShardError
     from ...services.sources import parse_spec, parse_specs
@@ -85,8 +85,12 @@ def run_prepare(args) -> int:
     try:  # the checks that need no service come before minutes of model loading
         check_local(options)
         corpus = load_corpus(options.corpus, options.limit)
-    except (CorpusError, PrepareError) as exc:
+        done = completed(options, corpus)
+    except (CorpusError, PrepareError, ShardError) as exc:
         return _fail(str(exc))
+    if done is not None:
+        print(json.dumps(done, indent=None if args.json else 2))
+        return 0
     services = None
     try:
         if args.connect:
