@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
 
 
 def add_prepare_parser(steps) -> None:
-    from ...distill.prepare import PrepareOptions
+    from ...distill.options import PrepareOptions
 
     defaults = PrepareOptions(corpus=[], out="")
     p = steps.add_parser(
@@ -57,7 +57,7 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def _options(args):
-    from ...distill.prepare import PrepareOptions
+    from ...distill.options import PrepareOptions
 
     return PrepareOptions(
         corpus=list(args.corpus),
@@ -130,7 +130,7 @@ def _start_event(name: str, state: str) -> None:
 
 
 class _ProgressReporter:
-    """A rich progress bar on stderr: texts done, target tokens per second."""
+    """``distill.prepare.Reporter`` as a rich progress bar on stderr: texts done, target tokens/s."""
 
     def __enter__(self):
         from rich.console import Console
