@@ -67,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     setup_logging(log_level(args), args.log_format)
-    if args.command in ("generate", "eval", "bench", "distill") and threading.current_thread() is threading.main_thread():
+    if (
+        args.command in ("generate", "eval", "bench", "distill")
+        and threading.current_thread() is threading.main_thread()
+    ):
         # SIGTERM unwinds like Ctrl-C, so the services these commands started are stopped too
         # (the launcher starts them in their own process groups, where no signal follows ours).
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
