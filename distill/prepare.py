@@ -129,28 +129,17 @@ def prepare(
     """Run (or resume) a prepare into ``options.out``; returns the summary the CLI prints.
     ``corpus``: the texts of ``options.corpus`` when the caller loaded them already."""
     reporter = reporter or Reporter()
-    check_options(options, remote)
-    corpus = corpus or load_corpus(options.corpus, options.limit)
-    train, heldout = split_heldout(corpus.texts, options.heldout)
-    store = ShardStore(options.out, options.settings(corpus))
-    resumed = store.open()
-    stats = Stats()
-    reporter.begin(len(train) + len(heldout))
     try:
+        check_options(options, remote)
+        corpus = corpus or load_corpus(options.corpus, options.limit)
+        train, heldout = split_heldout(corpus.texts, options.heldout)
+        store = ShardStore(options.out, options.settings(corpus))
+        resumed = store.open()
+        stats = Stats()
+        reporter.begin(len(train) + len(heldout))
         with ThreadPoolExecutor(len(options.sources), thread_name_prefix="distill") as pool:
             for split, texts in (("train", train), ("heldout", heldout)):
-                for index, shard_texts in enumerate(_chunks(texts, options.shard_texts)):
-                    if index < store.done(split):
-                        reporter.skipped(len(shard_texts), store.entries[split][index]["tokens"])
-                        continue
-                    records = []
-                    for batch in _chunks(shard_texts, options.batch_texts):
-                        for record in batch_records(remote, options, batch, pool, stats):
-                            records.append(record)
-                            stats.texts += 1
-                            stats.tokens += len(record.input_ids)
-                            reporter.text_done(len(record.input_ids))
-                    store.write(split, index, records)
+                _prepare_split(remote, options, store, split, texts, pool, stats, reporter)
     except grpc.RpcError as exc:
         code = 2 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
         raise PrepareError(f"{exc.code().name}: {exc.details()}", code) from None
@@ -158,6 +147,22 @@ def prepare(
         raise PrepareError(str(exc), 1) from None
     manifest = store.write_manifest(complete=True)
     return summary(manifest, stats, resumed, options)
+
+
+def _prepare_split(remote, options, store: ShardStore, split: str, texts, pool, stats: Stats, reporter) -> None:
+    """The shards of one split that a previous run did not complete."""
+    for index, shard_texts in enumerate(_chunks(texts, options.shard_texts)):
+        if index < store.done(split):
+            reporter.skipped(len(shard_texts), store.entries[split][index]["tokens"])
+            continue
+        records = []
+        for batch in _chunks(shard_texts, options.batch_texts):
+            for record in batch_records(remote, options, batch, pool, stats):
+                records.append(record)
+                stats.texts += 1
+                stats.tokens += len(record.input_ids)
+                reporter.text_done(len(record.input_ids))
+        store.write(split, index, records)
 
 
 def completed(options: PrepareOptions, corpus: Corpus) -> dict | None:

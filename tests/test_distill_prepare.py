@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from coolfusion.clients.cli import main as cli_main
@@ -150,6 +151,23 @@ def test_bad_options_and_services_write_nothing(tmp_path, corpus_file):
             prepare(options(corpus_file, str(out), **change), FakeRemote())
         assert message in str(info.value) and "\n" not in str(info.value)
         assert not out.exists()
+
+    class Refused(grpc.RpcError):
+        def __init__(self, code):
+            self._code = code
+
+        def code(self):
+            return self._code
+
+        def details(self):
+            return "no"
+
+    for code, status in ((grpc.StatusCode.INVALID_ARGUMENT, 2), (grpc.StatusCode.UNAVAILABLE, 1)):
+        remote = FakeRemote()
+        remote.distributions = lambda *a, code=code: (_ for _ in ()).throw(Refused(code))
+        with pytest.raises(PrepareError, match=f"^{code.name}: no$") as info:
+            prepare(options(corpus_file, str(out)), remote)
+        assert info.value.code == status and not list(out.iterdir())
     prepare(options(corpus_file, str(out)), FakeRemote())
     with pytest.raises(shards.ShardError, match=r"other settings \(k differ\)"):
         prepare(options(corpus_file, str(out), k=5), FakeRemote())
