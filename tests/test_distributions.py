@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import threading
 
 import grpc
@@ -22,7 +23,9 @@ import torch
 
 from coolfusion.protos import worker_pb2, worker_pb2_grpc
 from coolfusion.services.common.server import GrpcService
+from coolfusion.services.sources import parse_spec
 from coolfusion.services.worker import distributions as dist
+from coolfusion.services.worker import llamacpp
 from coolfusion.services.worker.client import distributions, distributions_blocking
 from coolfusion.services.worker.errors import InvalidArgument
 from coolfusion.services.worker.model import WorkerCore
@@ -31,6 +34,10 @@ from coolfusion.services.worker.server import SERVICE_NAME, WorkerServicer
 TEXT = "Hello  world,\nnaïve café 日本語 🙂!\n\n\tQuestion: 2+2 = 4? Yes."
 K = 8
 HANG_GUARD_S = 60
+# llama.cpp's log-probs of the same tokens move with the cells a sequence occupies and the tokens a
+# decode holds (test_llamacpp.py measured 0.04-0.05 nats a token on average, up to 0.95 on single
+# tokens); a wrong position or a missing chunk costs several nats.
+MEAN_GAP, MAX_GAP = 0.15, 1.5
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +199,47 @@ async def test_cancel_stops_between_chunks_while_sessions_run(cores, worker, mon
         assert calls == [4, 4, 4]  # of many more chunks: none after the cancel
     finally:
         gate.set()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not llamacpp.llamacpp_available() and not os.environ.get("CI"),
+    reason="llama-cpp-python is not installed (COOLFUSION_LLAMACPP=1 bash scripts/install.sh)",
+)
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_llamacpp_rows_are_llama_cpp_pythons_within_its_noise(tokenizer_registry, name):
+    """On the llama.cpp backend (several chunks a window, a window split too) against
+    llama-cpp-python's own ``Llama(logits_all=True)`` evaluating the start token and the text."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    spec = parse_spec(name)
+    core = WorkerCore(name, spec, backend="llamacpp", hf_tokenizer=tokenizer_registry.get(name).hf, kv_cells=1024)
+    text = TEXT * 6
+    (d,) = core.distributions([text], K)
+    check_spans(d, text)
+    assert core._distributions.chunk < len(d.token_ids)  # more than one chunk
+    start = core._distributions.start
+    llm = Llama(str(spec.gguf_path), n_ctx=512, n_threads=2, flash_attn=False, logits_all=True, verbose=False)
+    try:
+        context = start + d.token_ids
+        llm.eval(context)
+        logp = torch.log_softmax(torch.from_numpy(np.array(llm.scores[len(start) - 1 : len(context) - 1])), -1)
+    finally:
+        llm.close()
+    ids, lps = torch.tensor(d.topk_ids), torch.tensor(d.topk_logprobs)
+    gaps = torch.cat(
+        [
+            (lps - logp.gather(1, ids)).abs().flatten(),  # the RPC's top-k as the oracle scores them
+            (lps - logp.topk(K, -1).values).abs().flatten(),  # and the oracle's own top-k values
+            (torch.tensor(d.gold_logprobs) - logp.gather(1, torch.tensor(d.token_ids)[:, None])[:, 0]).abs(),
+        ]
+    )
+    assert gaps.mean() < MEAN_GAP and gaps.max() < MAX_GAP, (gaps.mean(), gaps.max())
+    assert (ids[:, 0] == logp.argmax(-1)).float().mean() > 0.9
+    core.distributions_window = 40  # split: each window read after the start token alone
+    (w,) = core.distributions([text], K)
+    assert w.window_starts == list(range(0, len(d.token_ids), 40)) and w.token_ids == d.token_ids
+    first = (torch.tensor(w.gold_logprobs[:40]) - torch.tensor(d.gold_logprobs[:40])).abs()
+    assert first.mean() < MEAN_GAP  # the first window has the whole text's context
+    assert sum(w.gold_logprobs[40:]) < sum(d.gold_logprobs[40:])  # less context, less likely text

@@ -41,8 +41,9 @@ Clients (``client.py``):
           d.text_index, d.token_ids, d.topk_ids, ...   # a TextDistributions, in request order
 
 * ``distributions_blocking(target, texts, top_k)``: the same as a plain iterator (sync channel);
-* in-process: ``WorkerCore.distributions(texts, top_k)`` returns the same iterator;
-* ``orchestrator.workers.RemoteWorker.distributions(texts, top_k)``: the handle's async generator.
+* in-process: ``WorkerCore.distributions(texts, top_k)`` returns the same iterator.
+
+A string target sends the internal token (``token=``, default ``$COOLFUSION_INTERNAL_TOKEN``'s).
 """
 
 from __future__ import annotations
