@@ -188,7 +188,7 @@ def test_dtw_is_monotone_and_identity_is_one_to_one(toks, text):
             assert align(tok, tok, text, ids, method=method).source_index == list(range(len(ids)))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     rows=st.lists(st.tuples(st.integers(-1, 30), st.floats(-30, 0)), max_size=12),
     targets=st.lists(st.integers(-1, 6), min_size=31, max_size=31),
