@@ -19,6 +19,7 @@ from .results import Final, Segment, Timings, Usage
 from .rules import ScoreRule, default_rule
 from .sessions import close_sessions, open_sessions
 from .speculation import ModelSizes
+from .turns import TurnEnds
 from .workers import Score, WorkerHandle
 
 
@@ -37,6 +38,7 @@ class FusionEngine:
         self.score_rule = score_rule or default_rule()
         self.speculate_max_active = speculate_max_active
         self.sizes = ModelSizes(self.workers)  # the drafter is the smallest model
+        self.turns = TurnEnds(self.workers)  # a chat answer's stops where its models' turns end
         self.fusing = 0  # fusion loops running now (speculation pauses above speculate_max_active)
 
     def resolve(self, request: FusionRequest) -> tuple[str, list[str]]:
@@ -70,7 +72,9 @@ class FusionEngine:
         yield Final(text, finish, usage, timings, count, mode, list(dropping.dropped), rule.label(), seed)
 
     async def fuse(self, request, rule, names, usage, timings, align: bool = True, dropping: Dropping = NEVER):
-        """One fused generation over new sessions (one name: that model alone)."""
+        """One fused generation over new sessions (one name: that model alone); a chat request
+        also stops where any of the models' turn ends (``turns.py``)."""
+        request = await self.turns.request_for(request, names)
         sessions = await open_sessions(self.workers, names, request, usage, timings, dropping)
         self.fusing += 1
         try:

@@ -7,9 +7,29 @@ tokens a worker would prefill.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..common.errors import InvalidArgument
+
+# The plain transcript a model without a chat template reads (the bundled Gemma-3-270M GGUF is a
+# base model and has none): one ``"{Label} {content}\n"`` line per message, then the reply's
+# label. Such a model goes on writing the transcript past its answer, so a chat answer ends where
+# a new line opens with a role label (``fallback_turn_stops``; the orchestrator adds them as stop
+# sequences). The labels are defined here only.
+FALLBACK_ROLES = ("system", "user", "assistant")  # the roles a chat request carries
+FALLBACK_REPLY_ROLE = "assistant"
+
+
+def fallback_label(role: str) -> str:
+    """A role's label in the plain transcript: ``user`` -> ``User:``."""
+    return f"{role[:1].upper()}{role[1:]}:"
+
+
+def fallback_turn_stops(roles: Iterable[str] = ()) -> list[str]:
+    """Where the plain transcript's next turn begins: a new line opening with the label of a
+    standard role or of any other of ``roles`` (the transcript writes every message's role)."""
+    return [f"\n{fallback_label(r)}" for r in dict.fromkeys((*FALLBACK_ROLES, *roles))]
 
 
 @dataclass(frozen=True)
@@ -42,8 +62,8 @@ def render_messages(tokenizer, messages: list[dict], model: str = "") -> Context
         except Exception as exc:  # templates raise on e.g. unsupported roles
             raise InvalidArgument(f"chat template of {model or tokenizer.id!r} rejected the messages: {exc}") from None
         return Context(text, True)
-    lines = "".join(f"{m['role'][:1].upper()}{m['role'][1:]}: {m['content']}\n" for m in clean)
-    return Context(lines + "Assistant:", False)
+    lines = "".join(f"{fallback_label(m['role'])} {m['content']}\n" for m in clean)
+    return Context(lines + fallback_label(FALLBACK_REPLY_ROLE), False)
 
 
 def render(tokenizer, prompt: str | None, messages: list[dict] | None, model: str = "") -> Context:
