@@ -184,6 +184,11 @@ class Admission:
         self.waiting = 0
         self.running = 0
 
+    @property
+    def capacity(self) -> int:
+        """Generations held at once at most (running + queued): a larger batch never fits whole."""
+        return self.max_concurrent + self.max_queue
+
     @contextlib.asynccontextmanager
     async def slot(self):
         if self.running >= self.max_concurrent and self.waiting >= self.max_queue:
@@ -342,6 +347,7 @@ class FusionServicer(pb_grpc.FusionServicer):
                 for name, i in zip(self.engine.workers, infos)
             ],
             modes=[*MODES[:-1], *(f"single:{n}" for n in self.engine.workers)],
+            max_requests=self.admission.capacity,
         )
 
 

@@ -95,8 +95,21 @@ class Generation:
         if self.body.coolfusion.mode:
             await self.upstream.check_model(self.body.coolfusion.mode, self.metadata, "coolfusion.mode")
         if self.chat:
-            return chat_choices(self.body, self.request_id)  # type: ignore[arg-type]
-        return completion_choices(self.body, self.request_id)  # type: ignore[arg-type]
+            choices = chat_choices(self.body, self.request_id)  # type: ignore[arg-type]
+        else:
+            choices = completion_choices(self.body, self.request_id)  # type: ignore[arg-type]
+        limit = self.upstream.max_requests
+        if limit and len(choices) > limit:
+            # Each choice is one generation: more than the orchestrator ever holds would be partly
+            # admitted and then cancelled. Refused before any call, whatever the server's load.
+            raise ApiError(
+                400,
+                f"{len(choices)} choices (prompts x n) exceed the {limit} generations this server holds at once; "
+                "split the batch",
+                param="prompt" if not self.chat else "n",
+                code="too_many_choices",
+            )
+        return choices
 
     def record(self, completion_tokens: int) -> None:
         elapsed = time.perf_counter() - self.started

@@ -40,6 +40,8 @@ class Upstream:
         self.stub: pb_grpc.FusionStub
         self.health: health_pb2_grpc.HealthStub
         self.known_models: set[str] = set()
+        # The orchestrator's ListModels `max_requests`: a request of more choices never fits (0: unknown).
+        self.max_requests = 0
 
     def open(self) -> None:
         """In the serving event loop: grpc.aio channels belong to the loop they are used in."""
@@ -54,6 +56,7 @@ class Upstream:
     async def list_models(self, metadata) -> list[str]:
         reply = await self.stub.ListModels(pb.ListModelsRequest(), timeout=self.request_timeout, metadata=metadata)
         self.known_models = set(model_ids(reply))
+        self.max_requests = reply.max_requests
         return model_ids(reply)
 
     async def check_model(self, model: str, metadata, param: str = "model") -> None:
