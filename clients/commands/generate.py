@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
     g.add_argument("--max-segment-tokens", type=int, default=0)
     g.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    g.add_argument(
+        "--provenance", action="store_true", help="after the text, show which model wrote each segment and its rivals"
+    )
     g.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sample")
     g.add_argument("--top-p", type=float, default=0.0, help="nucleus cut when sampling (0 or 1: off)")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens when sampling (0: off)")
@@ -103,12 +106,33 @@ async def generate(address: str, args) -> int:
     if args.json:
         print(json.dumps(result_json(final, segments), ensure_ascii=False, indent=2))
     else:
+        if args.provenance:
+            print_provenance(segments)
         seed = f"; seed {final.seed}" if final.HasField("seed") else ""
         print(
             f"\n[{final.finish_reason}; {final.segments} segments; {final.timings.total_s:.1f} s{seed}]",
             file=sys.stderr,
         )
     return 0
+
+
+def print_provenance(segments) -> None:
+    """One row per segment on stderr: the model whose candidate won, its text, and every candidate
+    with its mean perplexity (what the scoring rule chose between)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("#", "winner", "segment", "candidates (mean PPL)", title="provenance", title_justify="left")
+    for i, segment in enumerate(segments, 1):
+        rivals = "  ".join(f"{c.model}: {c.text!r} ({c.mean_ppl:.2f})" for c in segment.candidates)
+        table.add_row(str(i), segment.model, repr(segment.text), rivals)
+    console = Console(stderr=True)
+    console.print()
+    console.print(table)
+    wins: dict[str, int] = {}
+    for segment in segments:
+        wins[segment.model] = wins.get(segment.model, 0) + 1
+    console.print("segments won: " + ", ".join(f"{m} {n}" for m, n in wins.items()))
 
 
 def result_json(final, segments) -> dict:
