@@ -6,6 +6,9 @@ bench and eval it. It is written into a temporary sibling folder and renamed int
 destination is the old export, the new one, or (only while ``--force`` swaps them) absent, never
 half-written. An existing destination is refused unless ``force``.
 
+``gguf``: also a GGUF file of the weights for the llama.cpp backend (``gguf_export.py``; Llama
+architecture only), served as ``--models NAME=DIR/model-f32.gguf``.
+
 The source is a run directory (its finished ``model/``, else its newest complete checkpoint), a
 ``checkpoint-N`` folder, or any model directory.
 """
@@ -52,14 +55,32 @@ def _provenance(src: Path) -> dict:
     return facts
 
 
-def export(source: str | Path, dest: str | Path, force: bool = False) -> Path:
-    """Write ``source``'s model and tokenizer to ``dest``; returns ``dest``."""
+def _source_gguf(src: Path) -> Path:
+    """The target's own GGUF file (its tokenizer and hyper-parameters), from the run's options."""
+    from ..services.sources import UnknownModelError, parse_spec
+
+    run = _provenance(src).get("run")
+    if not run or not run.get("target"):
+        raise ExportError(f"{src} is not from a `coolfusion distill train` run: no target GGUF to take metadata from")
+    try:
+        spec = parse_spec(run["target"])
+    except UnknownModelError as exc:
+        raise ExportError(str(exc)) from None
+    if not spec.is_gguf:
+        raise ExportError(f"--gguf needs a target loaded from a GGUF file; {run['target']} is not")
+    return spec.gguf_path
+
+
+def export(source: str | Path, dest: str | Path, force: bool = False, gguf: str | None = None) -> Path:
+    """Write ``source``'s model and tokenizer to ``dest`` (and ``model-<gguf>.gguf`` in it, with
+    ``gguf`` = f32 or f16, for the llama.cpp backend); returns ``dest``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src, dest = model_dir(source), Path(dest)
     if dest.exists() and not force:
         raise ExportError(f"{dest} exists: pass --force to replace it")
+    source_gguf = _source_gguf(src) if gguf else None
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(src))
         model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
@@ -72,6 +93,10 @@ def export(source: str | Path, dest: str | Path, force: bool = False) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / EXPORT_FILE).write_text(json.dumps(_provenance(src), indent=1) + "\n")
+        if gguf:
+            from .gguf_export import export_gguf
+
+            export_gguf(tmp, source_gguf, tmp / f"model-{gguf}.gguf", gguf)
         if dest.exists():
             old = dest.parent / f".{dest.name}.old-{os.getpid()}"
             dest.rename(old)

@@ -60,21 +60,36 @@ class DistillTrainer(Trainer):
 
 
 class LossCurve(TrainerCallback):
-    """Appends each optimizer step's loss parts to ``loss.jsonl`` (flushed: a kill keeps them)."""
+    """Appends each optimizer step's loss parts to ``loss.jsonl`` (flushed: a kill keeps them).
+    ``step_s`` is the step's forward, backward and optimizer update, without checkpoint saving."""
 
     def __init__(self, trainer: DistillTrainer, path: Path):
         self.trainer, self.path = trainer, path
         self.started = time.perf_counter()
 
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
     def on_step_end(self, args, state, control, **kwargs):
         parts = self.trainer.last_parts or {}
-        elapsed = time.perf_counter() - self.started
-        self.started = time.perf_counter()
-        line = {"step": state.global_step, **parts, "step_s": round(elapsed, 4)}
+        line = {"step": state.global_step, **parts, "step_s": round(time.perf_counter() - self.started, 4)}
         with self.path.open("a") as fh:
             fh.write(json.dumps(line) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def curve_summary(out: str | Path) -> dict:
+    """Steps, last loss and training throughput (tokens / summed step time) of a run's curve."""
+    lines = [json.loads(ln) for ln in (Path(out) / CURVE_FILE).read_text().splitlines() if ln.strip()]
+    tokens = sum(ln.get("tokens", 0) for ln in lines)
+    seconds = sum(ln.get("step_s", 0.0) for ln in lines)
+    return {
+        "steps": len(lines),
+        "loss": lines[-1]["loss"] if lines else None,
+        "tokens": tokens,
+        "train_tokens_per_s": round(tokens / seconds, 1) if seconds else None,
+    }
 
 
 def complete_checkpoints(out: Path) -> list[tuple[int, Path]]:

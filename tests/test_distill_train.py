@@ -342,7 +342,7 @@ def test_export_is_served_by_a_worker_as_transformers_generates(tmp_path, one_st
     assert json.loads((dest / "coolfusion-export.json").read_text())["run"]["lam"] == 0.3
     with pytest.raises(ValueError, match="exists"):
         export(run, dest)
-    export(run / "model", dest, force=True)  # replaces it whole
+    export(run / "model", dest, force=True, gguf="f32")  # replaces it whole, with a GGUF file
     assert [p.name for p in tmp_path.iterdir()] == ["distilled"]
 
     prompt = "Question: What is the capital of France?\nAnswer:"
@@ -351,6 +351,7 @@ def test_export_is_served_by_a_worker_as_transformers_generates(tmp_path, one_st
     trained = AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32)
     for a, b in zip(model.parameters(), trained.parameters(), strict=True):
         assert torch.equal(a, b)
+    check_gguf(dest / "model-f32.gguf", trained)
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     greedy = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :]
     expected = tokenizer.decode(greedy, skip_special_tokens=True)
@@ -366,3 +367,25 @@ def test_export_is_served_by_a_worker_as_transformers_generates(tmp_path, one_st
     assert result.returncode == 0, result.stderr[-3000:]
     reply = json.loads(result.stdout)
     assert reply["text"] == expected and expected.strip()
+
+
+def check_gguf(path: Path, model) -> None:
+    """Every tensor of the GGUF file, read back as transformers reads a Llama GGUF (its inverse of
+    llama.cpp's rotary permutation), equals the trained weight; the metadata is the target's."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    from coolfusion.services.sources import parse_spec
+
+    config = model.config
+    reader, original = gguf.GGUFReader(str(path)), gguf.GGUFReader(str(parse_spec("smollm2").gguf_path))
+    assert reader.fields["tokenizer.ggml.tokens"].contents() == original.fields["tokenizer.ggml.tokens"].contents()
+    assert reader.fields["llama.block_count"].contents() == config.num_hidden_layers
+    assert sorted(t.name for t in reader.tensors) == sorted(t.name for t in original.tensors)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    hf = {names.get_name(k, try_suffixes=(".weight", ".bias")): v for k, v in model.state_dict().items()}
+    heads = {"num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads}
+    processor = LlamaTensorProcessor(config=heads)
+    for tensor in reader.tensors:
+        weights = processor.process(np.asarray(tensor.data), tensor.name).weights
+        assert np.array_equal(weights, hf[tensor.name].numpy()), tensor.name

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 
@@ -57,11 +58,16 @@ def add_parsers(sub) -> None:
     e.add_argument("source", help="a train run directory, a checkpoint-N folder or a model directory")
     e.add_argument("dest", help="the directory to write (refused if it exists, unless --force)")
     e.add_argument("--force", action="store_true", help="replace an existing destination")
+    e.add_argument(
+        "--gguf",
+        choices=["f32", "f16"],
+        help="also write DEST/model-F.gguf for the llama.cpp backend (Llama-architecture targets: SmolLM2)",
+    )
     e.set_defaults(func=run_export)
 
 
 def run_train(args) -> int:
-    from ...distill.train import train
+    from ...distill.train import curve_summary, train
     from ...distill.train_options import TrainError, TrainOptions
 
     options = TrainOptions(
@@ -87,7 +93,7 @@ def run_train(args) -> int:
     except TrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(model_dir)
+    print(json.dumps({"model": str(model_dir), **curve_summary(args.out)}))
     return 0
 
 
@@ -96,7 +102,7 @@ def run_export(args) -> int:
     from ...distill.train_options import TrainError
 
     try:
-        dest = export(args.source, args.dest, force=args.force)
+        dest = export(args.source, args.dest, force=args.force, gguf=args.gguf)
     except TrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
