@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import data_dir
 
 TASKS = ("arc-easy", "arc-challenge", "gsm8k")
+TaskTexts = Callable[[str, Path], list[str]]
 
 
 class CorpusError(ValueError):
@@ -54,26 +55,6 @@ def task_file(task: str) -> Path:
     return data_dir() / "arc" / f"{name}-train.jsonl"
 
 
-def task_texts(task: str) -> tuple[list[str], Path]:
-    from ..clients.evaluation import choice, generation
-    from ..clients.evaluation.runner import EvalDataError
-
-    path = task_file(task)
-    if not path.exists():
-        raise CorpusError(f"{task}: data file not found: {path} (set $COOLFUSION_DATA_DIR)")
-    try:
-        if task == "gsm8k":
-            texts = [generation.few_shot_prefix([item]).rstrip("\n") for item in generation.load_items(path)]
-        else:
-            texts = [
-                choice.choice_prompt(item.question) + choice.continuation(item.choices[item.answer])
-                for item in choice.load_choice_items(path)
-            ]
-    except EvalDataError as exc:
-        raise CorpusError(str(exc)) from None
-    return texts, path
-
-
 def jsonl_texts(path: Path) -> list[str]:
     """Every non-blank line is an object with a non-empty string ``text``; else an error naming it."""
     if not path.is_file():
@@ -99,14 +80,22 @@ def jsonl_texts(path: Path) -> list[str]:
     return texts
 
 
-def load_corpus(specs: Sequence[str], limit: int = 0) -> Corpus:
-    """The texts of every spec in order; ``limit`` > 0 keeps the first ``limit`` of each."""
+def load_corpus(specs: Sequence[str], limit: int = 0, task_texts: TaskTexts | None = None) -> Corpus:
+    """The texts of every spec in order; ``limit`` > 0 keeps the first ``limit`` of each.
+
+    ``task_texts(task, path)``: a task file's texts. The task formats are the evaluation's
+    (``clients/distill_services.py`` passes them); without it only jsonl files are read."""
     if not specs:
         raise CorpusError("no corpus: give a jsonl file or a task name")
     corpus = Corpus([], list(specs))
     for spec in specs:
         if spec in TASKS:
-            texts, path = task_texts(spec)
+            path = task_file(spec)
+            if task_texts is None:
+                raise CorpusError(f"{spec}: no reader for task files here (`coolfusion distill prepare` has one)")
+            if not path.exists():
+                raise CorpusError(f"{spec}: data file not found: {path} (set $COOLFUSION_DATA_DIR)")
+            texts = task_texts(spec, path)
         else:
             path = Path(spec)
             texts = jsonl_texts(path)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from coolfusion.clients.distill_services import task_texts
 from coolfusion.distill import corpus, fusion, shards
 
 LOG = math.log
@@ -168,7 +169,9 @@ def test_task_texts_and_a_stable_heldout_slice(monkeypatch, tmp_path):
     (tmp_path / "gsm8k").mkdir()
     (tmp_path / "gsm8k" / "train.jsonl").write_text(json.dumps({"question": "1+1?", "answer": "2\n#### 2"}) + "\n")
     monkeypatch.setenv("COOLFUSION_DATA_DIR", str(tmp_path))
-    texts = corpus.load_corpus(["arc-easy", "gsm8k"]).texts
+    with pytest.raises(corpus.CorpusError, match="no reader for task files"):
+        corpus.load_corpus(["arc-easy"])
+    texts = corpus.load_corpus(["arc-easy", "gsm8k"], task_texts=task_texts).texts
     assert texts == ["Question: Which is a gas?\nAnswer: air", "Question: 1+1?\nAnswer: 2\n#### 2"]
     many = [f"text {i}" for i in range(2000)]
     train, heldout = corpus.split_heldout(many, 0.1)

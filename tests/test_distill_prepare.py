@@ -212,7 +212,8 @@ def real_options(out, **kw):
 async def test_prepare_on_the_bundled_models_against_a_recomputation(cluster, tmp_path):
     import asyncio
 
-    from coolfusion.distill.remote import Remote, RemoteError, connected
+    from coolfusion.clients.distill_services import connected
+    from coolfusion.distill.remote import Remote, RemoteError
     from coolfusion.services.tokenizer.alignment import map_topk, text_tokens, vocab_map
     from coolfusion.services.worker.client import distributions_blocking
 

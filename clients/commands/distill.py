@@ -11,7 +11,8 @@ import importlib.util
 import json
 import sys
 
-from .common import add_backend_arg, default_models, models_arg
+from ..launcher import add_backend_arg
+from .common import default_models, models_arg
 
 
 def add_parser(sub) -> None:
@@ -74,17 +75,18 @@ def _options(args):
 
 
 def run_prepare(args) -> int:
-    from ...clients.launcher import StartError
     from ...distill.corpus import CorpusError, load_corpus
     from ...distill.prepare import PrepareError, check_local, completed, prepare
-    from ...distill.remote import EmbeddedServices, RemoteError, connected
+    from ...distill.remote import RemoteError
     from ...distill.shards import ShardError
     from ...services.sources import parse_spec, parse_specs
+    from ..distill_services import EmbeddedServices, connected, task_texts
+    from ..launcher import StartError
 
     options = _options(args)
     try:  # the checks that need no service come before minutes of model loading
         check_local(options)
-        corpus = load_corpus(options.corpus, options.limit)
+        corpus = load_corpus(options.corpus, options.limit, task_texts)
         done = completed(options, corpus)
     except (CorpusError, PrepareError, ShardError) as exc:
         return _fail(str(exc))
