@@ -26,7 +26,8 @@ test: install
 test-fast: install
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
-# ruff (lint, format, import order) on everything; size limits (scripts/check_sizes.py); mypy on
+# ruff (lint, format, import order) on everything; size limits (scripts/check_sizes.py); the import
+# layers and no import cycles (lint-imports, contracts in pyproject.toml); mypy on
 # the orchestrator, the common services, the gateway and the client library. mypy finds the
 # package through a link named like it (the checkout is
 # the `coolfusion` package whatever its folder is called).
@@ -34,6 +35,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/python scripts/check_sizes.py
+	$(VENV)/bin/lint-imports --no-cache
 	@mkdir -p build/typecheck && ln -sfn ../.. build/typecheck/coolfusion
 	MYPYPATH=build/typecheck $(VENV)/bin/mypy -p coolfusion.orchestrator -p coolfusion.services.common -p coolfusion.services.gateway \
 		-m coolfusion.clients.client

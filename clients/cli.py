@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 
-from .commands import SERVICES, SUBCOMMANDS
+from .commands import SUBCOMMANDS, log_level
 from .commands.common import setup_logging
 
 
@@ -50,11 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SUBCOMMANDS:
         importlib.import_module(f"{__package__}.commands.{name}").add_parser(sub)
     return parser
-
-
-def log_level(args) -> str:
-    """--log-level (or $COOLFUSION_LOG_LEVEL) when given; else INFO for services, WARNING otherwise."""
-    return args.log_level or ("INFO" if args.command in SERVICES else "WARNING")
 
 
 def _exit_on_sigterm(signum, frame):

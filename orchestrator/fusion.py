@@ -24,25 +24,56 @@ dropping a failed worker (``degraded.py``) and the rerank modes (``rerank.py``).
 
 from __future__ import annotations
 
-import importlib
+import asyncio
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from ..services.worker.api import NextTextOptions
-from .degraded import Degraded, Dropping, gather_live
-from .options import DRAFT_TOKENS, FOLLOW_SEGMENTS, LOOKUP_TOKENS
+from .degraded import NEVER, Degraded, Dropping, gather_live
+from .options import DRAFT_TOKENS, FOLLOW_SEGMENTS, LOOKUP_TOKENS, FusionOptions
 from .request import FusionRequest
 from .results import CandidateReport, Segment, Timings, Usage, apply_rule, own_score, scored_report
 from .rules import ScoreRule
-from .speculation import agreed_following, draft_after_commit, following_segments
+from .sessions import close_sessions, open_sessions
+from .speculation import Speculation, agreed_following, draft_after_commit, following_segments
 from .stops import HeldOutput
-from .workers import Proposal, Score
+from .turns import TurnEnds
+from .workers import Proposal, Score, WorkerHandle
 
-if TYPE_CHECKING:
-    from .engine import FusionEngine
+
+@dataclass
+class FusionContext:
+    """What a fused generation needs of its surroundings: the workers, the default options, the
+    speculation shared by the generations running now, and the models' turn ends."""
+
+    workers: Mapping[str, WorkerHandle]
+    options: FusionOptions
+    speculation: Speculation
+    turns: TurnEnds
+
+
+async def fuse(
+    ctx: FusionContext,
+    request: FusionRequest,
+    rule: ScoreRule,
+    names: Sequence[str],
+    usage: dict[str, Usage],
+    timings: Timings,
+    align: bool = True,
+    dropping: Dropping = NEVER,
+) -> AsyncIterator[Segment | tuple[str, str]]:
+    """One fused generation over new sessions (one name: that model alone); a chat request
+    also stops where any of the models' turn ends (``turns.py``)."""
+    request = await ctx.turns.request_for(request, list(names))
+    sessions = await open_sessions(ctx.workers, names, request, usage, timings, dropping)
+    try:
+        with ctx.speculation.running():
+            async for item in FusionLoop(ctx, request, rule, sessions, usage, timings, align, dropping).run():
+                yield item
+    finally:
+        await asyncio.shield(close_sessions(ctx.workers, sessions))  # frees the sessions even if cancelled again
 
 
 @dataclass
@@ -77,7 +108,7 @@ class FusionLoop:
 
     def __init__(
         self,
-        engine: FusionEngine,
+        ctx: FusionContext,
         request: FusionRequest,
         rule: ScoreRule,
         sessions: dict[str, str],
@@ -86,8 +117,8 @@ class FusionLoop:
         align: bool,
         dropping: Dropping,
     ):
-        self.engine, self.workers, self.request = engine, engine.workers, request
-        self.opts = request.options or engine.options
+        self.speculation, self.workers, self.request = ctx.speculation, ctx.workers, request
+        self.opts = request.options or ctx.options
         names = list(sessions)  # the models whose session opened, in config order
         self.rule = rule.restricted(names)
         self.usage, self.timings, self.align, self.dropping = usage, timings, align, dropping
@@ -100,7 +131,7 @@ class FusionLoop:
         state = self.state
         while min(self.budget(n) for n in state.names) > 0:
             if self.opts.speculate and state.drafter not in state.names:  # first segment, or the drafter was dropped
-                state.drafter, state.draft = await self.engine.sizes.smallest(state.names), ""
+                state.drafter, state.draft = await self.speculation.sizes.smallest(state.names), ""
             try:
                 r = await self.propose()
                 await self.score(r)
@@ -124,7 +155,7 @@ class FusionLoop:
         """Each model generates up to a boundary common to all tokenizers (cool-noalign: to its
         own word boundary only); its commit of the last s* rides on the same call."""
         state, t0 = self.state, time.perf_counter()
-        drafting = state.drafter is not None and self.engine.fusing <= self.engine.speculate_max_active
+        drafting = state.drafter is not None and self.speculation.allowed()
         boundary = tuple(state.names)
 
         def call(i: int, name: str):
@@ -266,16 +297,3 @@ class FusionLoop:
             if name in self.state.names:
                 self.state.committed[name] -= sum(len(f.token_ids) for f in p.following[kept : r.followed])
                 self.usage[name].output_tokens = self.state.committed[name]
-
-
-# Names this module held before its helpers moved to modules of their own (old imports keep working).
-_MOVED = {"FusionEngine": "engine", "FusionOptions": "options", "LOOKUP_TOKENS": "options", "MODES": "request"}
-_MOVED.update(dict.fromkeys(("Final", "Usage", "Timings", "pick_winner"), "results"))
-_MOVED.update(dict.fromkeys(("find_stop", "stop_prefix_start"), "stops"))
-_MOVED.update(worker_down="degraded", agreed_following="speculation")
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        return getattr(importlib.import_module(f".{_MOVED[name]}", __package__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

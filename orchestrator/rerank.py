@@ -8,22 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from .degraded import NEVER
+from .fusion import FusionContext, fuse
 from .request import FusionRequest
 from .results import Segment, Timings, Usage, apply_rule, scored_report
 from .rules import ScoreRule
 from .sessions import close_sessions, open_sessions
 from .workers import Score, WorkerHandle
 
-# The engine's fused generation: (request, rule, names, usage, timings, align) -> Segments, then (text, finish)
-Fuse = Callable[..., AsyncIterator]
-
 
 async def rerank(
-    fuse: Fuse,
-    workers: Mapping[str, WorkerHandle],
+    ctx: FusionContext,
     request: FusionRequest,
     rule: ScoreRule,
     names: Sequence[str],
@@ -33,13 +30,13 @@ async def rerank(
 ):
     """Yields the chosen answer as one Segment, then (text, finish_reason)."""
     labels = list(names)
-    jobs = [answer(fuse, request, rule, [n], usage, timings) for n in names]
+    jobs = [answer(ctx, request, rule, [n], usage, timings) for n in names]
     if with_cool:
         labels.insert(0, "cool")
-        jobs.insert(0, answer(fuse, request, rule, names, usage, timings))
+        jobs.insert(0, answer(ctx, request, rule, names, usage, timings))
     answers = await asyncio.gather(*jobs)
     texts = [(text, finish == "eos") for text, finish in answers]
-    scored = await score_texts(workers, request, names, texts, usage, timings)
+    scored = await score_texts(ctx.workers, request, names, texts, usage, timings)
     reports = [
         scored_report(label, text, finish == "eos", finish, row)
         for label, (text, finish), row in zip(labels, answers, scored)
@@ -50,10 +47,10 @@ async def rerank(
     yield text, finish
 
 
-async def answer(fuse: Fuse, request, rule, names: Sequence[str], usage, timings) -> tuple[str, str]:
+async def answer(ctx: FusionContext, request, rule, names: Sequence[str], usage, timings) -> tuple[str, str]:
     """A whole answer by the fusion loop over ``names`` (one name: that model alone)."""
     text, finish = "", "length"
-    async for item in fuse(request, rule, list(names), usage, timings, align=True):
+    async for item in fuse(ctx, request, rule, list(names), usage, timings, align=True):
         if not isinstance(item, Segment):
             text, finish = item
     return text, finish

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 
 from .results import CandidateReport, Segment, apply_rule, ppl_of
 from .rules import ScoreRule
@@ -36,6 +37,25 @@ class ModelSizes:
             if size:
                 self.parameters[n] = size
         return min(names, key=lambda n: self.parameters.get(n, math.inf))
+
+
+class Speculation:
+    """What the fusion loops share of speculation: who drafts (the smallest model) and how many
+    loops run now; speculation pauses while more than ``max_active`` run."""
+
+    def __init__(self, sizes: ModelSizes, max_active: int):
+        self.sizes, self.max_active, self.active = sizes, max_active, 0
+
+    def allowed(self) -> bool:
+        return self.active <= self.max_active
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
 
 
 def agreed_following(proposals: Sequence[Proposal], budgets: Sequence[int], max_segment_tokens: int) -> int:

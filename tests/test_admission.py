@@ -14,7 +14,8 @@ import pytest
 
 from coolfusion.clients.client import FusionClient
 from coolfusion.orchestrator.admission import count_request
-from coolfusion.orchestrator.fusion import FusionEngine, FusionRequest
+from coolfusion.orchestrator.engine import FusionEngine
+from coolfusion.orchestrator.request import FusionRequest
 from coolfusion.orchestrator.server import Limits
 from coolfusion.orchestrator.server import build_service as build_orchestrator
 from coolfusion.orchestrator.workers import Opened

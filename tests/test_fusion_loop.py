@@ -255,14 +255,3 @@ async def test_rerank_picks_the_best_scored_whole_answer(mode, favourite, winner
     # Every answer was scored by every model, each in a session of its own that was closed.
     assert [c for c, _ in a.scored[-1:]] == [[(s.text, s.eos) for s in segment.candidates]]
     assert sorted(a.closed) == sorted(a.committed) and sorted(b.closed) == sorted(b.committed)
-
-
-def test_names_moved_out_of_fusion_py_still_import_from_it():
-    from coolfusion.orchestrator import fusion, options, stops
-    from coolfusion.orchestrator.fusion import FusionEngine as Engine
-    from coolfusion.orchestrator.fusion import FusionOptions, FusionRequest, find_stop
-
-    assert (Engine, FusionOptions, find_stop) == (FusionEngine, options.FusionOptions, stops.find_stop)
-    assert FusionRequest is globals()["FusionRequest"]
-    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
-        fusion.nothing  # noqa: B018

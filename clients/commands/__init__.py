@@ -20,3 +20,8 @@ SUBCOMMANDS = (
 )
 # Long-running services: INFO logs by default (the other commands log WARNING and above).
 SERVICES = ("tokenizer", "worker", "orchestrator", "gateway", "drain")
+
+
+def log_level(args) -> str:
+    """--log-level (or $COOLFUSION_LOG_LEVEL) when given; else INFO for services, WARNING otherwise."""
+    return args.log_level or ("INFO" if args.command in SERVICES else "WARNING")

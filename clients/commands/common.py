@@ -54,57 +54,6 @@ async def serve(make_service, name: str, grace: float, metrics_port: int = 0) ->
     await service.serve_until_signal(grace)
 
 
-def add_backend_arg(parser: argparse.ArgumentParser, default: str | None = None) -> None:
-    """``--backend`` of the workers (``services/worker/llamacpp.py``, ``resolve_backend``)."""
-    parser.add_argument(
-        "--backend",
-        choices=["auto", "transformers", "llamacpp"],
-        default=default,
-        help="what runs each model: auto (transformers on CUDA, llama.cpp for .gguf models on the CPU "
-        "when llama-cpp-python is installed, else transformers), transformers or llamacpp "
-        "(default: $COOLFUSION_BACKEND, else auto)",
-    )
-
-
-def start_cluster(
-    models: list[str],
-    device: str | None,
-    port: int = 0,
-    host: str = "127.0.0.1",
-    http_port: int | None = None,
-    backend: str | None = None,
-):
-    """Start the services for ``models`` on this machine, with a live status line on stderr."""
-    from rich.console import Console
-
-    from ...services.sources import parse_specs
-    from ..launcher import LocalCluster
-
-    parse_specs(models)  # a bad spec fails here, with its message, before any process starts
-
-    console = Console(stderr=True)
-    states: dict[str, str] = {}
-    with console.status("starting services…") as status:
-
-        def on_event(name: str, state: str) -> None:
-            states[name] = state
-            status.update("  ".join(f"{n}: {s}" for n, s in states.items()))
-            if state == "ready":
-                console.log(f"{name} ready")
-
-        cluster = LocalCluster(
-            models,
-            device=device,
-            on_event=on_event,
-            orchestrator_port=port,
-            host=host,
-            http_port=http_port,
-            backend=backend,
-        )
-        cluster.start()
-    return cluster
-
-
 # ---- scoring rules ---------------------------------------------------------------------------
 def add_rule_args(parser: argparse.ArgumentParser, default: str = "") -> None:
     parser.add_argument(

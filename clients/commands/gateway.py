@@ -27,8 +27,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ...services.gateway.serve import serve
-    from ..cli import log_level  # the CLI's rule (INFO for services unless --log-level)
     from ..launcher import announce_ready
+    from . import log_level  # the CLI's rule (INFO for services unless --log-level)
 
     if not args.connect:
         raise SystemExit("give --connect HOST:PORT of the orchestrator (or COOLFUSION_ORCHESTRATOR)")

@@ -8,7 +8,8 @@ import json
 import math
 import sys
 
-from .common import add_backend_arg, add_rule_args, default_models, models_arg, rule_from_args, start_cluster
+from ..launcher import add_backend_arg, start_cluster
+from .common import add_rule_args, default_models, models_arg, rule_from_args
 
 TIMINGS = ("total_s", "first_segment_s", "open_s", "generate_s", "score_s", "commit_s")
 

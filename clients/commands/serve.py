@@ -6,7 +6,8 @@ import signal
 import sys
 import time
 
-from .common import add_backend_arg, default_models, models_arg, start_cluster
+from ..launcher import add_backend_arg, start_cluster
+from .common import default_models, models_arg
 
 
 def add_parser(sub) -> None:

@@ -7,7 +7,8 @@ import json
 import logging
 import os
 
-from .common import add_backend_arg, add_service_args, bind
+from ..launcher import add_backend_arg
+from .common import add_service_args, bind
 
 LOADING_PREFIX = "COOLFUSION_LOADING "  # stdout: a worker bound its port and loads its model (health NOT_SERVING)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ...data import data_dir
 from ...orchestrator.rules import RULES, RuleError, ScoreRule, default_rule
-from ..commands.common import add_backend_arg
+from ..launcher import add_backend_arg
 from .runner import EvalDataError, load_rows, run_task, write_reports
 
 TASKS = ("gsm8k", "mgsm", "arc-easy", "arc-challenge")
@@ -147,8 +147,7 @@ def cmd_eval(args) -> int:
     import grpc
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ..commands.common import start_cluster
-    from ..launcher import StartError
+    from ..launcher import StartError, start_cluster
 
     if args.task == "summary" or args.runs or args.rescore:
         return _offline(args)

@@ -1,0 +1,1 @@
+"""The worker service: one model behind next-text, scoring and session RPCs."""
