@@ -4,7 +4,7 @@ PROMPT ?= Question: A baker makes 12 rolls per tray and bakes 3 trays. How many 
 STAMP := $(VENV)/.coolfusion-installed
 INSTALL_INPUTS := pyproject.toml setup.py scripts/install.sh $(wildcard protos/*.proto)
 
-.PHONY: install demo test test-fast lint protos bench-tokenizer
+.PHONY: install demo test test-fast lint protos bench-tokenizer deploy-smoke
 
 install: $(STAMP)
 
@@ -44,4 +44,8 @@ protos:
 	$(VENV)/bin/python -m coolfusion.protos.build
 
 bench-tokenizer:
-	$(VENV)/bin/python -m coolfusion.services.tokenizer.bench
+	$(VENV)/bin/python bench/tokenizer_rpc.py
+
+# The compose stack built, started, used and broken for real (Docker + Compose v2; minutes).
+deploy-smoke: install
+	bash deploy/smoke.sh --out bench/deploy-smoke.json

@@ -1,8 +1,9 @@
-# syntax=docker/dockerfile:1
 # OpenAI-compatible HTTP API (`coolfusion gateway`): no model, no torch, CPU only.
 #   docker build -f deploy/docker/gateway.Dockerfile -t coolfusion/gateway:0.1.0 .
 # COOLFUSION_ORCHESTRATOR=orchestrator:50051 (README "OpenAI-compatible API").
-FROM python:3.11-slim
+# BASE_IMAGE: python:3.11-slim, or deploy/offline-base.sh's image where no registry is reachable.
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -1,8 +1,9 @@
-# syntax=docker/dockerfile:1
 # Public Fusion service (`coolfusion orchestrator`): no model, no torch.
 #   docker build -f deploy/docker/orchestrator.Dockerfile -t coolfusion/orchestrator:0.1.0 .
 # COOLFUSION_WORKERS="a=host:port,b=dns:///worker-b.ns.svc:50052" (README "Deploy").
-FROM python:3.11-slim
+# BASE_IMAGE: python:3.11-slim, or deploy/offline-base.sh's image where no registry is reachable.
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # Model worker on a GPU: one container per LLM (`coolfusion worker`).
 #   docker build -f deploy/docker/worker.Dockerfile -t coolfusion/worker:0.1.0 .
 # The model is chosen at run time: COOLFUSION_MODEL=NAME (bundled) or NAME=SOURCE (HF id already in
