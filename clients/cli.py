@@ -6,7 +6,7 @@
     coolfusion worker --model NAME[=SOURCE] --tokenizer-service ADDR [--port N]
     coolfusion orchestrator --worker NAME=ADDR ... [--port N]
     coolfusion gateway --connect ORCHESTRATOR [--port 8000]   OpenAI-compatible HTTP API
-    coolfusion eval TASK | bench                          measurements
+    coolfusion eval TASK                                 a benchmark task (bench/ holds the cost benchmarks)
     coolfusion healthcheck ADDR [--service NAME]
     coolfusion drain ADDR [--min-wait S] [--timeout S]   worker preStop hook (Kubernetes)
 
@@ -62,10 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     setup_logging(log_level(args), args.log_format)
-    if (
-        args.command in ("generate", "eval", "bench", "distill")
-        and threading.current_thread() is threading.main_thread()
-    ):
+    if args.command in ("generate", "eval", "distill") and threading.current_thread() is threading.main_thread():
         # SIGTERM unwinds like Ctrl-C, so the services these commands started are stopped too
         # (the launcher starts them in their own process groups, where no signal follows ours).
         signal.signal(signal.SIGTERM, _exit_on_sigterm)

@@ -283,7 +283,7 @@ def test_newline_rule(registry):
 def test_literal_replacement_character_is_ordinary_text(registry, monkeypatch):
     """A genuine U+FFFD is ordinary text: each tokenizer's word starts are computed once per
     boundary search, over the text once (linear), however many U+FFFD it holds. (The time of
-    such a search is printed by ``python -m coolfusion.services.tokenizer.bench``.)"""
+    such a search is printed by ``bench/tokenizer_rpc.py``.)"""
     ids = ["smollm2", "gemma3"]
     scanned: dict[str, list[int]] = {t: [] for t in ids}
     for t in ids:

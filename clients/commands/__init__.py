@@ -16,7 +16,6 @@ SUBCOMMANDS = (
     "distill",
     "drain",
     "healthcheck",
-    "bench",
 )
 # Long-running services: INFO logs by default (the other commands log WARNING and above).
 SERVICES = ("tokenizer", "worker", "orchestrator", "gateway", "drain")

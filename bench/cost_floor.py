@@ -14,6 +14,18 @@ import statistics
 import time
 from pathlib import Path
 
+# Open-ended prompts, so neither side stops early at EOS.
+PROMPTS = [
+    "The history of the city is long and complicated. It began",
+    "Once upon a time, in a small village at the edge of a great forest, there lived",
+    "In this essay I will explain, step by step, why the sky is blue. First,",
+    "The following is a detailed description of how bread is made, from the field to the table.",
+    "Dear diary, today was the strangest day of my life. When I woke up",
+    "Chapter 1\n\nThe rain had not stopped for three days when the stranger arrived",
+    "Here is a long list of ideas for a weekend trip, with a short explanation of each:\n1.",
+    "The engineers gathered in the meeting room to discuss the new bridge design. The lead engineer said",
+]
+
 
 def machine() -> dict:
     import torch
@@ -67,8 +79,8 @@ def floor(
     if backend == "llamacpp":
         return llamacpp_floor(models, prompts, n, repeats, log)
 
-    from ..services.sources import load_hf_tokenizer, parse_spec
-    from ..services.worker.loading import load_hf_model
+    from coolfusion.services.sources import load_hf_tokenizer, parse_spec
+    from coolfusion.services.worker.loading import load_hf_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     results, memory = {}, {}
@@ -110,7 +122,7 @@ def _time_prompt(model, tok, prompt: str, n: int, repeats: int, name: str, log) 
     could turn on; the fused loop's lookup_draft does the same)."""
     import torch
 
-    from ..orchestrator.options import LOOKUP_TOKENS
+    from coolfusion.orchestrator.options import LOOKUP_TOKENS
 
     ids = tok(prompt, return_tensors="pt")
     settings = dict(do_sample=False, min_new_tokens=n, max_new_tokens=n, pad_token_id=_pad_id(tok))
@@ -134,7 +146,7 @@ def _time_prompt(model, tok, prompt: str, n: int, repeats: int, name: str, log) 
 
 def _session_memory(spec, model, tok, prompt: str, n: int) -> dict:
     """KV bytes of a session on ``prompt`` after ``n`` committed tokens."""
-    from ..services.worker.model import WorkerCore
+    from coolfusion.services.worker.model import WorkerCore
 
     core = WorkerCore(spec.name, spec, device="cpu", model=model, hf_tokenizer=tok)
     note = "sliding-window layers (Gemma-3) hold at most window-1 (+ kept lookahead) tokens"
@@ -167,7 +179,7 @@ def llamacpp_floor(models: list[str], prompts: list[str], n: int, repeats: int, 
     gets; and per-session KV bytes on an in-process llama.cpp WorkerCore."""
     from llama_cpp import Llama
 
-    from ..services.sources import load_hf_tokenizer, parse_spec
+    from coolfusion.services.sources import load_hf_tokenizer, parse_spec
 
     threads = os.cpu_count() or 1
     results, memory = {}, {}
@@ -208,7 +220,7 @@ def llamacpp_floor(models: list[str], prompts: list[str], n: int, repeats: int, 
 
 
 def _llamacpp_session_memory(spec, prompt: str, n: int) -> dict:
-    from ..services.worker.model import WorkerCore
+    from coolfusion.services.worker.model import WorkerCore
 
     core = WorkerCore(spec.name, spec, device="cpu", backend="llamacpp")
     note = "llama.cpp keeps every state of sliding-window layers (swa_full), so rollbacks can cross the window"

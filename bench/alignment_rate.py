@@ -1,6 +1,6 @@
 """Measures the alignment behind ``coolfusion distill prepare``: vocabulary maps and Align.
 
-    python -m coolfusion.services.tokenizer.align_bench [--corpus arc-easy] [--texts 1000] [--k 10]
+    .venv/bin/python bench/alignment_rate.py [--corpus arc-easy] [--texts 1000] [--k 10]
 
 For a slice of a distillation corpus (``distill/corpus.py`` names) and both directions between
 the bundled tokenizers:
@@ -27,7 +27,7 @@ def _rows(ids: list[int], k: int) -> tuple[list[list[int]], list[list[float]]]:
 
 
 def _vocab_maps(registry, texts: list[str], sample: int) -> list[dict]:
-    from .alignment import VocabMap, text_tokens
+    from coolfusion.services.tokenizer.alignment import VocabMap, text_tokens
 
     out = []
     for source, target in (("gemma3", "smollm2"), ("smollm2", "gemma3")):
@@ -68,8 +68,8 @@ def _vocab_maps(registry, texts: list[str], sample: int) -> list[dict]:
 
 
 def _align_throughput(registry, texts: list[str], k: int, address: str) -> list[dict]:
-    from .alignment import align, text_tokens
-    from .client import TokenizerClient
+    from coolfusion.services.tokenizer.alignment import align, text_tokens
+    from coolfusion.services.tokenizer.client import TokenizerClient
 
     client = TokenizerClient(address, timeout=600)
     client.wait_ready(30)
@@ -106,9 +106,10 @@ def _align_throughput(registry, texts: list[str], k: int, address: str) -> list[
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ...distill.corpus import load_corpus
-    from .bench import _ServerThread
-    from .loading import load_registry
+    from tokenizer_rpc import ServerThread
+
+    from coolfusion.distill.corpus import load_corpus
+    from coolfusion.services.tokenizer.loading import load_registry
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", default="arc-easy", help="a distill corpus: a task name or a jsonl file")
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             f" target index {r['index_s']:.2f} s, map {r['map_s']:.2f} s (tokenizing {r['tokenize_s']:.2f} s);"
             f" {r['sample']} random ids ({r['sample_mined']} MinED): {r['sample_ms_per_id']:.2f} ms per id"
         )
-    server = _ServerThread(registry)
+    server = ServerThread(registry)
     try:
         rows = _align_throughput(registry, texts, args.k, f"127.0.0.1:{server.port}")
     finally:

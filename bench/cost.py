@@ -1,6 +1,10 @@
-"""``coolfusion bench``: fused generation against the cost of running the source models alone.
+"""Fused generation against the cost of running the source models alone::
 
-In one run on one machine (issue 5):
+    .venv/bin/python bench/cost.py [--max-new-tokens 128] [--prompts 2] [--concurrency 1,4,8] [--out FILE]
+    .venv/bin/python bench/cost.py --score      # the Score RPC (cost_score.py)
+    .venv/bin/python bench/cost.py --gateway    # the HTTP gateway against gRPC (cost_gateway.py)
+
+In one run on one machine:
 
 * floor: each source model's own ``generate(do_sample=False, min_new_tokens=N, max_new_tokens=N)``
   per prompt, loaded as the workers load it (``services.worker.loading.load_hf_model``), all cores;
@@ -15,7 +19,7 @@ In one run on one machine (issue 5):
 * memory: per-session KV bytes (in-process core) and a worker process's RSS before/after 100
   sessions opened, generated into and closed;
 * throughput with 1, 4, 8 concurrent clients, and at the top level again with workers that do
-  not batch decode steps (``--max-batch 1``, item 6's switch) and with workers that batch but do
+  not batch decode steps (``--max-batch 1``) and with workers that batch but do
   not fill batches with idle sessions' steps (``--fill-ahead 0``).
 
 Prompts are open-ended so neither side stops early at EOS; fused generation still stops at EOS,
@@ -24,6 +28,7 @@ so the tokens it actually produced are reported next to every time.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -31,18 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from .bench_floor import floor, machine, median, rss_bytes
-
-PROMPTS = [
-    "The history of the city is long and complicated. It began",
-    "Once upon a time, in a small village at the edge of a great forest, there lived",
-    "In this essay I will explain, step by step, why the sky is blue. First,",
-    "The following is a detailed description of how bread is made, from the field to the table.",
-    "Dear diary, today was the strangest day of my life. When I woke up",
-    "Chapter 1\n\nThe rain had not stopped for three days when the stranger arrived",
-    "Here is a long list of ideas for a weekend trip, with a short explanation of each:\n1.",
-    "The engineers gathered in the meeting room to discuss the new bridge design. The lead engineer said",
-]
+from cost_floor import PROMPTS, floor, machine, median, rss_bytes
 
 
 # ---- fused -------------------------------------------------------------------------------------
@@ -121,7 +115,7 @@ def breakdown(rows: list[dict]) -> dict:
 
 
 async def fused(address: str, names: list[str], prompts: list[str], n: int, repeats: int, log) -> list[dict]:
-    from .client import FusionClient
+    from coolfusion.clients.client import FusionClient
 
     rows = []
     async with FusionClient(address) as client:
@@ -142,11 +136,11 @@ async def fused(address: str, names: list[str], prompts: list[str], n: int, repe
 async def switches(worker_addresses: dict, prompts: list[str], n: int, log) -> dict:
     """Each optimisation off (and all off) against all on, through an in-process engine over the
     same worker processes; outputs are compared with the unoptimised loop's."""
-    from ..orchestrator.engine import FusionEngine
-    from ..orchestrator.options import FusionOptions
-    from ..orchestrator.request import FusionRequest
-    from ..orchestrator.results import Segment
-    from ..orchestrator.workers import RemoteWorker
+    from coolfusion.orchestrator.engine import FusionEngine
+    from coolfusion.orchestrator.options import FusionOptions
+    from coolfusion.orchestrator.request import FusionRequest
+    from coolfusion.orchestrator.results import Segment
+    from coolfusion.orchestrator.workers import RemoteWorker
 
     workers = [RemoteWorker(name, addr) for name, addr in worker_addresses.items()]
     engine = FusionEngine(workers)
@@ -195,7 +189,7 @@ async def switches(worker_addresses: dict, prompts: list[str], n: int, log) -> d
 
 
 async def rss_sessions(worker_address: str, name: str, pid: int, prompt: str, count: int = 100) -> dict:
-    from ..orchestrator.workers import RemoteWorker
+    from coolfusion.orchestrator.workers import RemoteWorker
 
     w = RemoteWorker(name, worker_address)
     try:
@@ -227,7 +221,7 @@ async def rss_sessions(worker_address: str, name: str, pid: int, prompt: str, co
 
 
 async def throughput(address: str, names: list[str], prompts: list[str], n: int, levels: list[int], log) -> dict:
-    from .client import FusionClient
+    from coolfusion.clients.client import FusionClient
 
     out = {}
     async with FusionClient(address) as client:
@@ -302,7 +296,7 @@ def variant_throughput(
 ) -> dict:
     """Throughput at the top concurrency with workers that never batch decode steps, and with
     workers that batch but do not fill batches with idle sessions' continuation steps."""
-    from .launcher import LocalCluster
+    from coolfusion.clients.launcher import LocalCluster
 
     out = {}
     for key, env in (
@@ -327,8 +321,8 @@ def variant_throughput(
 
 # ---- driver ------------------------------------------------------------------------------------
 def run(args) -> dict:
-    from ..services.common.security import INTERNAL_TOKEN_ENV, new_internal_token
-    from .launcher import LocalCluster
+    from coolfusion.clients.launcher import LocalCluster
+    from coolfusion.services.common.security import INTERNAL_TOKEN_ENV, new_internal_token
 
     # Its own clients call the workers directly: the bench and every cluster it starts share one
     # internal token (LocalCluster takes $COOLFUSION_INTERNAL_TOKEN when set).
@@ -377,9 +371,8 @@ def run(args) -> dict:
 
 
 async def _threads(address: str, name: str) -> int:
+    from coolfusion.orchestrator.workers import RemoteWorker
     from coolfusion.protos import worker_pb2 as pb
-
-    from ..orchestrator.workers import RemoteWorker
 
     w = RemoteWorker(name, address)
     try:
@@ -437,11 +430,11 @@ def summary(r: dict) -> str:
 
 def cmd_bench(args) -> int:
     if args.gateway:
-        from .bench_gateway import cmd_gateway_bench
+        from cost_gateway import cmd_gateway_bench
 
         return cmd_gateway_bench(args)
     if args.score:
-        from .bench_score import cmd_score_bench
+        from cost_score import cmd_score_bench
 
         return cmd_score_bench(args)
     result = run(args)
@@ -452,10 +445,10 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def add_bench_parser(sub) -> None:
-    from ..services.sources import DEFAULT_MODELS
+def build_parser() -> argparse.ArgumentParser:
+    from coolfusion.services.sources import DEFAULT_MODELS
 
-    b = sub.add_parser("bench", help="fused generation vs the source models alone (issue 5)")
+    b = argparse.ArgumentParser(prog="bench/cost.py", description="fused generation vs the source models alone")
     b.add_argument("--models", default=",".join(DEFAULT_MODELS))
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--prompts", type=int, default=3, help=f"open-ended prompts to use (at most {len(PROMPTS)})")
@@ -488,4 +481,8 @@ def add_bench_parser(sub) -> None:
         help="only the HTTP gateway's overhead on streamed fused generations vs gRPC (use --max-new-tokens 64)",
     )
     b.add_argument("--score-data", help="ARC JSONL for --score (default ../shared/data/arc/ARC-Easy-validation.jsonl)")
-    b.set_defaults(func=cmd_bench)
+    return b
+
+
+if __name__ == "__main__":
+    sys.exit(cmd_bench(build_parser().parse_args()))

@@ -1,6 +1,6 @@
-"""``coolfusion bench --gateway``: what the OpenAI-compatible HTTP gateway adds to a streamed
-fused generation, against the gRPC client on the same services (issue 19's performance goals:
-overhead <= 3 % of wall time on a 64-token generation, time to first token within 20 ms).
+"""``bench/cost.py --gateway``: what the OpenAI-compatible HTTP gateway adds to a streamed
+fused generation, against the gRPC client on the same services (the goals: overhead <= 3 % of
+wall time on a 64-token generation, time to first token within 20 ms).
 
 One ``LocalCluster`` with the gateway process (``http_port=0``). Per prompt and repeat, the same
 greedy ``cool`` request is streamed once over gRPC (``FusionClient.stream_raw``) and once over
@@ -24,7 +24,7 @@ from pathlib import Path
 
 
 async def _grpc_run(address: str, prompt: str, options: dict) -> dict:
-    from .client import FusionClient
+    from coolfusion.clients.client import FusionClient
 
     started = time.perf_counter()
     first = None
@@ -129,8 +129,9 @@ async def _runs(address: str, url: str, prompts: list[str], repeats: int, option
 
 
 def cmd_gateway_bench(args) -> int:
-    from .bench import PROMPTS, machine
-    from .launcher import LocalCluster
+    from cost_floor import PROMPTS, machine
+
+    from coolfusion.clients.launcher import LocalCluster
 
     log = (lambda msg: None) if args.quiet else (lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True))
     models = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -1,5 +1,5 @@
-"""``coolfusion bench --score``: the Score RPC on multiple-choice questions against the models'
-own forwards (issue 18's throughput target).
+"""``bench/cost.py --score``: the Score RPC on multiple-choice questions against the models'
+own forwards.
 
 Reference, per model, in this process at the workers' thread count (cores / models): one forward
 of the question's choices as a batch (each row prompt + `` choice``, right-padded), which is how
@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def _questions(path: Path, count: int) -> list[tuple[str, list[str]]]:
-    from .evaluation.choice import choice_prompt, continuation, load_choice_items
+    from coolfusion.clients.evaluation.choice import choice_prompt, continuation, load_choice_items
 
     return [(choice_prompt(i.question), [continuation(c) for c in i.choices]) for i in load_choice_items(path)[:count]]
 
@@ -27,8 +27,8 @@ def _questions(path: Path, count: int) -> list[tuple[str, list[str]]]:
 def reference_forwards(models: list[str], questions, threads: int, log) -> dict:
     import torch
 
-    from ..services.sources import load_hf_tokenizer, parse_spec
-    from ..services.worker.loading import load_hf_model
+    from coolfusion.services.sources import load_hf_tokenizer, parse_spec
+    from coolfusion.services.worker.loading import load_hf_model
 
     torch.set_num_threads(threads)
     out = {}
@@ -54,7 +54,7 @@ def reference_forwards(models: list[str], questions, threads: int, log) -> dict:
 
 
 async def score_rpc(address: str, questions, models: list[str]) -> list[float]:
-    from .client import FusionClient
+    from coolfusion.clients.client import FusionClient
 
     times = []
     async with FusionClient(address) as client:
@@ -67,9 +67,10 @@ async def score_rpc(address: str, questions, models: list[str]) -> list[float]:
 
 
 def run_score_bench(args, log) -> dict:
-    from .bench import machine
-    from ..data import data_dir
-    from .launcher import LocalCluster
+    from cost_floor import machine
+
+    from coolfusion.clients.launcher import LocalCluster
+    from coolfusion.data import data_dir
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     names = [m.split("=", 1)[0] for m in models]
