@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -155,3 +156,83 @@ def test_bad_labels():
         ScoreRule.parse("hedged(a)")
     with pytest.raises(RuleError, match="threshold must be a number"):
         ScoreRule.parse("gated(a@x)")
+
+
+# ---- every rule's choice apart from every other's --------------------------------------------------
+# Tables where the rules pick differently: a rule swapped for another, or ignoring its weights, picks
+# another candidate here. Each choice is the argmax of the formula in tests/test_rule_oracles.py.
+APART = [
+    {"a": (-2.0, 3), "b": (-26.0, 5)},
+    {"a": (-3.0, 8), "b": (-28.0, 8)},
+    {"a": (-14.0, 7), "b": (-26.0, 8)},
+    {"a": (-19.0, 3), "b": (-5.0, 7)},
+    {"a": (-3.0, 5), "b": (-18.0, 4)},
+    {"a": (-17.0, 2), "b": (-4.0, 2)},
+]
+WEIGHTED = [
+    {"a": (-13.0, 3), "b": (-27.0, 8)},
+    {"a": (-27.0, 3), "b": (-24.0, 7)},
+    {"a": (-30.0, 7), "b": (-12.0, 3)},
+    {"a": (-25.0, 8), "b": (-24.0, 6)},
+]
+# rule -> (choice on APART, on WEIGHTED, on WEIGHTED with b weighted 3)
+PICKS = {
+    "mean-ppl": (2, 3, 0),
+    "mean-nll": (1, 3, 0),
+    "product": (4, 0, 2),
+    "calibrated": (5, 0, 2),
+    "calibrated-token": (3, 3, 0),
+    "hedged": (3, 0, 2),
+    "gated": (0, 0, 0),  # "a" (the first model) is confident on both tables
+}
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_each_rule_picks_its_own_candidate(name):
+    assert PICKS[name] == (
+        ScoreRule(name).choose(APART),
+        ScoreRule(name).choose(WEIGHTED),
+        ScoreRule(name, weights={"b": 3.0}).choose(WEIGHTED),
+    )
+
+
+def test_the_tables_tell_every_pair_of_rules_apart():
+    assert set(PICKS) == set(RULES)
+    for one, other in itertools.combinations(RULES, 2):
+        if one == "gated" or other == "gated":  # gated's weights only reach its fallback
+            assert PICKS[one][:2] != PICKS[other][:2], (one, other)
+        else:
+            assert PICKS[one] != PICKS[other], (one, other)
+    # Weights move every rule but gated (its gate holds here) to another candidate on WEIGHTED.
+    assert all(PICKS[n][1] != PICKS[n][2] for n in RULES if n != "gated")
+
+
+def test_mean_nll_chooses_per_token_not_by_its_length_scaled_log_likelihood():
+    ll = ScoreRule("mean-nll").loglikelihood(APART)
+    assert max(range(len(ll)), key=ll.__getitem__) == 5 != ScoreRule("mean-nll").choose(APART) == 1
+
+
+def test_gated_values_and_default_primary():
+    # The gate holds: ln q_a(c), q_a = softmax of a's summed log-probs, not q - 1.
+    qa = [math.exp(-2) / (math.exp(-2) + math.exp(-1)), math.exp(-1) / (math.exp(-2) + math.exp(-1))]
+    assert ScoreRule("gated", primary="a", threshold=0.7).loglikelihood(CANDS) == pytest.approx(
+        [math.log(qa[0]), math.log(qa[1])]
+    )
+    assert ScoreRule("gated", primary="a").loglikelihood(CANDS) == pytest.approx([-1.3132617, -0.3132617])
+    # The gate fails (threshold 0.8 > 0.73): product's values, weights included.
+    weighted = ScoreRule("gated", weights={"b": 3.0}, primary="a", threshold=0.8)
+    assert weighted.loglikelihood(CANDS) == pytest.approx([(-2 - 18) / 4, (-1 - 27) / 4])
+    # No primary: the first model's confident choice (candidate 0 on APART), not the last's (5).
+    default = ScoreRule("gated")
+    assert (default.primary, default.threshold) == ("", 0.5)
+    assert default.choose(APART) == ScoreRule("gated", primary="a").choose(APART) == 0
+    assert ScoreRule("gated", primary="b").choose(APART) == 5
+    assert default.loglikelihood(APART) == pytest.approx(ScoreRule("gated", primary="a").loglikelihood(APART))
+    top = -2 - math.log(sum(math.exp(x) for x in (-2, -3, -14, -19, -3, -17)))
+    assert default.loglikelihood(APART)[0] == pytest.approx(top)
+
+
+def test_weights_move_the_weighted_rules_values():
+    for name in ("mean-nll", "calibrated", "calibrated-token", "hedged", "mean-ppl", "product"):
+        plain, weighted = ScoreRule(name).loglikelihood(WEIGHTED), ScoreRule(name, {"b": 3.0}).loglikelihood(WEIGHTED)
+        assert max(abs(p - w) for p, w in zip(plain, weighted)) > 0.1, name
