@@ -329,13 +329,25 @@ async def test_disconnect_before_the_answer_cancels_the_generation(scripted, pro
     servicer.cancelled.clear()
     call = asyncio.create_task(_client(gateway).completions.create(model="cool", prompt=prompt, stream=stream))
     await asyncio.wait_for(servicer.held.wait(), HANG_GUARD_S)  # the gRPC call is in the orchestrator
+    counted = ("coolfusion_gateway_requests_total", {"route": "/v1/completions", "status": "499"})
+    before = _sample(httpx2.get(f"{gateway.url}/metrics").text, *counted)
     call.cancel()  # the client gives up: its connection closes
     await asyncio.wait_for(servicer.cancelled.wait(), HANG_GUARD_S)
-    counted = 'coolfusion_gateway_requests_total{route="/v1/completions",status="499"}'
     deadline = time.monotonic() + HANG_GUARD_S  # the gateway counts the request once its handler returns
-    while counted not in httpx2.get(f"{gateway.url}/metrics").text and time.monotonic() < deadline:
+    while _sample(httpx2.get(f"{gateway.url}/metrics").text, *counted) == before and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    assert counted in httpx2.get(f"{gateway.url}/metrics").text
+    assert _sample(httpx2.get(f"{gateway.url}/metrics").text, *counted) == before + 1
+
+
+def _sample(text: str, name: str, labels: dict | None = None) -> float:
+    """The value of one sample of the Prometheus text ``text`` (0 when it is not there yet)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                return sample.value
+    return 0.0
 
 
 async def test_deadline_is_504(scripted):
@@ -349,7 +361,18 @@ async def test_deadline_is_504(scripted):
 
 async def test_health_follows_the_orchestrator_and_metrics_count(scripted):
     _, gateway = scripted
-    # A streamed completion of its own: the latency histograms have samples whichever tests ran before.
+    # The counters are process-wide: this test's own requests must add exactly one to each.
+    counted = {
+        ("coolfusion_gateway_requests_total", "/v1/completions", "404"): 1,
+        ("coolfusion_gateway_requests_total", "/health", "200"): 1,
+        ("coolfusion_gateway_time_to_first_token_seconds_count", "", ""): 1,
+        ("coolfusion_gateway_tokens_per_second_count", "", ""): 1,
+    }
+
+    def values(text: str) -> dict:
+        return {k: _sample(text, k[0], {"route": k[1], "status": k[2]} if k[1] else None) for k in counted}
+
+    before = values(httpx2.get(f"{gateway.url}/metrics").text)
     async for _ in await _client(gateway).completions.create(model="cool", prompt="x", stream=True):
         pass
     async with httpx2.AsyncClient(timeout=HANG_GUARD_S) as http:
@@ -364,15 +387,10 @@ async def test_health_follows_the_orchestrator_and_metrics_count(scripted):
             headers={"Authorization": "Bearer s3cret"},
         )
         assert unknown.status_code == 404
-        expected = [
-            'coolfusion_gateway_requests_total{route="/v1/completions",status="404"}',
-            'coolfusion_gateway_requests_total{route="/health",status="200"}',
-            "coolfusion_gateway_time_to_first_token_seconds_count",
-            "coolfusion_gateway_tokens_per_second_count",
-        ]
+        expected = {k: before[k] + n for k, n in counted.items()}
         deadline = time.monotonic() + HANG_GUARD_S  # each is counted once its handler returned
-        while missing := [e for e in expected if e not in (await http.get(f"{gateway.url}/metrics")).text]:
-            assert time.monotonic() < deadline, missing
+        while (now := values((await http.get(f"{gateway.url}/metrics")).text)) != expected:
+            assert time.monotonic() < deadline, (now, expected)
             await asyncio.sleep(0.05)
 
 
