@@ -1,6 +1,8 @@
-"""SIGTERM to the orchestrator process while a generation streams (issue 7): the request
-completes or ends with a clear status within the grace period, the worker's sessions are freed,
-and no process of the tree is left behind."""
+"""SIGTERM to the orchestrator process while a generation streams (issue 7): new requests are
+refused at once, the request in flight completes within the grace period (draining, not dropping
+it), the worker's sessions are freed, and no process of the tree is left behind. The worker runs
+the backend ``auto`` picks for the bundled GGUF on a CPU (llama.cpp where it is built), as a
+user's does."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import pytest
 from coolfusion.clients.launcher import LocalCluster
 from coolfusion.protos import fusion_pb2, fusion_pb2_grpc, worker_pb2, worker_pb2_grpc
 from coolfusion.services.common.security import token_metadata
+from coolfusion.services.worker.llamacpp import llamacpp_available
 
 GRACE = 30.0  # the orchestrator's default --grace
 
@@ -43,6 +46,7 @@ def _logged_request_ids(path) -> set[str]:
 
 async def test_sigterm_during_a_generation(tmp_path, monkeypatch):
     monkeypatch.setenv("COOLFUSION_LOG_FORMAT", "json")  # the processes' logs carry request ids
+    monkeypatch.delenv("COOLFUSION_BACKEND", raising=False)  # the worker's own default: auto
     cluster = LocalCluster(["smollm2"], run_dir=str(tmp_path))
     await asyncio.to_thread(cluster.start, 300)
     procs = {s.name: s for s in cluster.processes}
@@ -54,7 +58,7 @@ async def test_sigterm_during_a_generation(tmp_path, monkeypatch):
         request = fusion_pb2.GenerateRequest(
             prompt="Question: Count from one to one hundred in words.\nAnswer:",
             mode="single:smollm2",
-            max_new_tokens=128,
+            max_new_tokens=256,
             request_id="long-one",
         )
         async with (
@@ -62,6 +66,8 @@ async def test_sigterm_during_a_generation(tmp_path, monkeypatch):
             grpc.aio.insecure_channel(cluster.address) as other,
         ):
             stub, probe_stub = fusion_pb2_grpc.FusionStub(channel), fusion_pb2_grpc.FusionStub(other)
+            listed = await stub.ListModels(fusion_pb2.ListModelsRequest(), timeout=30)
+            assert [m.backend for m in listed.models] == ["llamacpp" if llamacpp_available() else "transformers"]
             first_segment = asyncio.Event()
             ended: list[str] = []  # how the first request ended, once it did
 
@@ -72,7 +78,6 @@ async def test_sigterm_during_a_generation(tmp_path, monkeypatch):
                         if item.HasField("final"):
                             ended.append("completed")
                 except grpc.aio.AioRpcError as exc:
-                    assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), exc
                     ended.append(f"{exc.code().name}: {exc.details()}")
                 finally:
                     first_segment.set()
@@ -103,7 +108,7 @@ async def test_sigterm_during_a_generation(tmp_path, monkeypatch):
             # server, not from a process that was already gone.
             assert not ended, ended
             outcome = await reader
-            assert outcome == "completed" or outcome.startswith(("UNAVAILABLE", "CANCELLED")), outcome
+            assert outcome == "completed", outcome  # drained: the request in flight was not dropped
             assert time.monotonic() - sent_at < GRACE + 10, outcome
         rc = await asyncio.to_thread(orchestrator.proc.wait, GRACE + 10)
         assert rc == 0, orchestrator.log_tail()
