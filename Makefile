@@ -1,5 +1,5 @@
 VENV ?= .venv
-PROMPT ?= Question: A baker makes 12 rolls per tray and bakes 3 trays. How many rolls?\nAnswer:
+PROMPT ?= Question: Which planet is known as the Red Planet?\nAnswer:
 # Reinstall only when what the install reads changed (make test stays fast on a second run).
 STAMP := $(VENV)/.coolfusion-installed
 INSTALL_INPUTS := pyproject.toml setup.py scripts/install.sh $(wildcard protos/*.proto)
@@ -12,9 +12,10 @@ $(STAMP): $(INSTALL_INPUTS)
 	VENV=$(VENV) bash scripts/install.sh
 	@touch $@
 
-# Install, then fuse the two bundled models on one prompt.
+# Install, then fuse the two bundled models on one prompt and show which model wrote each segment
+# (on this question Gemma-3 alone proposes " Earth"; SmolLM2's " Mars" wins the fused choice).
 demo: install
-	$(VENV)/bin/coolfusion generate "$$(printf '$(PROMPT)')" --max-new-tokens 48 --stop "Question:"
+	$(VENV)/bin/coolfusion generate "$$(printf '$(PROMPT)')" --max-new-tokens 16 --stop "Question:" --provenance
 
 # Two test processes, a test module whole in one (its module fixtures start once): on a 2-core
 # machine one process leaves a core idle while it waits on gRPC, a subprocess or the GIL.
