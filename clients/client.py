@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from coolfusion.protos import fusion_pb2 as pb
 from coolfusion.protos import fusion_pb2_grpc as pb_grpc
+from coolfusion.protos.fusion_wire import score_rule_message
 
 from ..orchestrator.rules import ScoreRule
 from ..services.common.security import ClientTls, aio_channel, sync_channel, token_metadata
@@ -84,7 +85,7 @@ def rule_to_proto(rule: ScoreRule | str | None) -> pb.ScoreRule | None:
         return None
     if isinstance(rule, str):
         rule = ScoreRule.parse(rule)  # a name or a rule JSON file
-    return pb.ScoreRule(name=rule.name, weights=dict(rule.weights), primary=rule.primary, threshold=rule.threshold)
+    return score_rule_message(rule.name, rule.weights, rule.primary, rule.threshold)
 
 
 class FusionClient:

@@ -175,7 +175,9 @@ class LocalCluster:
                 1,
             )
             self._wait([orch], timeout)
-            self.address = f"{self.host}:{orch.info['port']}"
+            from ..services.common.server import host_port  # grpc: not at the CLI's import
+
+            self.address = host_port(self.host, orch.info["port"])
             if self.http_port is not None:
                 gateway = self._spawn(
                     "gateway",
@@ -183,7 +185,7 @@ class LocalCluster:
                     1,
                 )
                 self._wait([gateway], timeout)
-                self.http_address = f"{self.host}:{gateway.info['port']}"
+                self.http_address = host_port(self.host, gateway.info["port"])
             return self.address
         except BaseException:
             self.stop()

@@ -48,6 +48,8 @@ from typing import Any
 
 import grpc
 
+from coolfusion.protos.fusion_wire import MODES, SINGLE_PREFIX, is_mode
+
 from ..orchestrator.rules import RuleError, ScoreRule
 
 try:
@@ -61,7 +63,6 @@ except ImportError as exc:  # the `eval` extra is not installed
 
 MODEL_NAME = "coolfusion"
 TASKS_DIR = Path(__file__).with_name("lm_eval_tasks")
-FUSED_MODES = ("cool", "cool-noalign", "rerank", "cool-rerank")
 DEFAULT_MAX_GEN_TOKS = 256
 KNOWN_ARGS = ("address", "mode", "models", "score_rule", "rule_weights", "max_segment_tokens", "timeout")
 IGNORED_ARGS = ("batch_size", "max_batch_size", "device")
@@ -134,9 +135,9 @@ class CoolFusionLM(LM):
         if not sep or not host or not port.isdigit():
             raise CoolFusionArgError(f"model_args address must be HOST:PORT, got {address!r}")
         mode = str(mode or "cool")
-        self.single = mode.removeprefix("single:") if mode.startswith("single:") else ""
-        if mode not in FUSED_MODES and not self.single:
-            raise CoolFusionArgError(f"unknown mode {mode!r}; modes: {', '.join(FUSED_MODES)}, single:<model>")
+        self.single = mode.removeprefix(SINGLE_PREFIX) if mode.startswith(SINGLE_PREFIX) else ""
+        if not is_mode(mode) or mode == SINGLE_PREFIX:
+            raise CoolFusionArgError(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
         self.models = _plus_list(models, "models")
         if not isinstance(max_segment_tokens, int) or isinstance(max_segment_tokens, bool) or max_segment_tokens < 0:
             raise CoolFusionArgError(

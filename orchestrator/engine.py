@@ -9,10 +9,12 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Sequence
 
+from coolfusion.protos.fusion_wire import RERANK_MODES
+
 from .degraded import Dropping
 from .fusion import FusionContext, fuse
 from .options import SPECULATE_MAX_ACTIVE, FusionOptions
-from .request import RERANK_MODES, FusionRequest, resolve_models, rule_for
+from .request import FusionRequest, resolve_models, rule_for
 from .rerank import rerank, score_texts
 from .results import Final, Segment, Timings, Usage
 from .rules import ScoreRule, default_rule

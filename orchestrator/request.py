@@ -1,20 +1,17 @@
-"""What a fused generation is asked to do: ``FusionRequest`` and the modes (paper Table 3)."""
+"""What a fused generation is asked to do: ``FusionRequest``, checked against the modes (paper
+Table 3; ``protos/fusion_wire.py``) and the models."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from coolfusion.protos.fusion_wire import FUSED_MODES, MODES, SINGLE_PREFIX
+
 from ..services.common.errors import InvalidArgument
 from ..services.worker.api import GREEDY, Sampling
 from .options import FusionOptions
 from .rules import RuleError, ScoreRule
-
-# single:<model> (one model alone), cool, cool-noalign (each candidate ends at its own model's
-# word boundary only), rerank (each model writes a full answer; the best-scored wins), cool-rerank
-# (rerank among the cool answer and every model's own).
-MODES = ("cool", "cool-noalign", "rerank", "cool-rerank", "single:<model>")
-RERANK_MODES = ("rerank", "cool-rerank")
 
 
 @dataclass
@@ -43,12 +40,12 @@ def resolve_models(request: FusionRequest, available: Sequence[str]) -> tuple[st
         raise InvalidArgument(f"unknown model(s) {', '.join(unknown)}; available: {', '.join(available)}")
     if len(set(names)) != len(names):
         raise InvalidArgument(f"models listed twice: {names}")
-    if mode.startswith("single:"):
-        model = mode.split(":", 1)[1]
+    if mode.startswith(SINGLE_PREFIX):
+        model = mode.removeprefix(SINGLE_PREFIX)
         if model not in available:
             raise InvalidArgument(f"unknown model {model!r} in mode {mode!r}; available: {', '.join(available)}")
         return mode, [model]
-    if mode not in ("cool", "cool-noalign", *RERANK_MODES):
+    if mode not in FUSED_MODES:
         raise InvalidArgument(f"unknown mode {mode!r}; modes: {', '.join(MODES)}")
     return mode, [n for n in available if n in names]
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from coolfusion.protos import fusion_pb2 as pb
 from coolfusion.protos import fusion_pb2_grpc as pb_grpc
+from coolfusion.protos.fusion_wire import FUSED_MODES, SINGLE_PREFIX, names_a_rule
 
 from ..services.common.errors import InvalidArgument, ResourceExhausted
 from ..services.common.metrics import SEGMENTS, TOKENS
@@ -20,7 +21,8 @@ from ..services.common.server import GrpcService
 from ..services.worker.api import GREEDY, Sampling
 from .admission import ContextAdmission, ContextLimits
 from .engine import FusionEngine
-from .request import MODES, FusionRequest
+from .options import MAX_CONCURRENT, MAX_QUEUE
+from .request import FusionRequest
 from .results import CandidateReport, Final, Segment, apply_rule, scored_report
 from .rules import DEFAULT_THRESHOLD, RuleError, ScoreRule
 from .workers import call_deadline, make_worker
@@ -50,7 +52,7 @@ def _metadata_safe(value: str) -> bool:
 
 def rule_from_proto(r: pb.ScoreRule) -> ScoreRule | None:
     """None when the request names no rule (the engine's default applies)."""
-    if not (r.name or r.weights or r.primary or r.threshold):
+    if not names_a_rule(r):
         return None
     try:
         return ScoreRule(
@@ -177,7 +179,7 @@ class Admission:
     """At most ``max_concurrent`` generations run and ``max_queue`` wait; beyond that a request
     is refused at once with RESOURCE_EXHAUSTED instead of waiting without bound."""
 
-    def __init__(self, max_concurrent: int = 16, max_queue: int = 64):
+    def __init__(self, max_concurrent: int = MAX_CONCURRENT, max_queue: int = MAX_QUEUE):
         self.max_concurrent = max_concurrent
         self.max_queue = max_queue
         self.slots = asyncio.Semaphore(max_concurrent)
@@ -214,8 +216,8 @@ class FusionServicer(pb_grpc.FusionServicer):
         self,
         engine: FusionEngine,
         limits: Limits | None = None,
-        max_concurrent: int = 16,
-        max_queue: int = 64,
+        max_concurrent: int = MAX_CONCURRENT,
+        max_queue: int = MAX_QUEUE,
         tokenizer_address: str | None = None,
         internal_token: str | None = None,
     ):
@@ -346,7 +348,7 @@ class FusionServicer(pb_grpc.FusionServicer):
                 )
                 for name, i in zip(self.engine.workers, infos)
             ],
-            modes=[*MODES[:-1], *(f"single:{n}" for n in self.engine.workers)],
+            modes=[*FUSED_MODES, *(f"{SINGLE_PREFIX}{n}" for n in self.engine.workers)],
             max_requests=self.admission.capacity,
         )
 
@@ -355,8 +357,8 @@ def build_service(
     workers: dict[str, str],
     address: str = "127.0.0.1:0",
     limits: Limits | None = None,
-    max_concurrent: int = 16,
-    max_queue: int = 64,
+    max_concurrent: int = MAX_CONCURRENT,
+    max_queue: int = MAX_QUEUE,
     auth_tokens: list[str] | None = None,
     score_rule: ScoreRule | None = None,
     tokenizer_address: str | None = None,

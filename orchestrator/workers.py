@@ -29,7 +29,7 @@ from coolfusion.protos import worker_pb2_grpc as pb_grpc
 
 from ..services.common.errors import NotFound, Unavailable
 from ..services.common.security import aio_channel, internal_token
-from ..services.common.server import CHANNEL_OPTIONS
+from ..services.common.server import CHANNEL_OPTIONS, host_port
 from ..services.worker.api import NextTextOptions
 
 log = logging.getLogger(__name__)
@@ -315,10 +315,6 @@ def _split_hostport(hostport: str) -> tuple[str, str]:
     return host, port
 
 
-def _join_hostport(host: str, port: int | str) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def make_worker(name: str, target: str, token: str | None = None) -> RemoteWorker | ReplicatedWorker:
     """``RemoteWorker`` for one plain address, ``ReplicatedWorker`` for ``dns:///`` or ``a|b``;
     ``token``: the internal token (None: $COOLFUSION_INTERNAL_TOKEN's)."""
@@ -376,7 +372,7 @@ class ReplicatedWorker:
     async def _resolve_dns(self, hostport: str) -> list[str]:
         host, port = _split_hostport(hostport)
         infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-        return sorted({_join_hostport(str(info[4][0]), port) for info in infos})
+        return sorted({host_port(str(info[4][0]), port) for info in infos})
 
     def _set_active(self, addresses: list[str]) -> None:
         if addresses != self._active:

@@ -24,10 +24,6 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     setup(level, fmt)
 
 
-def bind(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def add_service_args(parser: argparse.ArgumentParser, port: int, grace: float) -> None:
     """Flags every service command takes (env vars for containers)."""
     parser.add_argument("--host", default=os.environ.get("COOLFUSION_HOST", "127.0.0.1"))

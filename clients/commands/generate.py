@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import sys
+
+from coolfusion.protos.fusion_wire import FUSED_MODES, MODES_HELP, segment_json
 
 from ..launcher import add_backend_arg, start_cluster
 from .common import add_rule_args, default_models, models_arg, rule_from_args
@@ -18,7 +19,7 @@ def add_parser(sub) -> None:
     g = sub.add_parser("generate", help="fused generation (starts local services unless --connect)")
     g.add_argument("prompt", nargs="?", default="")
     g.add_argument("--messages", help='chat messages as JSON: [{"role": "user", "content": "..."}]')
-    g.add_argument("--mode", default="cool", help="cool | cool-noalign | rerank | cool-rerank | single:<model>")
+    g.add_argument("--mode", default=FUSED_MODES[0], help=MODES_HELP)
     g.add_argument("--models", help=f"comma-separated: bundled names or NAME=SOURCE (default {default_models()})")
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--max-segment-tokens", type=int, default=0)
@@ -153,23 +154,4 @@ def result_json(final, segments) -> dict:
             for u in final.usage
         },
         "timings": {k: getattr(final.timings, k) for k in TIMINGS},
-    }
-
-
-def segment_json(segment) -> dict:
-    return {
-        "text": segment.text,
-        "model": segment.model,
-        "eos": segment.eos,
-        "candidates": [
-            {
-                "model": c.model,
-                "text": c.text,
-                "eos": c.eos,
-                "finish": c.finish,
-                "mean_ppl": c.mean_ppl if math.isfinite(c.mean_ppl) else None,
-                "ppl": {p.scorer: (p.ppl if math.isfinite(p.ppl) else None) for p in c.ppl},
-            }
-            for c in segment.candidates
-        ],
     }

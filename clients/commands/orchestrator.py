@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 
-from .common import add_rule_args, add_service_args, bind, default_rule, models_arg, rule_from_args, serve
+from ...orchestrator.options import MAX_CONCURRENT, MAX_QUEUE
+from .common import add_rule_args, add_service_args, default_rule, models_arg, rule_from_args, serve
 
 
 def add_parser(sub) -> None:
@@ -20,8 +21,8 @@ def add_parser(sub) -> None:
     o.add_argument(
         "--auth-token", action="append", help="bearer token callers must send (repeatable; env COOLFUSION_AUTH_TOKENS)"
     )
-    o.add_argument("--max-concurrent", type=int, default=16, help="generations running at once")
-    o.add_argument("--max-queue", type=int, default=64, help="generations waiting; beyond: RESOURCE_EXHAUSTED")
+    o.add_argument("--max-concurrent", type=int, default=MAX_CONCURRENT, help="generations running at once")
+    o.add_argument("--max-queue", type=int, default=MAX_QUEUE, help="generations waiting; beyond: RESOURCE_EXHAUSTED")
     _add_admission_args(o)
     add_rule_args(o)
     o.set_defaults(func=run)
@@ -65,6 +66,7 @@ def worker_targets(items: list[str]) -> dict[str, str]:
 def run(args) -> int:
     from ...orchestrator.server import Limits, build_service
     from ...services.common.security import tokens_from_env
+    from ...services.common.server import host_port
 
     workers = worker_targets(args.worker or models_arg(os.environ.get("COOLFUSION_WORKERS", "")))
     rule = rule_from_args(args) or default_rule()
@@ -79,7 +81,7 @@ def run(args) -> int:
     def make():
         return build_service(
             workers,
-            bind(args.host, args.port),
+            host_port(args.host, args.port),
             limits=limits,
             tokenizer_address=args.tokenizer_service,
             max_concurrent=args.max_concurrent,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from .common import add_service_args, bind, default_models, serve
+from .common import add_service_args, default_models, serve
 
 
 def add_parser(sub) -> None:
@@ -16,10 +16,11 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from ...services.common.server import host_port
     from ...services.tokenizer.loading import load_registry
     from ...services.tokenizer.server import build_service
 
     registry = load_registry(args.models)
-    make = lambda: build_service(registry, bind(args.host, args.port))  # noqa: E731
+    make = lambda: build_service(registry, host_port(args.host, args.port))  # noqa: E731
     asyncio.run(serve(make, "tokenizer", args.grace, args.metrics_port))
     return 0

@@ -8,7 +8,7 @@ import logging
 import os
 
 from ..launcher import add_backend_arg
-from .common import add_service_args, bind
+from .common import add_service_args
 
 LOADING_PREFIX = "COOLFUSION_LOADING "  # stdout: a worker bound its port and loads its model (health NOT_SERVING)
 
@@ -112,11 +112,12 @@ def run(args) -> int:
 async def serve_worker(args) -> None:
     """Bind first and report NOT_SERVING while the model loads, then SERVING (and the ready line)."""
     from ...services.common.metrics import start_metrics_server
+    from ...services.common.server import host_port
     from ...services.worker.server import build_loading_service, load_core
     from ..launcher import announce_ready
 
     start_metrics_server(args.metrics_port)
-    service, servicer = build_loading_service(args.model, bind(args.host, args.port))
+    service, servicer = build_loading_service(args.model, host_port(args.host, args.port))
     port = await service.start(serving=False)
     print(f"{LOADING_PREFIX}{json.dumps({'service': 'worker', 'port': port})}", flush=True)
     limits = dict(

@@ -16,6 +16,12 @@ from .security import INTERNAL_TOKEN_ENV, BearerTokenInterceptor, ServerTls
 
 log = logging.getLogger(__name__)
 
+
+def host_port(host: str, port: int | str) -> str:
+    """``HOST:PORT``, with an IPv6 host in brackets (``[::1]:50051``)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 import grpc
 
 from coolfusion.protos import fusion_pb2 as pb
+from coolfusion.protos.fusion_wire import segment_json
 
 from .errors import from_rpc_error
-from .translate import Choice, final_provenance, finish_reason, segment_provenance, usage_object
+from .translate import Choice, final_provenance, finish_reason, usage_object
 
 
 @dataclass
@@ -62,7 +63,7 @@ class ChunkFormat:
         if item.HasField("segment"):
             segment = item.segment
             return self.chunk(
-                [self.choice(index, segment.text, None)], {"choice": index, "segment": segment_provenance(segment)}
+                [self.choice(index, segment.text, None)], {"choice": index, "segment": segment_json(segment)}
             )
         final = item.final
         return self.chunk(

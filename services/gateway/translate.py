@@ -9,11 +9,11 @@ stay in the ``coolfusion`` extension of the response.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from coolfusion.protos import fusion_pb2 as pb
+from coolfusion.protos.fusion_wire import score_rule_message, segment_json
 
 from .schemas import ChatBody, CompletionBody, GenerationBody, ScoreRuleBody
 
@@ -34,8 +34,8 @@ def _rule(rule: str | ScoreRuleBody | None) -> pb.ScoreRule | None:
     if rule is None:
         return None
     if isinstance(rule, str):
-        return pb.ScoreRule(name=rule)
-    return pb.ScoreRule(name=rule.name, weights=rule.weights, primary=rule.primary, threshold=rule.threshold)
+        return score_rule_message(rule)
+    return score_rule_message(rule.name, rule.weights, rule.primary, rule.threshold)
 
 
 def base_request(body: GenerationBody, request_id: str) -> pb.GenerateRequest:
@@ -87,28 +87,6 @@ def chat_choices(body: ChatBody, request_id: str) -> list[Choice]:
 
 
 # ---- responses ----------------------------------------------------------------------------------
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None  # JSON has no infinity
-
-
-def segment_provenance(segment: pb.Segment) -> dict:
-    return {
-        "index": segment.index,
-        "text": segment.text,
-        "model": segment.model,
-        "candidates": [
-            {
-                "model": c.model,
-                "text": c.text,
-                "mean_ppl": _finite(c.mean_ppl),
-                "ppl": {p.scorer: _finite(p.ppl) for p in c.ppl},
-                "score": _finite(c.score),
-            }
-            for c in segment.candidates
-        ],
-    }
-
-
 def model_usage(usage: Sequence[pb.ModelUsage]) -> dict:
     return {
         u.model: {
@@ -166,7 +144,7 @@ def completion_object(
             item["text"] = reply.text
         out.append(item)
     provenance = [
-        {"index": c.index, "segments": [segment_provenance(s) for s in r.segments], **final_provenance(r)}
+        {"index": c.index, "segments": [segment_json(s) for s in r.segments], **final_provenance(r)}
         for c, r in zip(choices, replies)
     ]
     return {

@@ -8,13 +8,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coolfusion.protos import fusion_pb2 as pb
 from coolfusion.protos import fusion_pb2_grpc as pb_grpc
+from coolfusion.protos.fusion_wire import is_mode
 
 from ..common.security import ClientTls, aio_channel
 from ..common.server import CHANNEL_OPTIONS
 from .errors import ApiError
 
 HEALTH_TIMEOUT_S = 5.0
-FUSION_MODES = ("cool", "cool-noalign", "rerank", "cool-rerank")
 
 
 def call_metadata(authorization: str | None, request_id: str) -> tuple[tuple[str, str], ...]:
@@ -28,7 +28,7 @@ def call_metadata(authorization: str | None, request_id: str) -> tuple[tuple[str
 
 def model_ids(reply: pb.ListModelsResponse) -> list[str]:
     """One id per usable configuration: the fusion modes, then ``single:<model>`` per model."""
-    return [m for m in reply.modes if m in FUSION_MODES or m.startswith("single:")]
+    return [m for m in reply.modes if is_mode(m)]
 
 
 class Upstream:
