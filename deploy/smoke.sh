@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac
 docker compose version >/dev/null || { echo "needs Docker Compose v2 (docker compose)" >&2; exit 1; }
 
 if [ -z "${BASE_IMAGE:-}" ]; then
@@ -30,5 +31,5 @@ if ! ls deploy/wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then
         echo "no local CPU torch wheel: the tokenizer image installs torch from PyPI's index" >&2
 fi
 
-export PATH="$PWD/$VENV/bin:$PATH"
+export PATH="$VENV/bin:$PATH"
 exec nice -n "${SMOKE_NICE:-10}" "$VENV/bin/python" deploy/smoke.py --base-image "$BASE_IMAGE" "$@"

@@ -3,22 +3,24 @@
 # COOLFUSION_WORKERS="a=host:port,b=dns:///worker-b.ns.svc:50052" (README "Deploy").
 # BASE_IMAGE: python:3.11-slim, or deploy/offline-base.sh's image where no registry is reachable.
 ARG BASE_IMAGE=python:3.11-slim
-FROM ${BASE_IMAGE}
-
-ENV PYTHONUNBUFFERED=1 \
-    PYTHONDONTWRITEBYTECODE=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    COOLFUSION_HOST=0.0.0.0 \
-    COOLFUSION_PORT=50051
-
+FROM ${BASE_IMAGE} AS builder
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # Only what the orchestrator imports (tests/test_deploy.py checks it runs without torch and
 # transformers, and that these pins match pyproject.toml); the package itself --no-deps.
-RUN python -m pip install "grpcio==1.85.1" "grpcio-health-checking==1.85.1" "grpcio-reflection==1.85.1" \
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install "grpcio==1.85.1" "grpcio-health-checking==1.85.1" "grpcio-reflection==1.85.1" \
         "protobuf>=6.31" "asyncio-throttle>=1.0.2" "rich>=13" "prometheus-client>=0.20"
 COPY . /tmp/coolfusion
-RUN python -m pip install --no-deps /tmp/coolfusion && rm -rf /tmp/coolfusion \
-    && python -c "import coolfusion.orchestrator.server, coolfusion.clients.cli"
+RUN /opt/venv/bin/pip install --no-deps /tmp/coolfusion \
+    && /opt/venv/bin/python -c "import coolfusion.orchestrator.server, coolfusion.clients.cli"
+
+# The source stays in the builder stage; the final image gets the venv.
+FROM ${BASE_IMAGE}
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PATH=/opt/venv/bin:$PATH \
+    COOLFUSION_HOST=0.0.0.0 \
+    COOLFUSION_PORT=50051
+COPY --from=builder /opt/venv /opt/venv
 
 RUN groupadd --system --gid 10001 coolfusion \
     && useradd --system --uid 10001 --gid coolfusion --home-dir /home/coolfusion --create-home coolfusion
