@@ -215,12 +215,13 @@ def test_llamacpp_rows_are_llama_cpp_pythons_within_its_noise(tokenizer_registry
 
     spec = parse_spec(name)
     core = WorkerCore(name, spec, backend="llamacpp", hf_tokenizer=tokenizer_registry.get(name).hf, kv_cells=1024)
+    core.prefill_chunk = 48
     text = TEXT * 6
     (d,) = core.distributions([text], K)
     check_spans(d, text)
     assert core._distributions.chunk < len(d.token_ids)  # more than one chunk
     start = core._distributions.start
-    llm = Llama(str(spec.gguf_path), n_ctx=512, n_threads=2, flash_attn=False, logits_all=True, verbose=False)
+    llm = Llama(str(spec.gguf_path), n_ctx=256, n_threads=2, flash_attn=False, logits_all=True, verbose=False)
     try:
         context = start + d.token_ids
         llm.eval(context)
