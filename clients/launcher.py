@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..services.common import security
+from ..services.worker.config import BACKENDS
 
 READY_PREFIX = "COOLFUSION_READY "
 
@@ -223,7 +224,7 @@ def add_backend_arg(parser: argparse.ArgumentParser, default: str | None = None)
     """``--backend`` of the workers (``services/worker/llamacpp.py``, ``resolve_backend``)."""
     parser.add_argument(
         "--backend",
-        choices=["auto", "transformers", "llamacpp"],
+        choices=BACKENDS,
         default=default,
         help="what runs each model: auto (transformers on CUDA, llama.cpp for .gguf models on the CPU "
         "when llama-cpp-python is installed, else transformers), transformers or llamacpp "

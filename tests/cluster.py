@@ -103,7 +103,9 @@ async def start_cluster(
         elif models:
             loaded = models["smollm2" if spec is copy_spec else spec.name]
             shared = dict(model=loaded.model, hf_tokenizer=loaded.hf_tokenizer)
-        core = WorkerCore(spec.name, spec, device="cpu", boundary=boundary.common_boundary, **shared)
+        core = WorkerCore(
+            spec.name, spec, device="cpu", boundary=boundary.common_boundary, **{"backend": "transformers", **shared}
+        )
         servicer = WorkerServicer(core)
         service = GrpcService(
             lambda server, s=servicer: worker_pb2_grpc.add_ModelWorkerServicer_to_server(s, server),

@@ -75,7 +75,9 @@ def bundled_models(tokenizer_registry) -> dict[str, Bundled]:
 
     loaded = {}
     for spec in parse_specs(",".join(BUNDLED_TOKENIZERS)):
-        core = WorkerCore(spec.name, spec, device="cpu", hf_tokenizer=tokenizer_registry.get(spec.name).hf)
+        core = WorkerCore(
+            spec.name, spec, device="cpu", hf_tokenizer=tokenizer_registry.get(spec.name).hf, backend="transformers"
+        )
         loaded[spec.name] = Bundled(spec, core.model, core.tokenizer.hf)
     return loaded
 

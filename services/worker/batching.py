@@ -41,6 +41,8 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .config import WORKER
+
 log = logging.getLogger(__name__)
 
 
@@ -193,7 +195,7 @@ class StepBatcher:
         self,
         single: Callable[[object, list[int], int], torch.Tensor],
         many: Callable[[list, list[list[int]], list[int]], list[torch.Tensor]],
-        max_batch: int = 8,
+        max_batch: int = WORKER.max_batch,
         gather_s: float = 0.020,
         recent_s: float = 0.5,
         on_batch: Callable[[int], None] | None = None,

@@ -49,9 +49,6 @@ MAX_DRAFT_TOKENS = 64
 MAX_FOLLOW_SEGMENTS = 64
 MAX_LOOKUP_TOKENS = 16
 BOUNDARY_MEMO = 1024  # boundary checks remembered (following-segment scans ask them again)
-# Filling batches (``batching.Fill``): an idle session's kept greedy continuation grows by a step
-# riding on a batch of other sessions' steps, up to this many tokens past its last candidate.
-FILL_AHEAD = 4
 
 
 def check_options(options: NextTextOptions) -> None:

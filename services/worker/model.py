@@ -35,13 +35,13 @@ from ..sources import ModelSpec
 from ..tokenizer.context import context_ids, render, render_messages
 from ..tokenizer.core import TokenizerRegistry
 from .api import NextTextOptions
+from .config import MIB, WORKER
 from .distributions import LLAMACPP_CELL_SHARE, Distributions
 from .errors import InvalidArgument
 from .forward import PREFILL_CHUNK, Cancelled, Fill, TransformersForwards, fill_rows
 from .generation import (
     DEFAULT_SEGMENT_CAP,
     DRAFT_CALL_FORWARDS,
-    FILL_AHEAD,
     MAX_DRAFT_TOKENS,
     MAX_FOLLOW_SEGMENTS,
     MAX_LOOKUP_TOKENS,
@@ -54,7 +54,6 @@ from .llamacpp import PREFIX_ENTRIES as LLAMACPP_PREFIX_ENTRIES
 from .llamacpp import PREFIX_MIN_TOKENS as LLAMACPP_PREFIX_MIN_TOKENS
 from .llamacpp import LlamaCppForwards, resolve_backend
 from .loading import load_model
-from .prefix_cache import DEFAULT_BUDGET_BYTES as DEFAULT_PREFIX_CACHE_BYTES
 from .prefix_cache import PrefixCache
 from .results import (
     CandidateScore,
@@ -77,7 +76,6 @@ __all__ = [
     "CommitResult",
     "DEFAULT_SEGMENT_CAP",
     "DRAFT_CALL_FORWARDS",
-    "FILL_AHEAD",
     "FeedResult",
     "FollowingSegment",
     "MAX_DRAFT_TOKENS",
@@ -141,16 +139,16 @@ class WorkerCore:
         hf_tokenizer=None,
         reuse_lookahead: bool = True,
         reuse_own_logprobs: bool = True,
-        session_ttl: float | None = None,
-        max_sessions: int = 0,
-        kv_budget_bytes: int = 0,
-        max_batch: int = 8,
-        pack_weights: str = "all",
-        fill_ahead: int = FILL_AHEAD,
+        session_ttl: float | None = WORKER.session_ttl,
+        max_sessions: int = WORKER.max_sessions,
+        kv_budget_bytes: int = int(WORKER.kv_budget_mb * MIB),
+        max_batch: int = WORKER.max_batch,
+        pack_weights: str = WORKER.pack_weights,
+        fill_ahead: int = WORKER.fill_ahead,
         prefill_chunk: int = PREFILL_CHUNK,
-        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
-        backend: str | None = "transformers",
-        kv_cells: int = 0,
+        prefix_cache_bytes: int = int(WORKER.prefix_cache_mb * MIB),
+        backend: str | None = WORKER.backend,
+        kv_cells: int = WORKER.kv_cells,
     ):
         """Load the model (or take ``model`` and ``hf_tokenizer``) and set up the parts.
 

@@ -30,9 +30,6 @@ import torch
 
 from .sessions import cache_bytes
 
-# A default that keeps a few long few-shot contexts of the bundled models (tens of MiB each).
-DEFAULT_BUDGET_BYTES = 256 * 2**20
-
 
 @dataclass(frozen=True)
 class Restored:

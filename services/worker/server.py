@@ -279,9 +279,7 @@ def build_loading_service(
 
 
 def load_core(model_spec: str, tokenizer_address: str, device: str | None = None, **session_limits) -> WorkerCore:
-    """The worker core of ``coolfusion worker``: ``backend`` (in ``session_limits``) defaults to
-    "auto" (``llamacpp.resolve_backend``), unlike ``WorkerCore``'s transformers."""
-    session_limits.setdefault("backend", "auto")
+    """The worker core of ``coolfusion worker``, its boundaries from the tokenizer service."""
     spec = parse_spec(model_spec)
     boundary = TokenizerClient(tokenizer_address)
     boundary.wait_ready()

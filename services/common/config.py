@@ -1,0 +1,63 @@
+"""Typed service configs: a dataclass per service whose fields carry each option's default, its
+environment variable and its help. The command line's flags and the environment reading are made
+from it (``add_arguments``), so each default exists once; a service's config lives beside it
+(``services/worker/config.py``). Nothing here imports torch or grpc."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from typing import Any
+
+_PARSERS = {int: int, float: float, str: str}
+
+
+def option(default: Any, env: str, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field: ``default``, read from ``$env`` when that is set and not empty."""
+    return dataclasses.field(default=default, metadata={"env": env, "help": help, "choices": choices})
+
+
+def _kind(hint: Any) -> type:
+    """int, float or str from a field's annotation (``X | None`` reads as X)."""
+    for kind in (int, float, str):
+        if hint is kind or kind in typing.get_args(hint):
+            return kind
+    raise TypeError(f"config fields are int, float or str, not {hint!r}")
+
+
+def env_default(f: dataclasses.Field, kind: type) -> Any:
+    """The field's value from its environment variable, else its default. A malformed value
+    exits with one line naming the variable."""
+    raw = os.environ.get(f.metadata["env"], "")
+    if not raw:
+        return f.default
+    try:
+        return _PARSERS[kind](raw)
+    except ValueError:
+        raise SystemExit(f"error: ${f.metadata['env']}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser, config: type, only: tuple[str, ...] | None = None) -> None:
+    """A ``--flag`` per field of the dataclass ``config`` (``only``: these fields), whose default is
+    the field's environment variable when set, else the field's default."""
+    hints = typing.get_type_hints(config)
+    for f in dataclasses.fields(config):
+        if only is not None and f.name not in only:
+            continue
+        kind = _kind(hints[f.name])
+        shown = "unset" if f.default is None else f.default
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=_PARSERS[kind],
+            default=env_default(f, kind),
+            choices=f.metadata["choices"],
+            help=f"{f.metadata['help']} (default {shown}; ${f.metadata['env']})",
+        )
+
+
+def from_args(config: type, args: argparse.Namespace) -> Any:
+    """The config the parsed flags hold (fields without a flag keep their defaults)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config) if hasattr(args, f.name)}
+    return config(**given)
