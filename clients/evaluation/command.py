@@ -16,6 +16,7 @@ from pathlib import Path
 from ...data import data_dir
 from ...orchestrator.rules import RULES, RuleError, ScoreRule, default_rule
 from ..launcher import add_backend_arg
+from .generation import DEFAULT_MODES
 from .runner import EvalDataError, load_rows, run_task, write_reports
 
 TASKS = ("gsm8k", "mgsm", "arc-easy", "arc-challenge")
@@ -37,7 +38,7 @@ def add_eval_parser(sub, default_models: str) -> None:
     e.add_argument("--shots", type=int, default=None, help="few-shot exemplars (gsm8k 3, mgsm 0)")
     e.add_argument(
         "--modes",
-        default="single:smollm2,single:gemma3,cool,cool-noalign,rerank,cool-rerank",
+        default=DEFAULT_MODES,
         help="gsm8k/mgsm: modes; a fused mode may name its rule: cool@mean-ppl",
     )
     e.add_argument(

@@ -25,12 +25,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from coolfusion.protos.fusion_wire import FUSED_MODES, RERANK_MODES, SINGLE_PREFIX
+
+from ...services.sources import DEFAULT_MODELS
 from .runner import EvalDataError
 from .stats import mcnemar, wilson
 
 STOP = ["Question:"]
-DEFAULT_MODES = "single:smollm2,single:gemma3,cool,cool-noalign,rerank,cool-rerank"
-DERIVED = ("rerank", "cool-rerank")
+DEFAULT_MODES = ",".join([*(f"{SINGLE_PREFIX}{m}" for m in DEFAULT_MODELS), *FUSED_MODES])
+DERIVED = RERANK_MODES
 
 # lm-eval gsm8k filters: strict "#### N", flexible = last number.
 STRICT_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
