@@ -122,3 +122,18 @@ def test_offline_forms_bad_input_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no results" in err and "only eval summary takes run folders" in err and "Traceback" not in err
     assert not (run / "summary.json").exists()  # nothing written for a bad rule
+
+
+def test_the_train_split_evaluated_itself_leaves_out_its_exemplars(tmp_path):
+    from coolfusion.clients.cli import build_parser
+    from coolfusion.clients.evaluation.command import build_task
+
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"question": f"q{i}?", "answer": f"#### {i}"}) + "\n" for i in range(6)))
+    task, items, _ = build_task(build_parser().parse_args(["eval", "gsm8k", "--data", str(train), "--limit", "2"]))
+    assert [(i.index, i.question) for i in items] == [(3, "q3?"), (4, "q4?")]
+    assert "q0?" in task.prefix and "q3?" not in task.prefix  # 3 shots, none of them a question
+    test = tmp_path / "test.jsonl"
+    test.write_text(train.read_text())
+    _, items, _ = build_task(build_parser().parse_args(["eval", "gsm8k", "--data", str(test), "--train", str(train)]))
+    assert items[0].index == 0  # another split keeps every row
