@@ -30,11 +30,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from coolfusion.clients.client import FusionClient
 from coolfusion.clients.launcher import READY_PREFIX
 from coolfusion.protos import worker_pb2, worker_pb2_grpc
+from coolfusion.services.worker.llamacpp import llamacpp_available
 
 pytestmark = pytest.mark.slow  # processes with the bundled SmolLM2
 
 SESSION_TTL_S = 2.0
-KV_BUDGET_MB = 100  # SmolLM2-135M holds 45 KiB per token: one LONG_PROMPT (66 MiB), not two
+# The worker runs the backend ``auto`` picks, as a user's does: llama.cpp where it is built. A KV
+# budget for one LONG_PROMPT, not two: SmolLM2-135M holds 45 KiB per token on transformers (float32,
+# 66 MiB a prompt), half that in llama.cpp's float16 cells.
+KV_BUDGET_MB = 50 if llamacpp_available() else 100
 LONG_PROMPT = "The quick brown fox jumps over the lazy dog near the river bank. " * 110  # ~1,500 tokens
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"
 
@@ -55,7 +59,7 @@ class Tree:
             stderr=open(self.log_dir / f"{name}.log", "a"),
             text=True,
             start_new_session=True,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            env={**{k: v for k, v in os.environ.items() if k != "COOLFUSION_BACKEND"}, "OMP_NUM_THREADS": "1"},
         )
         deadline = time.monotonic() + HANG_GUARD_S
         for line in proc.stdout:
@@ -177,7 +181,7 @@ async def _generate_soon(address: str, **request):
 
 async def test_tokenizer_service_killed_mid_stream(tree):
     async with FusionClient(tree.address("orchestrator"), timeout=HANG_GUARD_S) as client:
-        stream = client.stream_raw(COUNTING, mode="single:smollm2", max_new_tokens=200)
+        stream = client.stream_raw(COUNTING, mode="single:smollm2", max_new_tokens=400)
         exc = await _first_segment_then(stream, lambda: asyncio.to_thread(tree.kill, "tokenizer"))
     assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
     assert f"tokenizer service at {tree.address('tokenizer')}" in exc.details()
@@ -191,7 +195,7 @@ async def test_tokenizer_service_killed_mid_stream(tree):
 async def test_orchestrator_killed_under_load(tree):
     address = tree.address("orchestrator")
     async with FusionClient(address, timeout=HANG_GUARD_S) as client:
-        streams = [client.stream_raw(f"{COUNTING} {i}", mode="single:smollm2", max_new_tokens=200) for i in range(3)]
+        streams = [client.stream_raw(f"{COUNTING} {i}", mode="single:smollm2", max_new_tokens=400) for i in range(3)]
         started = [asyncio.Event() for _ in streams]
         killed = asyncio.Event()
 
@@ -221,7 +225,7 @@ async def test_hung_worker_ends_the_request_at_its_deadline(tree):
     deadline_s = 12.0  # room for the first segment on a loaded machine
     async with FusionClient(tree.address("orchestrator"), timeout=deadline_s) as client:
         t0 = time.monotonic()
-        stream = client.stream_raw(COUNTING, mode="single:smollm2", max_new_tokens=200)
+        stream = client.stream_raw(COUNTING, mode="single:smollm2", max_new_tokens=400)
         try:
             exc = await _first_segment_then(stream, lambda: asyncio.to_thread(tree.kill, "worker", signal.SIGSTOP))
             elapsed = time.monotonic() - t0

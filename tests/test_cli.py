@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 
-from coolfusion.orchestrator.results import pick_winner
+from coolfusion.orchestrator.rules import ScoreRule
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The command with the user's environment: the workers it starts run the backend ``auto``
+    picks (llama.cpp for the bundled GGUF on a CPU, where it is built), not the tests' own."""
+    env = {k: v for k, v in os.environ.items() if k != "COOLFUSION_BACKEND"}
     return subprocess.run(
         [sys.executable, "-m", "coolfusion.clients.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**env, "PYTHONUNBUFFERED": "1"},
     )
 
 
@@ -56,10 +60,13 @@ def test_healthcheck_of_nothing_fails():
     assert "unhealthy" in result.stderr
 
 
-def test_pick_winner_takes_lowest_mean_and_first_on_ties():
-    assert pick_winner([3.0, 2.0, 2.0]) == 1
-    assert pick_winner([2.0, 2.0]) == 0
-    assert pick_winner([float("inf"), 5.0]) == 1
+def test_mean_ppl_takes_lowest_mean_and_first_on_ties():
+    def choose(ppls: list[float]) -> int:  # one scorer, one token: each candidate's PPL is its value
+        return ScoreRule("mean-ppl").choose([{"a": (-math.log(p), 1)} for p in ppls])
+
+    assert choose([3.0, 2.0, 2.0]) == 1
+    assert choose([2.0, 2.0]) == 0
+    assert choose([float("inf"), 5.0]) == 1
 
 
 def test_orchestrator_limit_flags_default_to_the_servers_limits():
