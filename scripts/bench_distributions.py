@@ -6,8 +6,9 @@ question + solution).
 
 Prints one JSON line per model (tokens, seconds, tokens/s; one warm-up call first, not timed),
 with ``plain_tokens_per_s``: the same tokens through one plain forward per text in process (all
-logits at once; transformers only), measured right after on the same machine: what the RPC's
-chunks, top-k and wire cost against the model's own speed.
+logits kept: transformers' model call, or llama-cpp-python's ``Llama(logits_all=True)``), measured
+right after on the same machine: what the RPC's chunks, top-k and wire cost against the model's
+own speed.
 """
 
 from __future__ import annotations
@@ -57,15 +58,33 @@ async def bench(name: str, backend: str, texts: list[str], top_k: int) -> dict:
         "tokens": tokens,
         "seconds": round(seconds, 3),
         "tokens_per_s": round(tokens / seconds, 1),
-        "plain_tokens_per_s": round(tokens / plain, 1) if plain else None,
+        "plain_tokens_per_s": round(tokens / plain, 1),
         "threads": torch.get_num_threads(),
     }
 
 
-def plain_seconds(core, contexts: list[list[int]]) -> float | None:
-    """Seconds of one plain transformers forward per context (None on llama.cpp)."""
-    if core.backend != "transformers":
-        return None
+def plain_seconds(core, contexts: list[list[int]]) -> float:
+    """Seconds of one plain forward per context: transformers' model call, or llama-cpp-python's own
+    ``Llama(logits_all=True).eval`` (a fresh state per text)."""
+    if core.backend == "llamacpp":
+        from llama_cpp import Llama
+
+        llm = Llama(
+            str(core.spec.gguf_path),
+            n_ctx=max(map(len, contexts)) + 8,
+            n_threads=torch.get_num_threads(),
+            flash_attn=False,
+            logits_all=True,
+            verbose=False,
+        )
+        try:
+            started = time.perf_counter()
+            for ids in contexts:
+                llm.reset()
+                llm.eval(ids)
+            return time.perf_counter() - started
+        finally:
+            llm.close()
     started = time.perf_counter()
     with torch.inference_mode():
         for ids in contexts:
