@@ -190,13 +190,14 @@ async def switches(worker_addresses: dict, prompts: list[str], n: int, log) -> d
 
 async def rss_sessions(worker_address: str, name: str, pid: int, prompt: str, count: int = 100) -> dict:
     from coolfusion.orchestrator.workers import RemoteWorker
+    from coolfusion.services.worker.api import NextTextOptions
 
     w = RemoteWorker(name, worker_address)
     try:
 
         async def one():
             o = await w.open(prompt, None)
-            p = await w.next_text(o.session_id, [], 8)
+            p = await w.next_text(o.session_id, NextTextOptions((), 8))
             await w.update_state(o.session_id, p.state_id)
             await w.close(o.session_id)
 

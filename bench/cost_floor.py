@@ -154,10 +154,12 @@ def _session_memory(spec, model, tok, prompt: str, n: int) -> dict:
 
 
 def _core_session_memory(core, prompt: str, n: int, note: str) -> dict:
+    from coolfusion.services.worker.api import NextTextOptions
+
     sid, ctx, _ = core.open(prompt)
     done = 0
     while done < n:
-        r = core.next_text(sid, [], n - done)
+        r = core.next_text(sid, NextTextOptions((), n - done))
         done = core.update_state(sid, r.state_id).committed_tokens
         if r.eos or not r.token_ids:
             break

@@ -73,7 +73,7 @@ class CoolFusionArgError(ValueError):
     """Bad model_args or request arguments; one line."""
 
 
-class CoolFusionError(RuntimeError):
+class CoolFusionCallError(RuntimeError):
     """The orchestrator could not be reached or refused a request; one line."""
 
 
@@ -104,8 +104,8 @@ def _first_line(exc: grpc.RpcError) -> str:
     return lines[0] if lines else ""
 
 
-def _rpc_error(what: str, exc: grpc.RpcError) -> CoolFusionError:
-    return CoolFusionError(f"coolfusion {what} failed: {exc.code().name}: {_first_line(exc)}")
+def _rpc_error(what: str, exc: grpc.RpcError) -> CoolFusionCallError:
+    return CoolFusionCallError(f"coolfusion {what} failed: {exc.code().name}: {_first_line(exc)}")
 
 
 class CoolFusionLM(LM):
@@ -171,7 +171,7 @@ class CoolFusionLM(LM):
         try:
             listed = self.client.list_models()
         except grpc.RpcError as exc:
-            raise CoolFusionError(
+            raise CoolFusionCallError(
                 f"cannot reach the coolfusion orchestrator at {self.address}: {exc.code().name}: {_first_line(exc)}"
             ) from None
         served = [m.name for m in listed.models]
@@ -245,7 +245,7 @@ class CoolFusionLM(LM):
         for p in scores.ppl:
             if p.scorer == self.single:
                 return float(p.logprob) if p.tokens > 0 else -math.inf
-        raise CoolFusionError(f"coolfusion Score reply has no score of {self.single}")
+        raise CoolFusionCallError(f"coolfusion Score reply has no score of {self.single}")
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         raise NotImplementedError(
@@ -367,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         sys.argv = ["coolfusion-lm-eval", *args]  # lm-eval's parser reads sys.argv
         cli_evaluate()
-    except (CoolFusionArgError, CoolFusionError, NotImplementedError) as exc:
+    except (CoolFusionArgError, CoolFusionCallError, NotImplementedError) as exc:
         print(f"coolfusion-lm-eval: error: {exc}", file=sys.stderr)
         return 2
     finally:

@@ -64,15 +64,6 @@ def own_score(p: Proposal) -> Score:
     return Score(p.state_id, list(p.token_ids), list(logprobs), ppl_of(logprobs), True)
 
 
-def pick_winner(mean_ppls: Sequence[float]) -> int:
-    """Index of the lowest average perplexity; the first model wins ties (config order)."""
-    best = 0
-    for i, value in enumerate(mean_ppls):
-        if value < mean_ppls[best]:
-            best = i
-    return best
-
-
 @dataclass
 class Segment:
     index: int

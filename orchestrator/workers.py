@@ -244,11 +244,7 @@ class RemoteWorker:
         r = await self._call(self.stub.Open, request)
         return Opened(r.session_id, r.context_tokens, r.context_text)
 
-    async def next_text(
-        self, session_id: str, options: NextTextOptions | Sequence[str] = (), *args, **kwargs
-    ) -> Proposal:
-        """NextText with ``options`` (or its fields as arguments: ``next_text(sid, ids, max_tokens)``)."""
-        options = NextTextOptions.of(options, *args, **kwargs)
+    async def next_text(self, session_id: str, options: NextTextOptions) -> Proposal:
         r = await self._call(self.stub.NextText, pb.NextTextRequest(session_id=session_id, **options.request_fields()))
         return Proposal.from_response(r)
 
@@ -457,10 +453,7 @@ class ReplicatedWorker:
         self._resolved_at = -math.inf  # look the replicas up again next time
         raise error  # type: ignore[misc]
 
-    async def next_text(
-        self, session_id: str, options: NextTextOptions | Sequence[str] = (), *args, **kwargs
-    ) -> Proposal:
-        options = NextTextOptions.of(options, *args, **kwargs)
+    async def next_text(self, session_id: str, options: NextTextOptions) -> Proposal:
         return await self._clients[self.replica_of(session_id)].next_text(session_id, options)
 
     async def score(self, session_id: str, candidates: Sequence[tuple[str, bool]], **options) -> list[Score]:

@@ -38,6 +38,7 @@ from coolfusion.orchestrator.workers import (
     parse_worker_target,
 )
 from coolfusion.services.common.errors import NotFound, Unavailable
+from coolfusion.services.worker.api import NextTextOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -973,11 +974,9 @@ async def test_two_replicas_pin_sessions_and_spread(cluster):
         assert live == [2, 2], "new sessions spread over both replicas"
         for o in opened:
             owner = worker.replica_of(o.session_id)
-            assert [o.session_id in core.session_ids() for addr, core, _, _ in replicas] == [
-                a == owner for a in addresses
-            ]
+            assert [o.session_id in core._sessions for addr, core, _, _ in replicas] == [a == owner for a in addresses]
         for o in opened:  # T1, batched scoring and M4, each through the pinning handle
-            proposal = await worker.next_text(o.session_id, ["smollm2"], 4)
+            proposal = await worker.next_text(o.session_id, NextTextOptions(["smollm2"], 4))
             [score] = await worker.score(o.session_id, [(proposal.text, proposal.eos)])
             await worker.update_state(o.session_id, score.state_id)
         seen = _sessions_by_replica(replicas)

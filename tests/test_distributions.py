@@ -22,12 +22,12 @@ import pytest_asyncio
 import torch
 
 from coolfusion.protos import worker_pb2, worker_pb2_grpc
+from coolfusion.services.common.errors import InvalidArgument
 from coolfusion.services.common.server import GrpcService
 from coolfusion.services.sources import parse_spec
 from coolfusion.services.worker import distributions as dist
 from coolfusion.services.worker import llamacpp
 from coolfusion.services.worker.client import distributions, distributions_blocking
-from coolfusion.services.worker.errors import InvalidArgument
 from coolfusion.services.worker.model import WorkerCore
 from coolfusion.services.worker.server import SERVICE_NAME, WorkerServicer
 

@@ -22,10 +22,10 @@ import pytest_asyncio
 from cluster import gsm8k_prompt, start_cluster, stop_cluster
 
 from coolfusion.clients.client import FusionClient
-from coolfusion.services.common.errors import FailedPrecondition
+from coolfusion.services.common.errors import FailedPrecondition, InvalidArgument
 from coolfusion.services.sources import parse_spec
 from coolfusion.services.worker import llamacpp
-from coolfusion.services.worker.errors import InvalidArgument
+from coolfusion.services.worker.api import NextTextOptions
 from coolfusion.services.worker.model import WorkerCore
 
 if not llamacpp.llamacpp_available():
@@ -111,7 +111,7 @@ def _check_scores(core) -> None:
     log-probs reused) against one decode of prompt + candidate in a fresh sequence."""
     sid, n_context, _ = core.open(LONG_PROMPT)
     try:
-        own = core.next_text(sid, [], 12)
+        own = core.next_text(sid, NextTextOptions([], 12))
         candidates = [(own.text, False), (" The answer is 42.", False), (" 18", True), (" x", False)]
         scores = core.score_candidates(sid, candidates, own.state_id)
         assert scores[0].reused and not scores[1].reused
@@ -132,7 +132,7 @@ def _check_scores(core) -> None:
         assert max(gaps) <= MAX_GAP and sum(gaps) / len(gaps) <= MEAN_GAP, gaps
         # Committing a scored row adopts its sequence; generation goes on from it.
         core.update_state(sid, scores[1].state_id)
-        assert core.next_text(sid, [], 4).token_ids
+        assert core.next_text(sid, NextTextOptions([], 4)).token_ids
     finally:
         core.close(sid)
 
@@ -153,7 +153,7 @@ def _check_batching(core) -> None:
         tokens: list[int] = []
         try:
             while len(tokens) < 24:
-                r = core.next_text(sid, [], 24 - len(tokens))
+                r = core.next_text(sid, NextTextOptions([], 24 - len(tokens)))
                 core.update_state(sid, r.state_id)
                 tokens += r.token_ids
                 if r.eos:
@@ -281,7 +281,7 @@ def test_a_context_longer_than_the_cells_is_invalid_argument(llama_cluster):
     with pytest.raises(InvalidArgument, match=r"supports fewer than 256 \(raise --kv-cells\)"):
         core.open("word " * 300)
     sid, _, _ = core.open("A short prompt")  # the worker still serves
-    assert core.next_text(sid, [], 4).token_ids
+    assert core.next_text(sid, NextTextOptions([], 4)).token_ids
 
 
 def test_sessions_past_the_cap_evict_the_least_recently_used_and_scoring_still_has_sequences():
@@ -291,7 +291,7 @@ def test_sessions_past_the_cap_evict_the_least_recently_used_and_scoring_still_h
     assert core.max_sessions == llamacpp.MAX_SESSIONS < llamacpp.MAX_SEQUENCES
     ids = [core.open(f"Session {i} says")[0] for i in range(llamacpp.MAX_SESSIONS + 1)]
     with pytest.raises(SessionNotFound, match="evicted"):
-        core.next_text(ids[0], [], 2)
+        core.next_text(ids[0], NextTextOptions([], 2))
     assert core.info()["live_sessions"] == llamacpp.MAX_SESSIONS
     scores = core.score_candidates(ids[-1], [(f" word{i}", False) for i in range(8)])
     assert len(scores) == 8 and all(s.logprobs for s in scores)
@@ -314,8 +314,8 @@ def test_the_kv_budget_evicts_the_least_recently_used_session():
     assert core.info()["live_sessions"] == 3
     assert sum(s.kv_bytes() for s in core._table.live()) <= 330 * per_token
     with pytest.raises(SessionNotFound, match="evicted"):
-        core.next_text(ids[0], [], 2)
-    assert all(core.next_text(sid, [], 2).token_ids for sid in ids[1:])
+        core.next_text(ids[0], NextTextOptions([], 2))
+    assert all(core.next_text(sid, NextTextOptions([], 2)).token_ids for sid in ids[1:])
 
 
 def test_kept_contexts_give_their_cells_back_when_a_session_needs_them():
@@ -329,7 +329,7 @@ def test_kept_contexts_give_their_cells_back_when_a_session_needs_them():
     core.close(sid)
     assert len(core.prefix_cache._entries) == 1
     sid, _, _ = core.open(large)
-    assert core.next_text(sid, [], 4).token_ids and not core.prefix_cache._entries
+    assert core.next_text(sid, NextTextOptions([], 4)).token_ids and not core.prefix_cache._entries
     core.close(sid)
     make_room, core.model.make_room = core.model.make_room, None  # the same without the hook
     sid, _, _ = core.open(kept)
@@ -349,12 +349,12 @@ def test_prefix_cache_shares_the_kept_cells_and_restored_sessions_score_as_a_pla
     core = WorkerCore("smollm2", parse_spec("smollm2"), device="cpu", backend="llamacpp", kv_cells=8192)
     first, again, other = gsm8k_prompt(0, shots=5), gsm8k_prompt(0, shots=5), gsm8k_prompt(1, shots=5)
     sid, n_first, _ = core.open(first)
-    lone = core.next_text(sid, [], 8)
+    lone = core.next_text(sid, NextTextOptions([], 8))
     core.close(sid)
     assert core.info()["prefix_cache_hits"] == 0
     sid, _, _ = core.open(again)
     assert core.info()["prefix_cache_hits"] == 1 and core.info()["prefix_cache_reused_tokens"] == n_first
-    kept = core.next_text(sid, [], 8)
+    kept = core.next_text(sid, NextTextOptions([], 8))
     assert kept.logprobs[0] == lone.logprobs[0]  # the kept logits, not a new prefill
     core.close(sid)
     ids = core.tokenizer.hf(other)["input_ids"]

@@ -30,7 +30,7 @@ from lm_eval.tasks import TaskManager
 
 from coolfusion.clients import lm_eval_model
 from coolfusion.clients.client import FusionClient
-from coolfusion.clients.lm_eval_model import TASKS_DIR, CoolFusionArgError, CoolFusionError, CoolFusionLM
+from coolfusion.clients.lm_eval_model import TASKS_DIR, CoolFusionArgError, CoolFusionCallError, CoolFusionLM
 from coolfusion.orchestrator.rules import ScoreRule
 
 pytestmark = pytest.mark.slow
@@ -342,7 +342,7 @@ def test_bad_model_args_one_line(task_dir, model_args, message):
 
 
 def test_unreachable_orchestrator_one_line():
-    with pytest.raises(CoolFusionError) as info:
+    with pytest.raises(CoolFusionCallError) as info:
         CoolFusionLM(address="127.0.0.1:1", timeout=10)
     assert _one_line(info.value).startswith("cannot reach the coolfusion orchestrator at 127.0.0.1:1: UNAVAILABLE")
 
@@ -416,6 +416,6 @@ async def test_bad_requests_one_line(cluster):
         with pytest.raises(CoolFusionArgError) as info:
             await asyncio.to_thread(CoolFusionLM, address=cluster.address, **args)
         assert _one_line(info.value) == message
-    with pytest.raises(CoolFusionError) as info:  # the server's own check, passed on in one line
+    with pytest.raises(CoolFusionCallError) as info:  # the server's own check, passed on in one line
         await asyncio.to_thread(lm.loglikelihood, [request("loglikelihood", ("Q" * 200_001, " yes"))])
     assert _one_line(info.value).startswith("coolfusion Score failed: INVALID_ARGUMENT: prompt is 200001 characters")

@@ -18,6 +18,7 @@ from coolfusion.orchestrator.options import FusionOptions, OptionsError
 from coolfusion.orchestrator.request import FusionRequest
 from coolfusion.orchestrator.results import Segment
 from coolfusion.orchestrator.workers import RemoteWorker
+from coolfusion.services.worker.api import NextTextOptions
 from coolfusion.services.worker.errors import StateError
 
 PROMPTS = [
@@ -239,7 +240,7 @@ async def test_core_own_row_and_lookahead_replay(cluster):
 def _core_own_row_and_lookahead_replay(core):
     sid, _, _ = core.open(PROMPTS[0])
     try:
-        r = core.next_text(sid, [], 8)
+        r = core.next_text(sid, NextTextOptions([], 8))
         scores = core.score_candidates(sid, [(r.text, r.eos), (" zebra crossings", False)], own_state_id=r.state_id)
         assert scores[0].reused and scores[0].state_id == r.state_id and scores[0].logprobs == r.logprobs
         assert not scores[1].reused
@@ -248,16 +249,16 @@ def _core_own_row_and_lookahead_replay(core):
         # Commit the own state; the next NextText replays the kept lookahead.
         core.update_state(sid, r.state_id)
         kept = len(core._sessions[sid].ahead_tokens)
-        r2 = core.next_text(sid, [], 8)
+        r2 = core.next_text(sid, NextTextOptions([], 8))
         assert r2.reused_tokens == kept
     finally:
         core.close(sid)
     # The same run without replay gives the same tokens.
     sid, _, _ = core.open(PROMPTS[0])
     try:
-        a = core.next_text(sid, [], 8, reuse_lookahead=False)
+        a = core.next_text(sid, NextTextOptions([], 8, reuse_lookahead=False))
         core.update_state(sid, a.state_id)
-        b = core.next_text(sid, [], 8, reuse_lookahead=False)
+        b = core.next_text(sid, NextTextOptions([], 8, reuse_lookahead=False))
         assert b.reused_tokens == 0
         assert (a.token_ids, b.token_ids, b.logprobs) == (r.token_ids, r2.token_ids, r2.logprobs)
     finally:
@@ -265,13 +266,13 @@ def _core_own_row_and_lookahead_replay(core):
     # The commit folded into the next NextText: the same tokens and replay; a bad id changes nothing.
     sid, _, _ = core.open(PROMPTS[0])
     try:
-        c = core.next_text(sid, [], 8)
+        c = core.next_text(sid, NextTextOptions([], 8))
         with pytest.raises(StateError, match="unknown state"):
-            core.next_text(sid, [], 8, commit_state_id="no-such-state")
-        d = core.next_text(sid, [], 8, commit_state_id=c.state_id)
+            core.next_text(sid, NextTextOptions([], 8, commit_state_id="no-such-state"))
+        d = core.next_text(sid, NextTextOptions([], 8, commit_state_id=c.state_id))
         assert (c.token_ids, d.token_ids, d.logprobs, d.reused_tokens) == (r.token_ids, r2.token_ids, r2.logprobs, kept)
         assert core._sessions[sid].text.endswith(c.text)
         with pytest.raises(StateError, match="stale"):
-            core.next_text(sid, [], 8, commit_state_id=c.state_id)
+            core.next_text(sid, NextTextOptions([], 8, commit_state_id=c.state_id))
     finally:
         core.close(sid)

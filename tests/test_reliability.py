@@ -88,7 +88,7 @@ async def test_session_lru_cap_kv_budget_and_idle_ttl(cluster):
         b = await open_()
         await stub.NextText(wpb.NextTextRequest(session_id=a, max_tokens=2))  # a is now more recent than b
         c = await open_()
-        assert sorted(core.session_ids()) == sorted([a, c])
+        assert sorted(core._sessions) == sorted([a, c])
         await _expect(
             grpc.StatusCode.NOT_FOUND,
             "evicted (least recently used; max 2 sessions)",
@@ -106,7 +106,7 @@ async def test_session_lru_cap_kv_budget_and_idle_ttl(cluster):
         one = core.session_bytes(a)["kv_bytes"]
         core.kv_budget_bytes = int(one * 1.5)
         d = await open_()
-        assert core.session_ids() == [d]
+        assert list(core._sessions) == [d]
         details = await _expect(
             grpc.StatusCode.NOT_FOUND,
             "KV budget",
@@ -121,11 +121,11 @@ async def test_session_lru_cap_kv_budget_and_idle_ttl(cluster):
         core.session_ttl = TTL
         await stub.NextToken(wpb.NextTokenRequest(session_id=e))  # e is in use
         core._sessions[d].last_used -= 2 * TTL  # d has been idle for two TTLs
-        assert await _until(lambda: d not in core.session_ids())
-        assert core.session_ids() == [e]
+        assert await _until(lambda: d not in core._sessions)
+        assert list(core._sessions) == [e]
         await _expect(grpc.StatusCode.NOT_FOUND, "expired after", stub.NextToken(wpb.NextTokenRequest(session_id=d)))
         core._sessions[e].last_used -= 2 * TTL
-        assert await _until(lambda: core.session_ids() == [])
+        assert await _until(lambda: list(core._sessions) == [])
         # A reaper pass after the last eviction sets the gauges.
         assert await _until(lambda: _gauge(LIVE_SESSIONS, name) == 0 and _gauge(KV_BYTES, name) == 0)
         # The worker keeps serving.

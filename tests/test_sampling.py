@@ -21,10 +21,9 @@ from scipy.stats import chisquare
 
 from coolfusion.protos import fusion_pb2 as fusion_pb
 from coolfusion.protos import worker_pb2 as worker_pb
-from coolfusion.services.common.errors import InvalidArgument as OrchestratorInvalidArgument
+from coolfusion.services.common.errors import InvalidArgument
 from coolfusion.services.sources import parse_specs
 from coolfusion.services.worker.api import GREEDY, NextTextOptions, Sampling
-from coolfusion.services.worker.errors import InvalidArgument
 from coolfusion.services.worker.model import WorkerCore
 from coolfusion.services.worker.sampling import PrefixKeys, choose, cumulative, token_at, uniform
 
@@ -123,7 +122,7 @@ def test_generate_request_sampling_is_checked():
         (dict(temperature=1, top_p=-0.1), "top_p"),
         (dict(temperature=1, top_k=-1), "top_k"),
     ):
-        with pytest.raises(OrchestratorInvalidArgument, match=message):
+        with pytest.raises(InvalidArgument, match=message):
             convert(**fields)
     assert convert() == GREEDY and convert(temperature=0, top_k=5, seed=3) == GREEDY
     assert convert(temperature=0.5, top_p=0.9, top_k=7, seed=11) == Sampling(0.5, 0.9, 7, 11)

@@ -17,9 +17,10 @@ import pytest
 import torch
 from cluster import GSM8K  # ../shared/data/gsm8k, or $COOLFUSION_GSM8K_DIR
 
-from coolfusion.services.common.errors import status_for
+from coolfusion.services.common.errors import InvalidArgument, status_for
 from coolfusion.services.worker import model as worker_model
-from coolfusion.services.worker.errors import InvalidArgument, SessionNotFound, StateError
+from coolfusion.services.worker.api import NextTextOptions
+from coolfusion.services.worker.errors import SessionNotFound, StateError
 from coolfusion.services.worker.forward import PREFILL_CHUNK
 from coolfusion.services.worker.model import WorkerCore, perplexity
 
@@ -114,7 +115,7 @@ def greedy_segments(worker: WorkerCore, session_id: str, tokenizer_ids: list[str
     """
     ids, lps, texts, commits, results = [], [], [], [], []
     while len(ids) < n:
-        r = worker.next_text(session_id, tokenizer_ids, n - len(ids))
+        r = worker.next_text(session_id, NextTextOptions(tokenizer_ids, n - len(ids)))
         results.append(r)
         c = worker.update_state(session_id, r.state_id)
         ids += r.token_ids
@@ -243,7 +244,7 @@ def test_gemma_window_is_trimmed_after_commits(workers, long_prompt):
     w = workers["gemma3"]
     sid, n_ctx, _ = w.open(long_prompt)
     try:
-        r = w.next_text(sid, [], 8)
+        r = w.next_text(sid, NextTextOptions([], 8))
         w.update_state(sid, r.state_id)
         layers = w._sessions[sid].cache.layers
         sliding = [layer for layer in layers if layer.is_sliding]
@@ -267,7 +268,9 @@ def test_score_matches_feed_and_full_forward(workers, registry, long_prompt, mod
     sid, _, _ = w.open(long_prompt)
     context = w.tokenizer.hf(long_prompt)["input_ids"]
     try:
-        w.next_text(sid, registry.ids, 12)  # leaves lookahead in the session cache: scoring must ignore it
+        w.next_text(
+            sid, NextTextOptions(registry.ids, 12)
+        )  # leaves lookahead in the session cache: scoring must ignore it
         scores = w.score_candidates(sid, CANDIDATES + [("", False)])
         lengths = [len(s.token_ids) for s in scores[:3]]
         assert len(set(lengths)) == 3
@@ -294,7 +297,9 @@ def test_commit_scored_then_continue(workers, registry, long_prompt, model):
     sid, _, _ = w.open(prompt)
     context = w.tokenizer.hf(prompt)["input_ids"]
     try:
-        own = w.next_text(sid, registry.ids, 10)  # lookahead in the cache, a state that commit must discard
+        own = w.next_text(
+            sid, NextTextOptions(registry.ids, 10)
+        )  # lookahead in the cache, a state that commit must discard
         scores = w.score_candidates(sid, [(" red, blue and", False), (" Janet", False), (" x", True)])
         chosen = scores[0] if model == "smollm2" else scores[1]
         c = w.update_state(sid, chosen.state_id)
@@ -345,7 +350,7 @@ def test_closed_sessions_hold_up_no_batch(workers):
     w = workers["smollm2"]
     sid, _, _ = w.open(SHORT_PROMPT)
     try:
-        w.next_text(sid, max_tokens=2)
+        w.next_text(sid, NextTextOptions(max_tokens=2))
         assert sid in w.batcher._last_step
     finally:
         w.close(sid)
@@ -374,7 +379,7 @@ def test_next_text_budget_and_eos_commit(workers):
     w = workers["gemma3"]
     sid, _, _ = w.open(SHORT_PROMPT)
     try:
-        r = w.next_text(sid, [], 1)
+        r = w.next_text(sid, NextTextOptions([], 1))
         assert r.finish == "budget" and r.generated_tokens == 1 and len(r.token_ids) <= 1
         w.update_state(sid, r.state_id)
         # Score an EOS-only candidate and commit it: the session ends with EOS in its ids.
@@ -398,8 +403,8 @@ def test_errors(workers):
         w.open(messages=[])
 
     sid, _, _ = w.open(SHORT_PROMPT)
-    first = w.next_text(sid, [], 5)
-    second = w.next_text(sid, [], 5)  # supersedes the first NextText state
+    first = w.next_text(sid, NextTextOptions([], 5))
+    second = w.next_text(sid, NextTextOptions([], 5))  # supersedes the first NextText state
     with pytest.raises(StateError) as exc:
         w.update_state(sid, first.state_id)
     assert status_for(exc.value).name == "FAILED_PRECONDITION"
@@ -416,13 +421,13 @@ def test_errors(workers):
             w.feed_tokens(sid, bad)
         assert "out of range" in str(exc.value) and status_for(exc.value).name == "INVALID_ARGUMENT"
     with pytest.raises(InvalidArgument):
-        w.next_text(sid, [], -1)
+        w.next_text(sid, NextTextOptions([], -1))
 
     assert w.info()["live_sessions"] >= 1
     assert w.close(sid) is True
     assert w.close(sid) is False
     with pytest.raises(SessionNotFound):
-        w.next_text(sid, [], 3)
+        w.next_text(sid, NextTextOptions([], 3))
     with pytest.raises(SessionNotFound):
         w.update_state(sid, scored[0].state_id)
 
@@ -536,7 +541,7 @@ def test_batches_fill_idle_continuations(workers):
     w.close(sid)
 
     sid, _, _ = w.open(prompt)
-    first = w.next_text(sid, [], 10)
+    first = w.next_text(sid, NextTextOptions([], 10))
     session = w._sessions[sid]
     ahead_before = len(session.ahead_tokens)
     filled_before = w.batcher.stats.filled
@@ -555,7 +560,7 @@ def test_batches_fill_idle_continuations(workers):
     assert grown >= 1 and len(session.ahead_tokens) <= len(first.token_ids) + w.fill_ahead
 
     ids, lps = list(first.token_ids), list(first.logprobs)
-    second = w.next_text(sid, [], 10 - len(ids), commit_state_id=first.state_id)
+    second = w.next_text(sid, NextTextOptions([], 10 - len(ids), commit_state_id=first.state_id))
     assert second.reused_tokens >= min(grown, len(second.token_ids))  # replayed, not stepped
     ids += second.token_ids
     lps += second.logprobs
@@ -585,7 +590,7 @@ def test_scores_under_load_are_the_forward_scores(workers):
                 assert not w.batcher.under_load
                 (score,) = w.score_candidates(sid, candidate)
             w.update_state(sid, score.state_id)
-            return score, w.next_text(sid, [], 6)
+            return score, w.next_text(sid, NextTextOptions([], 6))
         finally:
             w.close(sid)
 
@@ -617,7 +622,7 @@ def _segments_with_drafts(w: WorkerCore, sid: str, tokenizer_ids, n: int, drafts
     """greedy_segments, giving ``drafts(k, texts_so_far)`` as draft_text to the k-th NextText."""
     ids, lps, texts, results = [], [], [], []
     while len(ids) < n:
-        r = w.next_text(sid, tokenizer_ids, n - len(ids), draft_text=drafts(len(results), texts))
+        r = w.next_text(sid, NextTextOptions(tokenizer_ids, n - len(ids), draft_text=drafts(len(results), texts)))
         w.update_state(sid, r.state_id)
         ids += r.token_ids
         lps += r.logprobs
@@ -692,7 +697,7 @@ def test_looked_up_tokens_keep_the_greedy_tokens(workers, registry, long_prompt,
     try:
         for bad in (-1, worker_model.MAX_LOOKUP_TOKENS + 1):
             with pytest.raises(InvalidArgument):
-                w.next_text(sid, registry.ids, 8, lookup_tokens=bad)
+                w.next_text(sid, NextTextOptions(registry.ids, 8, lookup_tokens=bad))
     finally:
         w.close(sid)
 
@@ -702,26 +707,26 @@ def test_lookup_finds_the_latest_longest_match(workers):
     eos = sorted(w._eos_set)[0]
 
     def lookup(ids, count):  # ids written small, kept clear of special tokens
-        return [t - 100 for t in w._lookup([t + 100 for t in ids], count)]
+        return [t - 100 for t in w._generator.drafts.lookup([t + 100 for t in ids], count)]
 
     assert lookup([1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3], 2) == [7, 8]  # the latest "2 3"
     assert lookup([5, 6, 7, 1, 2, 8, 2, 4, 4, 1, 2], 3) == [8, 2, 4]  # "1 2" before the latest "2"
     assert lookup([4, 5, 6, 5, 6], 4) == [5, 6]  # stops at the end of the ids
-    assert lookup([1, 2, 3], 2) == [] and w._lookup([], 2) == []
-    assert w._lookup([104, 105, eos, 107, 104, 105], 3) == [eos]  # cut after an EOS
+    assert lookup([1, 2, 3], 2) == [] and w._generator.drafts.lookup([], 2) == []
+    assert w._generator.drafts.lookup([104, 105, eos, 107, 104, 105], 3) == [eos]  # cut after an EOS
 
 
 def test_drafter_returns_its_continuation(workers, registry):
     w = workers["smollm2"]
     sid, _, _ = w.open(SHORT_PROMPT)
     try:
-        first = w.next_text(sid, registry.ids, 16, draft_tokens=6)
+        first = w.next_text(sid, NextTextOptions(registry.ids, 16, draft_tokens=6))
         assert 0 < first.drafted_tokens <= 2 and first.draft
         w.update_state(sid, first.state_id)
         later = "".join(greedy_segments(w, sid, registry.ids, 16, committed=len(first.token_ids))[2])
         assert later.startswith(first.draft)  # the draft is the text greedy decoding goes on with
         with pytest.raises(InvalidArgument):
-            w.next_text(sid, registry.ids, 4, draft_tokens=-1)
+            w.next_text(sid, NextTextOptions(registry.ids, 4, draft_tokens=-1))
     finally:
         w.close(sid)
 
@@ -737,11 +742,11 @@ def test_following_segments_are_the_next_candidates(workers, registry, model, mo
     a, _, _ = w.open(SHORT_PROMPT)
     b, _, _ = w.open(SHORT_PROMPT)
     try:
-        first = w.next_text(a, registry.ids, 16, draft_tokens=10, follow_segments=8)
+        first = w.next_text(a, NextTextOptions(registry.ids, 16, draft_tokens=10, follow_segments=8))
         assert first.finish == "boundary" and len(first.following) >= 2
         sequential = []  # the oracle: NextText + UpdateState, one segment at a time
         for _ in range(1 + len(first.following)):
-            r = w.next_text(b, registry.ids, 16)
+            r = w.next_text(b, NextTextOptions(registry.ids, 16))
             w.update_state(b, r.state_id)
             sequential.append(r)
         assert (sequential[0].text, sequential[0].token_ids) == (first.text, first.token_ids)
@@ -760,13 +765,13 @@ def test_following_segments_are_the_next_candidates(workers, registry, model, mo
         expected, _ = oracle_generate(w, context, len(ids) + 6)
         assert ids == expected[: len(ids)]
         # Going on from there: the same as the one-commit-at-a-time session, and generate.
-        nxt = w.next_text(a, registry.ids, 16, follow_segments=8)
-        ref = w.next_text(b, registry.ids, 16)
+        nxt = w.next_text(a, NextTextOptions(registry.ids, 16, follow_segments=8))
+        ref = w.next_text(b, NextTextOptions(registry.ids, 16))
         assert (nxt.text, nxt.token_ids) == (ref.text, ref.token_ids)
         assert (ids + nxt.token_ids)[: len(expected)] == expected[: len(ids) + len(nxt.token_ids)]
         for bad in (-1, worker_model.MAX_FOLLOW_SEGMENTS + 1):
             with pytest.raises(InvalidArgument):
-                w.next_text(a, registry.ids, 16, follow_segments=bad)
+                w.next_text(a, NextTextOptions(registry.ids, 16, follow_segments=bad))
     finally:
         w.close(a)
         w.close(b)
@@ -782,7 +787,7 @@ def test_scores_from_the_kept_continuation(workers, registry, model, monkeypatch
     sid, _, _ = w.open(SHORT_PROMPT)
     context = w.tokenizer.hf(SHORT_PROMPT)["input_ids"]
     try:
-        own = w.next_text(sid, registry.ids, 16, draft_tokens=4)  # continuation past the candidate
+        own = w.next_text(sid, NextTextOptions(registry.ids, 16, draft_tokens=4))  # continuation past the candidate
         s = w._sessions[sid]
         cont = s.ahead_tokens[: len(s.ahead_logits)]
         assert len(cont) > len(own.token_ids)

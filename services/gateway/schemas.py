@@ -22,7 +22,7 @@ class ScoreRuleBody(BaseModel):
     threshold: float = 0.0
 
 
-class FusionOptions(BaseModel):
+class FusionExtension(BaseModel):
     """The ``coolfusion`` extension object of a request."""
 
     model_config = ConfigDict(extra="forbid")
@@ -52,7 +52,7 @@ class GenerationBody(BaseModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     user: str | None = None
-    coolfusion: FusionOptions = Field(default_factory=FusionOptions)
+    coolfusion: FusionExtension = Field(default_factory=FusionExtension)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
 
@@ -112,16 +111,6 @@ class NextTextOptions:
     def __post_init__(self) -> None:
         # Callers pass lists (and protobuf repeated fields); a tuple keeps the options immutable.
         object.__setattr__(self, "boundary_tokenizer_ids", tuple(self.boundary_tokenizer_ids))
-
-    @classmethod
-    def of(cls, options: NextTextOptions | Sequence[str] = (), *args, **kwargs) -> NextTextOptions:
-        """``options`` itself, or options built from the fields as arguments (the older
-        ``next_text(session_id, boundary_tokenizer_ids, max_tokens, draft_text=...)`` form)."""
-        if isinstance(options, cls):
-            if args or kwargs:
-                raise TypeError("give NextTextOptions or its fields, not both")
-            return options
-        return cls(options, *args, **kwargs)
 
     def request_fields(self) -> dict:
         """Keyword arguments of a ``NextTextRequest`` (besides ``session_id``)."""

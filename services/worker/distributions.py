@@ -55,8 +55,7 @@ from itertools import accumulate
 
 import grpc
 
-from ..common.errors import CoolFusionError
-from .errors import InvalidArgument
+from ..common.errors import CoolFusionError, InvalidArgument
 from .results import TextDistributions
 
 MAX_TEXTS = 1024

@@ -13,10 +13,6 @@ class SessionNotFound(WorkerError, common.NotFound):
     """No live session with that id (NOT_FOUND): never opened, or closed already."""
 
 
-class InvalidArgument(WorkerError, common.InvalidArgument):
-    """Bad request content (INVALID_ARGUMENT): empty prompt, token id out of range, max_tokens < 0 ..."""
-
-
 class StateError(WorkerError, common.FailedPrecondition):
     """A temp state id that is unknown or no longer valid (FAILED_PRECONDITION).
 

@@ -20,10 +20,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from ..common.errors import InvalidArgument
 from ..tokenizer.core import IncrementalDecoder
 from .api import NextTextOptions, Sampling
 from .drafting import Drafts
-from .errors import InvalidArgument
 from .forward import Forwards
 from .loading import LoadedModel
 from .results import FollowingSegment, NextTextResult

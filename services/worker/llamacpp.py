@@ -29,9 +29,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ..common.errors import FailedPrecondition, ResourceExhausted
+from ..common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from .batching import StepBatcher
-from .errors import InvalidArgument
 from .forward import Forwards
 
 log = logging.getLogger(__name__)

@@ -29,15 +29,13 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ..common.errors import InvalidArgument as CommonInvalidArgument
-from ..common.errors import ResourceExhausted
+from ..common.errors import InvalidArgument, ResourceExhausted
 from ..sources import ModelSpec
 from ..tokenizer.context import context_ids, render, render_messages
 from ..tokenizer.core import TokenizerRegistry
 from .api import NextTextOptions
 from .config import MIB, WORKER
 from .distributions import LLAMACPP_CELL_SHARE, Distributions
-from .errors import InvalidArgument
 from .forward import PREFILL_CHUNK, Cancelled, Fill, TransformersForwards, fill_rows
 from .generation import (
     DEFAULT_SEGMENT_CAP,
@@ -207,12 +205,7 @@ class WorkerCore:
     def render_messages(self, messages: list[dict]) -> tuple[str, bool]:
         """Context text for chat messages and whether it already holds its special tokens
         (``tokenizer.context.render_messages``: the model's chat template, else plain lines)."""
-        try:
-            context = render_messages(self.tokenizer, messages, self.name)
-        except InvalidArgument:
-            raise
-        except CommonInvalidArgument as exc:
-            raise InvalidArgument(str(exc)) from None
+        context = render_messages(self.tokenizer, messages, self.name)
         return context.text, context.templated
 
     def open(
@@ -223,12 +216,7 @@ class WorkerCore:
         The session is live (counted, its KV budgeted) from the first prefill chunk on;
         ``cancelled()`` is asked between chunks (``Forwards.prefill``): when the caller left, the
         session is freed and ``PrefillCancelled`` raised."""
-        try:
-            context = render(self.tokenizer, prompt, messages, self.name)
-        except InvalidArgument:
-            raise
-        except CommonInvalidArgument as exc:  # the worker's own kind, as every other bad Open
-            raise InvalidArgument(str(exc)) from None
+        context = render(self.tokenizer, prompt, messages, self.name)
         ids = context_ids(self.tokenizer, context)
         if not ids:
             raise InvalidArgument("context encodes to no tokens")
@@ -290,13 +278,10 @@ class WorkerCore:
             return self._scorer.score(s, rows, own_state_id)
 
     # ---- T1 ------------------------------------------------------------------------------
-    def next_text(
-        self, session_id: str, options: NextTextOptions | Sequence[str] = (), *args, **kwargs
-    ) -> NextTextResult:
+    def next_text(self, session_id: str, options: NextTextOptions) -> NextTextResult:
         """Greedy-generate from the committed state up to the first word boundary common to the
-        tokenizers (``generation.py``). ``options``: a ``NextTextOptions``, or its fields as
-        arguments (``next_text(session_id, boundary_tokenizer_ids, max_tokens, draft_text=...)``)."""
-        call = self._generator.prepare(NextTextOptions.of(options, *args, **kwargs))
+        tokenizers (``generation.py``), as ``options`` ask."""
+        call = self._generator.prepare(options)
         with self._table.get(session_id) as s, torch.inference_mode(), self.batcher:
             # Looked up at each call: the drafter's forward budget is tuned on this module (tests do).
             return self._generator.run(s, call, DRAFT_CALL_FORWARDS)
@@ -347,9 +332,6 @@ class WorkerCore:
     def close(self, session_id: str) -> bool:
         """Free a session; False when there was none (idempotent)."""
         return self._table.close(session_id)
-
-    def session_ids(self) -> list[str]:
-        return self._table.ids()
 
     def stats(self) -> tuple[int, int]:
         """(live sessions, KV bytes over all sessions); unlocked, for gauges and budgets."""
@@ -418,7 +400,3 @@ class WorkerCore:
     def _fill_rows(self, n: int) -> list[Fill]:
         """Idle sessions' steps to top a batch up with (``forward.fill_rows``)."""
         return fill_rows(self._table.live(), n, self._eos_set, self.max_positions)
-
-    def _lookup(self, ids: list[int], count: int) -> list[int]:
-        """The prompt-lookup draft for ``ids`` (``drafting.Drafts.lookup``)."""
-        return self._generator.drafts.lookup(ids, count)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import InvalidArgument
+from ..common.errors import InvalidArgument
 from .forward import Forwards, committed_copy
 from .loading import LoadedModel
 from .results import CandidateScore, perplexity
