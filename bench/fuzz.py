@@ -1,4 +1,4 @@
-"""The long fuzz run (issue 20 item 4): the strategies of ``tests/test_fuzz.py`` with ``--examples``
+"""The long fuzz run: the strategies of ``tests/test_fuzz.py`` with ``--examples``
 cases each (Fusion requests, worker requests, random bytes on every method) against the in-process
 service tree of the tests (``tests/cluster.py``: real gRPC servers, the bundled models). Writes
 the status codes seen and the live sessions afterwards::

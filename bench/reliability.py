@@ -1,4 +1,4 @@
-"""Reliability benchmarks (issue 20) against the real service tree (``LocalCluster``: a tokenizer
+"""Reliability benchmarks against the real service tree (``LocalCluster``: a tokenizer
 service, one worker process per model, the orchestrator), written to a JSON file.
 
 * ``admission``: how long an oversize request takes to be refused (a 200,000-character prompt,

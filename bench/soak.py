@@ -1,4 +1,4 @@
-"""Soak run (issue 20 item 6): a mixed load against the real service tree (``LocalCluster``) for
+"""Soak run: a mixed load against the real service tree (``LocalCluster``) for
 ``--minutes``, reporting requests done, errors by status, p50/p99 latency, and every process's RSS
 and the workers' live sessions sampled every ``--sample-s`` seconds (flat is the target). The same
 mix runs ``--warmup-minutes`` first. RSS is compared at rest (every worker back to 0 sessions:

@@ -1,7 +1,7 @@
 """Admission: every limit a request's size can break is checked before a single ``Open``.
 
-A context that does not fit a model used to be found by its worker, after other workers had
-prefilled it (a 9,000-token prompt: 77 s of Gemma-3 work before smollm2 said no). Here the
+A context that does not fit a model would otherwise be found by its worker, after the other
+workers had spent a whole prefill on it (docs/performance.md, *Constants*). Here the
 orchestrator asks the tokenizer service for the context each model would prefill (its own chat
 template, its own tokens) and checks it against that model's context length minus
 ``max_new_tokens``, and checks the number of messages and the rendered length, in one round trip

@@ -1,7 +1,7 @@
 """Tunables and performance switches of the fusion loop (``fusion.py``).
 
 Every switch gives the same output on or off (``tests/test_perf_switches.py``); each one kept here
-changed a measured number (README, *Performance*). Three more that measured no effect on their
+changed a measured number (docs/performance.md). Three more that measured no effect on their
 own are always on: no scoring call when every candidate is the same, one scoring row per distinct
 candidate, and the lookahead kept for a model's next NextText after it commits its own state.
 """
@@ -37,7 +37,7 @@ class OptionsError(ValueError):
 
 @dataclass(frozen=True)
 class FusionOptions:
-    """Performance switches of the loop (issue 5), all on by default.
+    """Performance switches of the loop, all on by default.
 
     1. ``reuse_own_logprobs``: a model scores its own candidate with the log-probs it computed
        while generating it (when its tokens equal the candidate's encoding): no forward for that row.

@@ -1,4 +1,4 @@
-"""Admission checks (issue 20 item 1): a request too large for a model is refused with
+"""Admission checks: a request too large for a model is refused with
 INVALID_ARGUMENT naming the model and the numbers before any worker opens a session.
 
 Real services on loopback: the tokenizer service (the bundled tokenizers), the orchestrator, and

@@ -1,4 +1,4 @@
-"""Chaos beyond one worker (issue 20 item 5), with real processes: a tokenizer service, a SmolLM2
+"""Chaos beyond one worker, with real processes: a tokenizer service, a SmolLM2
 worker (short session TTL, small KV budget) and the orchestrator, each a ``coolfusion`` process.
 
 * the tokenizer service killed mid-stream: UNAVAILABLE naming it; after its restart requests

@@ -1,4 +1,4 @@
-"""Deployment artefacts (issue 6): compose and Kubernetes schemas, the compose topology run as
+"""Deployment artefacts: compose and Kubernetes schemas, the compose topology run as
 local processes, Dockerfile invariants, and replica pinning in the orchestrator.
 
 Everything is offline: the Compose specification schema is the one vendored by

@@ -1,4 +1,4 @@
-"""Fuzzing over the real wire (issue 20 item 4): hypothesis builds random GenerateRequest,
+"""Fuzzing over the real wire: hypothesis builds random GenerateRequest,
 ScoreRequest and worker requests (every field; extreme, invalid and random unicode values;
 invalid UTF-8 in bytes fields) and random byte strings sent as serialized messages of every
 method. Against the real services (``cluster``): only documented status codes come back, every

@@ -1,4 +1,4 @@
-"""Sampling through the OpenAI-compatible gateway (issue 19, item 1 seen from HTTP): the same
+"""Sampling through the OpenAI-compatible gateway: the same
 seed gives the same text, choice i of a seeded request samples with seed + i, and different seeds
 at temperature 1 give different texts on a prompt where the models are uncertain."""
 

@@ -1,4 +1,4 @@
-"""The KV budget counts what a new session's prefill will hold from the start (issue 20 item 5):
+"""The KV budget counts what a new session's prefill will hold from the start:
 idle sessions are evicted to make room; when the rest are in calls the Open is refused with
 RESOURCE_EXHAUSTED instead of running the worker past its budget. Plain ``SessionTable``, no model."""
 

@@ -1,4 +1,4 @@
-"""Performance switches (issue 5): every FusionOptions combination gives the unoptimised loop's output.
+"""Performance switches: every FusionOptions combination gives the unoptimised loop's output.
 
 An engine in the test process over the cluster fixture's worker servers (real gRPC, real models),
 run with all switches off, each one alone, all on; texts and segment models must be identical,

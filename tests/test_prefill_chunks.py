@@ -1,4 +1,4 @@
-"""Chunked prefill (issue 20 item 2) on a tiny random Gemma-3 whose sliding window (8) is crossed
+"""Chunked prefill on a tiny random Gemma-3 whose sliding window (8) is crossed
 by the chunks: the logits are bitwise those of ``generate(prefill_chunk_size=...)`` (the worker's
 oracle) and equal to one unchunked prefill up to float noise; a cancellation asked between chunks
 stops the prefill. No bundled model: a fast test."""

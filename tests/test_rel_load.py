@@ -1,4 +1,4 @@
-"""Load (issue 7): fused requests (100 by default) from 16 concurrent clients, 20 % cancelled at random points;
+"""Load: fused requests (100 by default) from 16 concurrent clients, 20 % cancelled at random points;
 every request ends as planned (OK, or CANCELLED when it was cancelled), the orchestrator saw each
 cancellation that came in the middle of a generation, every answer under load is the answer the
 same request gets alone, every worker is back to 0 live sessions and 0 KV bytes, and the process

@@ -1,4 +1,4 @@
-"""SIGTERM to the orchestrator process while a generation streams (issue 7): new requests are
+"""SIGTERM to the orchestrator process while a generation streams: new requests are
 refused at once, the request in flight completes within the grace period (draining, not dropping
 it), the worker's sessions are freed, and no process of the tree is left behind. The worker runs
 the backend ``auto`` picks for the bundled GGUF on a CPU (llama.cpp where it is built), as a

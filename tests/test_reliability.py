@@ -1,4 +1,4 @@
-"""Reliability (issue 7): worker session TTL/LRU/KV budget, health while loading, degraded
+"""Reliability: worker session TTL/LRU/KV budget, health while loading, degraded
 fusion, deadline propagation and a bad-input table at the worker API.
 
 Real gRPC servers on loopback; every wait is bounded in count and time.

@@ -1,4 +1,4 @@
-"""Tokenizer core (issue 2): word starts, common boundaries, continuation encoding, decoding in context.
+"""Tokenizer core: word starts, common boundaries, continuation encoding, decoding in context.
 
 Tokenizers under test:
 
@@ -425,7 +425,7 @@ def test_incremental_decoder(registry):
 
 
 # --------------------------------------------------------------------------------------------
-# Property tests (issue 2): segments, word starts in the full text, continuation encodings
+# Property tests: segments, word starts in the full text, continuation encodings
 # --------------------------------------------------------------------------------------------
 
 PIECES = [

@@ -1,4 +1,4 @@
-"""Tokenizer gRPC service (issue 2), started for real on a loopback port: same answers as the
+"""Tokenizer gRPC service, started for real on a loopback port: same answers as the
 library, precise statuses for malformed requests, and it keeps serving after them."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Batching the decode steps of concurrent sessions into one forward (issue 5, item 6).
+"""Batching the decode steps of concurrent sessions into one forward.
 
 A decode step of a small model on CPU (or any model on a GPU) costs about the same for one row as
 for several: the time goes into reading the weights. So when several sessions of one worker are

@@ -28,9 +28,8 @@ from .batching import StepBatcher, batchable, forward_sessions
 from .sessions import Session
 
 _COMPUTE_LOCKS_GUARD = threading.Lock()
-# Tokens per prefill forward. A cancelled Open stops within one chunk: mid-prefill of an
-# 8,000-token context its session was freed within 0.38 s of the cancel (2 CPU cores,
-# bench/reliability.json).
+# Tokens per prefill forward. A cancelled Open stops within one chunk, so this bounds how long a
+# cancel waits (docs/performance.md, *Constants*).
 PREFILL_CHUNK = 128
 Cancelled = Callable[[], bool]  # asked between chunks: stop now?
 

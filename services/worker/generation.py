@@ -37,13 +37,13 @@ DEFAULT_SEGMENT_CAP = 256  # tokens per next_text call when the caller gives no 
 # Speculative verification (NextText ``draft_text``): the picked token and up to VERIFY_CHUNK - 1
 # draft tokens in one forward. Every position's logits are kept, which a large LM head makes dear,
 # and the drafter is only about a token ahead, so longer chunks verified no more draft tokens and
-# made fusion slower (README, Performance).
+# made fusion slower (docs/performance.md).
 VERIFY_CHUNK = 3
 # Drafting (NextText ``draft_tokens``): the drafter's call spends at most this many forwards in
 # all, its own generation included, so drafting fills the calls that replayed their candidate and
 # a call that first has to feed another model's winning candidate (the segment's slowest) drafts
 # nothing. A fixed draft step per call was slower, and so was a budget of 3: the drafter loses its
-# lead whenever another model's candidate wins (README, Performance).
+# lead whenever another model's candidate wins (docs/performance.md).
 DRAFT_CALL_FORWARDS = 2
 MAX_DRAFT_TOKENS = 64
 MAX_FOLLOW_SEGMENTS = 64

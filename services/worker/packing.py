@@ -1,4 +1,4 @@
-"""Pre-packed weights for the multi-row matrix products of a CPU worker (issue 5).
+"""Pre-packed weights for the multi-row matrix products of a CPU worker.
 
 A decode step multiplies one row by each weight matrix: MKL's matrix-vector product reads the
 weight once and is as fast as the memory allows. A forward of several rows (a verify chunk of
@@ -28,8 +28,7 @@ PACK_MODES = ("all", "head", "none")
 # The row count oneDNN picks its blocking for: packed for 8, the output layer was faster than
 # packed for 1 at every row count from 2 to 32, and as fast at 1 row.
 PACK_ROWS_HINT = 8
-# Below this many rows MKL's own kernels win (Gemma-3, one thread: 3 rows 113 ms plain against
-# 123 packed; docs/performance.md has the rest).
+# Below this many rows MKL's own kernels win (docs/performance.md, *Constants*).
 PACK_MIN_ROWS = 4
 
 
