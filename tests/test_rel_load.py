@@ -38,14 +38,32 @@ def _rss_mib() -> float:
     return 0.0
 
 
-def _heap_at_rest(cluster) -> float:
-    """The process RSS once every idle worker has trimmed the heap its sessions freed, as its
-    reaper does when idle (``services/worker/memory.py``). The trim is called here rather than
-    waited for: the reapers share the test loop's thread pool with every test before this one."""
-    for core in cluster.cores.values():
-        core.trim_when_idle()
-    assert all(core.heap_trimmed() for core in cluster.cores.values())
+async def _heap_at_rest(cluster) -> float:
+    """The process RSS once every idle worker's reaper has trimmed the heap its sessions freed
+    (``services/worker/memory.py``): waited for, not called, so the reaper is what is tested."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not all(core.heap_trimmed() for core in cluster.cores.values()):
+        assert time.monotonic() < deadline, "no reaper pass trimmed the heap"
+        await asyncio.sleep(0.2)
     return _rss_mib()
+
+
+def _leak_mib(cluster, requests: int) -> float:
+    """What the KV caches of ``requests`` sessions pairs hold, at the fewest tokens any of them has
+    (its prompt's and TOKENS new ones): a run that leaked them would grow RSS by at least this."""
+    total = 0
+    for name in ("smollm2", "gemma3"):
+        core = cluster.cores[name]
+        per_prompt = []
+        for prompt in PROMPTS:
+            sid, n_context, _ = core.open(prompt)
+            try:
+                per_token = core.stats()[1] / n_context
+            finally:
+                core.close(sid)
+            per_prompt.append(per_token * (n_context + TOKENS))
+        total += min(per_prompt) * requests
+    return total / 2**20
 
 
 async def _wait_idle(cluster, timeout: float = HANG_GUARD_S) -> dict:
@@ -130,7 +148,8 @@ async def test_load_with_random_cancels(cluster, caplog):
                 fusion_pb2.GenerateRequest(prompt="1, 2,", models=["smollm2", "gemma3"], max_new_tokens=3)
             )
         assert await _wait_idle(cluster) == {n: (0, 0) for n in cluster.cores}
-        rss_before = _heap_at_rest(cluster)
+        leak_mib = await asyncio.to_thread(_leak_mib, cluster, REQUESTS)
+        rss_before = await _heap_at_rest(cluster)
 
         started = time.monotonic()
         await asyncio.wait_for(asyncio.gather(*(client() for _ in range(CLIENTS))), timeout=HANG_GUARD_S * 3)
@@ -150,10 +169,10 @@ async def test_load_with_random_cancels(cluster, caplog):
     midway = [i for i, k in cancel_after.items() if k > 0]
     assert midway and {i: ends.get(i) for i in midway} == {i: "generation cancelled" for i in midway}
     assert all(ends.get(i) == "generation finished" for i in range(REQUESTS) if i not in cancel_after)
-    rss_after = _heap_at_rest(cluster)
+    rss_after = await _heap_at_rest(cluster)
     print(
         f"\nload: {REQUESTS} requests, {CLIENTS} clients, {len(cancel_after)} cancelled ({len(midway)} mid-generation), "
         f"{elapsed:.1f} s (before it {started - test_started:.1f} s, after it {time.monotonic() - started - elapsed:.1f} s); "
-        f"RSS {rss_before:.0f} -> {rss_after:.0f} MiB"
+        f"RSS {rss_before:.0f} -> {rss_after:.0f} MiB (leaking the sessions would add {leak_mib:.0f} MiB)"
     )
-    assert rss_after - rss_before < 300, (rss_before, rss_after)
+    assert rss_after - rss_before < leak_mib, (rss_before, rss_after, leak_mib)
