@@ -22,11 +22,6 @@ FOLLOW_SEGMENTS = 2
 # (Gemma-3's 262k-row output layer included).
 LOOKUP_TOKENS = 2
 
-# The service's admission (server.py): generations running at once and generations waiting;
-# beyond both, a request is refused with RESOURCE_EXHAUSTED.
-MAX_CONCURRENT = 16
-MAX_QUEUE = 64
-
 # Switches removed because they measured no effect alone; their behaviour is always on.
 ALWAYS_ON = ("skip_identical", "dedup_candidates", "reuse_lookahead")
 

@@ -20,8 +20,8 @@ from ..services.common.metrics import SEGMENTS, TOKENS
 from ..services.common.server import GrpcService
 from ..services.worker.api import GREEDY, Sampling
 from .admission import ContextAdmission, ContextLimits
+from .config import ORCHESTRATOR
 from .engine import FusionEngine
-from .options import MAX_CONCURRENT, MAX_QUEUE
 from .request import FusionRequest
 from .results import CandidateReport, Final, Segment, apply_rule, scored_report
 from .rules import DEFAULT_THRESHOLD, RuleError, ScoreRule
@@ -179,7 +179,7 @@ class Admission:
     """At most ``max_concurrent`` generations run and ``max_queue`` wait; beyond that a request
     is refused at once with RESOURCE_EXHAUSTED instead of waiting without bound."""
 
-    def __init__(self, max_concurrent: int = MAX_CONCURRENT, max_queue: int = MAX_QUEUE):
+    def __init__(self, max_concurrent: int = ORCHESTRATOR.max_concurrent, max_queue: int = ORCHESTRATOR.max_queue):
         self.max_concurrent = max_concurrent
         self.max_queue = max_queue
         self.slots = asyncio.Semaphore(max_concurrent)
@@ -216,8 +216,8 @@ class FusionServicer(pb_grpc.FusionServicer):
         self,
         engine: FusionEngine,
         limits: Limits | None = None,
-        max_concurrent: int = MAX_CONCURRENT,
-        max_queue: int = MAX_QUEUE,
+        max_concurrent: int = ORCHESTRATOR.max_concurrent,
+        max_queue: int = ORCHESTRATOR.max_queue,
         tokenizer_address: str | None = None,
         internal_token: str | None = None,
     ):
@@ -357,8 +357,8 @@ def build_service(
     workers: dict[str, str],
     address: str = "127.0.0.1:0",
     limits: Limits | None = None,
-    max_concurrent: int = MAX_CONCURRENT,
-    max_queue: int = MAX_QUEUE,
+    max_concurrent: int = ORCHESTRATOR.max_concurrent,
+    max_queue: int = ORCHESTRATOR.max_queue,
     auth_tokens: list[str] | None = None,
     score_rule: ScoreRule | None = None,
     tokenizer_address: str | None = None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -21,6 +22,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 5
+# What is not the package's source: environments, build output, VCS, runs, the folders beside it.
+LOCAL_ONLY = (
+    ".venv",
+    ".git",
+    "build",
+    "dist",
+    "runs",
+    "*.egg-info",
+    "__pycache__",
+    ".*_cache",
+    "bench",
+    "tests",
+    "deploy",
+)
 
 
 def _run(cmd: list, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -32,10 +47,12 @@ def _run(cmd: list, cwd: Path, timeout: float = 600) -> subprocess.CompletedProc
 
 @pytest.mark.slow
 def test_installed_wheel_evaluates_arc_easy_from_its_own_data(tmp_path):
+    # Built from a copy of the checkout: a build folder left in the checkout cannot leak into it.
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*LOCAL_ONLY))
     wheels = tmp_path / "wheels"
-    _run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", wheels, ROOT], tmp_path
-    )
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", wheels, source]
+    _run(pip_wheel, tmp_path)
     (wheel,) = wheels.glob("coolfusion-*.whl")
 
     env_dir = tmp_path / "venv"

@@ -24,19 +24,6 @@ def setup_logging(level: str, fmt: str = "text") -> None:
     setup(level, fmt)
 
 
-def add_service_args(parser: argparse.ArgumentParser, port: int, grace: float) -> None:
-    """Flags every service command takes (env vars for containers)."""
-    parser.add_argument("--host", default=os.environ.get("COOLFUSION_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("COOLFUSION_PORT", port)))
-    parser.add_argument("--grace", type=float, default=grace, help="seconds in-flight calls get on SIGTERM")
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(os.environ.get("COOLFUSION_METRICS_PORT", 0)),
-        help="serve Prometheus /metrics on this HTTP port (0: off)",
-    )
-
-
 async def serve(make_service, name: str, grace: float, metrics_port: int = 0) -> None:
     """Build the service inside the running loop (grpc.aio servers bind to the loop they are made in)."""
     from ...services.common.metrics import start_metrics_server

@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import logging
-import os
+
+from ...services.common.config import add_arguments
+from ...services.gateway.config import GatewayConfig
 
 
 def add_parser(sub) -> None:
     gw = sub.add_parser("gateway", help="run the OpenAI-compatible HTTP API in front of an orchestrator")
-    gw.add_argument(
-        "--connect",
-        default=os.environ.get("COOLFUSION_ORCHESTRATOR"),
-        help="HOST:PORT of the orchestrator ($COOLFUSION_ORCHESTRATOR); TLS and token settings as every client",
-    )
-    gw.add_argument("--host", default=os.environ.get("COOLFUSION_HOST", "127.0.0.1"))
-    gw.add_argument("--port", type=int, default=int(os.environ.get("COOLFUSION_PORT", 8000)))
-    gw.add_argument(
-        "--request-timeout",
-        type=float,
-        default=float(os.environ.get("COOLFUSION_REQUEST_TIMEOUT", 600)),
-        help="deadline of each gRPC call in seconds; past it the caller gets 504 (0: none)",
-    )
-    gw.add_argument("--grace", type=float, default=30.0, help="seconds in-flight requests get after SIGTERM")
+    add_arguments(gw, GatewayConfig)
     gw.set_defaults(func=run)
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 
-from ...orchestrator.options import MAX_CONCURRENT, MAX_QUEUE
-from .common import add_rule_args, add_service_args, default_rule, models_arg, rule_from_args, serve
+from ...orchestrator.config import OrchestratorConfig
+from ...services.common.config import add_arguments
+from .common import add_rule_args, default_rule, models_arg, rule_from_args, serve
 
 
 def add_parser(sub) -> None:
@@ -17,25 +18,16 @@ def add_parser(sub) -> None:
         help="NAME=HOST:PORT | NAME=ADDR1|ADDR2 (replicas) | NAME=dns:///HOST:PORT (headless Service), "
         "in tie-break order (default: $COOLFUSION_WORKERS, comma-separated)",
     )
-    add_service_args(o, port=50051, grace=30.0)
+    add_arguments(o, OrchestratorConfig)
     o.add_argument(
         "--auth-token", action="append", help="bearer token callers must send (repeatable; env COOLFUSION_AUTH_TOKENS)"
     )
-    o.add_argument("--max-concurrent", type=int, default=MAX_CONCURRENT, help="generations running at once")
-    o.add_argument("--max-queue", type=int, default=MAX_QUEUE, help="generations waiting; beyond: RESOURCE_EXHAUSTED")
     _add_admission_args(o)
     add_rule_args(o)
     o.set_defaults(func=run)
 
 
 def _add_admission_args(o) -> None:
-    o.add_argument(
-        "--tokenizer-service",
-        default=os.environ.get("COOLFUSION_TOKENIZER") or None,
-        help="HOST:PORT of the tokenizer service: each request's context is counted in every model's "
-        "tokens and checked against its context length before any worker works ($COOLFUSION_TOKENIZER; "
-        "without it only sizes in characters and messages are checked)",
-    )
     # Unset: the server's Limits (orchestrator/server.py), so the defaults live in one place.
     o.add_argument("--max-messages", type=int, help="chat messages per request (default 1024)")
     o.add_argument("--max-prompt-chars", type=int, help="characters of prompt or message contents (default 200000)")

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import os
 
-from .common import add_service_args, default_models, serve
+from ...services.common.config import add_arguments
+from ...services.tokenizer.config import TokenizerConfig
+from .common import serve
 
 
 def add_parser(sub) -> None:
     t = sub.add_parser("tokenizer", help="run the tokenizer service")
-    t.add_argument("--models", default=os.environ.get("COOLFUSION_MODELS") or default_models())
-    add_service_args(t, port=50050, grace=5.0)
+    add_arguments(t, TokenizerConfig)
     t.set_defaults(func=run)
 
 

@@ -9,7 +9,6 @@ import os
 
 from ...services.common.config import add_arguments, from_args
 from ...services.worker.config import MIB, WorkerConfig
-from .common import add_service_args
 
 LOADING_PREFIX = "COOLFUSION_LOADING "  # stdout: a worker bound its port and loads its model (health NOT_SERVING)
 
@@ -26,7 +25,6 @@ def add_parser(sub) -> None:
         default=env_tok,
         help="HOST:PORT of the tokenizer service ($COOLFUSION_TOKENIZER)",
     )
-    add_service_args(w, port=50052, grace=10.0)
     add_arguments(w, WorkerConfig)
     w.set_defaults(func=run)
 

@@ -14,9 +14,31 @@ from typing import Any
 _PARSERS = {int: int, float: float, str: str}
 
 
-def option(default: Any, env: str, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A config field: ``default``, read from ``$env`` when that is set and not empty."""
+def option(default: Any, env: str | None, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field: ``default``, read from ``$env`` (when given) if that is set and not empty."""
     return dataclasses.field(default=default, metadata={"env": env, "help": help, "choices": choices})
+
+
+def port(default: int) -> Any:
+    return option(default, "COOLFUSION_PORT", "port to listen on")
+
+
+def grace(default: float) -> Any:
+    return option(default, None, "seconds in-flight calls get after SIGTERM")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig:
+    """Where a service listens and how long it drains; each service sets its own defaults."""
+
+    host: str = option("127.0.0.1", "COOLFUSION_HOST", "address to listen on")
+    port: int = port(0)
+    grace: float = grace(10.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpcServiceConfig(ServiceConfig):
+    metrics_port: int = option(0, "COOLFUSION_METRICS_PORT", "serve Prometheus /metrics on this HTTP port (0: off)")
 
 
 def _kind(hint: Any) -> type:
@@ -30,7 +52,7 @@ def _kind(hint: Any) -> type:
 def env_default(f: dataclasses.Field, kind: type) -> Any:
     """The field's value from its environment variable, else its default. A malformed value
     exits with one line naming the variable."""
-    raw = os.environ.get(f.metadata["env"], "")
+    raw = os.environ.get(f.metadata["env"], "") if f.metadata["env"] else ""
     if not raw:
         return f.default
     try:
@@ -48,12 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser, config: type, only: tuple[str
             continue
         kind = _kind(hints[f.name])
         shown = "unset" if f.default is None else f.default
+        env = f"; ${f.metadata['env']}" if f.metadata["env"] else ""
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             type=_PARSERS[kind],
             default=env_default(f, kind),
             choices=f.metadata["choices"],
-            help=f"{f.metadata['help']} (default {shown}; ${f.metadata['env']})",
+            help=f"{f.metadata['help']} (default {shown}{env})",
         )
 
 

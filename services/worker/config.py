@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..common.config import option
+from ..common.config import GrpcServiceConfig, grace, option, port
 
 BACKENDS = ("auto", "transformers", "llamacpp")
 
 
 @dataclass(frozen=True)
-class WorkerConfig:
+class WorkerConfig(GrpcServiceConfig):
+    port: int = port(50052)
+    grace: float = grace(10.0)
     device: str | None = option(None, "COOLFUSION_DEVICE", "cpu, cuda, ... (unset: cuda when available)")
     backend: str = option(
         "auto",
