@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import signal
 import sys
 import threading
 
+from .. import envs
 from .commands import SUBCOMMANDS, log_level
 from .commands.common import setup_logging
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
-        default=os.environ.get("COOLFUSION_LOG_LEVEL"),
+        default=envs.read("COOLFUSION_LOG_LEVEL"),
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
         help="default: INFO for services, WARNING for the other commands ($COOLFUSION_LOG_LEVEL)",
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-format",
         choices=["text", "json"],
-        default=os.environ.get("COOLFUSION_LOG_FORMAT", "text"),
+        default=envs.read("COOLFUSION_LOG_FORMAT", "text"),
         help="json: one JSON object per line, with request_id on request logs",
     )
     sub = parser.add_subparsers(dest="command", required=True)

@@ -8,12 +8,13 @@ layout.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from .. import envs
 
 PACKAGED = Path(__file__).resolve().parent
 
 
 def data_dir() -> Path:
     """Where the task files are: ``$COOLFUSION_DATA_DIR``, else the packaged copy."""
-    return Path(os.environ.get("COOLFUSION_DATA_DIR") or PACKAGED)
+    return Path(envs.read("COOLFUSION_DATA_DIR") or PACKAGED)

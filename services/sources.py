@@ -20,6 +20,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import envs
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODELS = ("smollm2", "gemma3")
@@ -30,7 +32,7 @@ class UnknownModelError(ValueError):
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("COOLFUSION_CACHE", Path.home() / ".cache" / "coolfusion"))
+    return Path(envs.read("COOLFUSION_CACHE") or Path.home() / ".cache" / "coolfusion")
 
 
 def _smollm2_gguf() -> Path:

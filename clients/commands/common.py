@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
+from ... import envs
 from ...services.sources import DEFAULT_MODELS
 
 
@@ -68,7 +68,7 @@ def default_rule():
     from ...orchestrator.rules import RuleError, ScoreRule
     from ...orchestrator.rules import default_rule as shipped
 
-    spec = os.environ.get("COOLFUSION_SCORE_RULE", "")
+    spec = envs.read("COOLFUSION_SCORE_RULE", "")
     try:
         return ScoreRule.parse(spec) if spec else shipped()
     except RuleError as exc:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 
+from ... import envs
 from ...orchestrator.config import OrchestratorConfig
 from ...services.common.config import add_arguments
 from .common import add_rule_args, default_rule, models_arg, rule_from_args, serve
@@ -60,7 +60,7 @@ def run(args) -> int:
     from ...services.common.security import tokens_from_env
     from ...services.common.server import host_port
 
-    workers = worker_targets(args.worker or models_arg(os.environ.get("COOLFUSION_WORKERS", "")))
+    workers = worker_targets(args.worker or models_arg(envs.read("COOLFUSION_WORKERS", "")))
     rule = rule_from_args(args) or default_rule()
 
     given = dict(

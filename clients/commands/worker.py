@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 
+from ... import envs
 from ...services.common.config import add_arguments, from_args
 from ...services.worker.config import MIB, WorkerConfig
 
@@ -15,7 +15,7 @@ LOADING_PREFIX = "COOLFUSION_LOADING "  # stdout: a worker bound its port and lo
 
 def add_parser(sub) -> None:
     w = sub.add_parser("worker", help="run one model worker")
-    env_model, env_tok = os.environ.get("COOLFUSION_MODEL"), os.environ.get("COOLFUSION_TOKENIZER")
+    env_model, env_tok = envs.read("COOLFUSION_MODEL"), envs.read("COOLFUSION_TOKENIZER")
     w.add_argument(
         "--model", required=not env_model, default=env_model, help="bundled name or NAME=SOURCE ($COOLFUSION_MODEL)"
     )

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import typing
 from typing import Any
+
+from ... import envs
 
 _PARSERS = {int: int, float: float, str: str}
 
@@ -52,7 +53,7 @@ def _kind(hint: Any) -> type:
 def env_default(f: dataclasses.Field, kind: type) -> Any:
     """The field's value from its environment variable, else its default. A malformed value
     exits with one line naming the variable."""
-    raw = os.environ.get(f.metadata["env"], "") if f.metadata["env"] else ""
+    raw = envs.read(f.metadata["env"], "") if f.metadata["env"] else ""
     if not raw:
         return f.default
     try:

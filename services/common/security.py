@@ -17,12 +17,13 @@ Paths come from flags or the environment:
 from __future__ import annotations
 
 import hmac
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+from ... import envs
 
 # Health and reflection stay open so probes work without a token.
 UNAUTHENTICATED_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -40,10 +41,10 @@ class ServerTls:
 
     @classmethod
     def from_env(cls) -> ServerTls | None:
-        cert, key = os.environ.get("COOLFUSION_TLS_CERT"), os.environ.get("COOLFUSION_TLS_KEY")
+        cert, key = envs.read("COOLFUSION_TLS_CERT"), envs.read("COOLFUSION_TLS_KEY")
         if not cert or not key:
             return None
-        return cls(cert, key, os.environ.get("COOLFUSION_TLS_CLIENT_CA") or None)
+        return cls(cert, key, envs.read("COOLFUSION_TLS_CLIENT_CA"))
 
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials(
@@ -61,10 +62,10 @@ class ClientTls:
 
     @classmethod
     def from_env(cls) -> ClientTls | None:
-        ca = os.environ.get("COOLFUSION_TLS_CA")
+        ca = envs.read("COOLFUSION_TLS_CA")
         if not ca:
             return None
-        return cls(ca, os.environ.get("COOLFUSION_TLS_CLIENT_CERT"), os.environ.get("COOLFUSION_TLS_CLIENT_KEY"))
+        return cls(ca, envs.read("COOLFUSION_TLS_CLIENT_CERT"), envs.read("COOLFUSION_TLS_CLIENT_KEY"))
 
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
@@ -81,7 +82,7 @@ def internal_tokens(value: str | None = None) -> list[str]:
     """The internal tokens a worker or tokenizer service accepts: ``value``, or
     $COOLFUSION_INTERNAL_TOKEN when it is None; comma-separated, so a rotation can accept the old
     and the new token at once. Empty: the inside is open (the network is its only guard)."""
-    raw = os.environ.get(INTERNAL_TOKEN_ENV, "") if value is None else value
+    raw = envs.read(INTERNAL_TOKEN_ENV, "") if value is None else value
     return [t.strip() for t in raw.split(",") if t.strip()]
 
 
@@ -170,7 +171,7 @@ def sync_channel(address: str, options, tls: ClientTls | None = None, token: str
 
 
 def tokens_from_env() -> list[str]:
-    return [t.strip() for t in os.environ.get("COOLFUSION_AUTH_TOKENS", "").split(",") if t.strip()]
+    return [t.strip() for t in envs.read("COOLFUSION_AUTH_TOKENS", "").split(",") if t.strip()]
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -225,5 +226,5 @@ _HANDLERS = {
 
 
 def token_metadata(token: str | None = None) -> tuple[tuple[str, str], ...]:
-    token = token if token is not None else os.environ.get("COOLFUSION_AUTH_TOKEN")
+    token = token if token is not None else envs.read("COOLFUSION_AUTH_TOKEN")
     return (("authorization", f"Bearer {token}"),) if token else ()
