@@ -28,7 +28,7 @@ USER 10001:10001
 WORKDIR /home/coolfusion
 
 EXPOSE 50051
-HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=30s --start-period=30s --retries=3 \
     CMD coolfusion healthcheck "127.0.0.1:${COOLFUSION_PORT}" || exit 1
 ENTRYPOINT ["coolfusion"]
 CMD ["orchestrator"]
