@@ -1,0 +1,161 @@
+"""The distillation experiment's metrics (``bench/distill_experiment.py``).
+
+- ``heldout_metrics``: per arm, on the prepared held-out texts, bits per byte of the gold text and
+  the cross-entropy -Σ p_gemma3(i) log q(i) over Gemma-3's top-k row (renormalized over its k
+  entries, as the fusion uses it) at every held-out target position Gemma-3 aligned with. Each
+  text is read after the separator that training puts before a text (BOS where the target's
+  tokenizer adds one, else EOS), in float32 transformers, with the loss of ``distill/soft_loss.py``.
+- ``paired_eval``: acc and acc_norm of every arm from a ``coolfusion eval`` results.jsonl, Wilson
+  intervals and exact McNemar tests against the original and the CLM arm
+  (``clients/evaluation/stats.py``).
+- ``winners``: how often each source gives the minCE distribution, over the training texts.
+- ``generation_speed``: greedy generation tokens/s of GGUF files on llama.cpp, interleaved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+CE_SOURCE = "gemma3"
+
+
+def _heldout_texts(prep: Path, k: int):
+    """(target ids [n], gemma3 soft ids [n, k], probs [n, k]) per held-out text; unaligned rows empty."""
+    from coolfusion.distill.fusion import row_probs, top_entries
+    from coolfusion.distill.shards import load_shard, shard_paths
+
+    for path in shard_paths(prep, "heldout"):
+        shard = load_shard(path)
+        offsets = shard["offsets"].tolist()
+        for lo, hi in zip(offsets, offsets[1:]):
+            ids, lps = top_entries(shard[f"topk_ids.{CE_SOURCE}"][lo:hi], shard[f"topk_logprobs.{CE_SOURCE}"][lo:hi], k)
+            aligned = shard[f"aligned.{CE_SOURCE}"][lo:hi].bool()
+            ids = torch.where(aligned[:, None], ids.int(), torch.full_like(ids.int(), -1))
+            yield shard["input_ids"][lo:hi].long(), ids, row_probs(ids, lps).float()
+
+
+def _score_model(model_dir: Path, texts: list) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from coolfusion.distill.soft_loss import distill_loss
+    from coolfusion.distill.train_data import Separators
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    sep = Separators.of(tokenizer)
+    first = sep.bos if sep.bos is not None else sep.eos
+    nll = ce = 0.0
+    n_bytes = n_tokens = n_aligned = 0
+    with torch.no_grad():
+        for ids, soft_ids, soft_probs in texts:
+            k = soft_ids.shape[1]
+            inputs = torch.cat([torch.tensor([first]), ids])[None]
+            labels = torch.cat([torch.tensor([-1]), ids])[None]
+            s_ids = torch.cat([torch.full((1, k), -1, dtype=torch.int32), soft_ids])[None]
+            s_probs = torch.cat([torch.zeros(1, k), soft_probs])[None]
+            parts = distill_loss(model, inputs, labels, s_ids, s_probs, lam=1.0)
+            nll += float(parts.clm) * parts.clm_positions
+            ce += float(parts.kd) * parts.kd_positions
+            n_tokens += parts.clm_positions
+            n_aligned += parts.kd_positions
+            n_bytes += len(tokenizer.decode(ids.tolist()).encode("utf-8"))
+    return {
+        "bits_per_byte": nll / math.log(2) / n_bytes,
+        "nll_per_token": nll / n_tokens,
+        f"ce_to_{CE_SOURCE}": ce / n_aligned,
+        "tokens": n_tokens,
+        "aligned_tokens": n_aligned,
+        "bytes": n_bytes,
+    }
+
+
+def heldout_metrics(prep: Path, dirs: dict[str, Path]) -> dict:
+    manifest = json.loads((prep / "manifest.json").read_text())
+    texts = list(_heldout_texts(prep, int(manifest["k"])))
+    result = {"texts": len(texts)}
+    for arm, model_dir in dirs.items():
+        result[arm] = _score_model(model_dir, texts)
+    return result
+
+
+def paired_eval(results_jsonl: Path, arms: list[str]) -> dict:
+    """acc / acc_norm per arm, Wilson 95 % intervals, McNemar vs the original and vs CLM."""
+    from coolfusion.clients.evaluation.choice import ChoiceTask
+    from coolfusion.clients.evaluation.stats import mcnemar, wilson
+
+    rows = [json.loads(ln) for ln in results_jsonl.read_text().splitlines() if ln.strip()]
+    rows = sorted((r for r in rows if r.get("unit") == "scores"), key=lambda r: r["index"])
+    hits = {}
+    for arm in arms:
+        picks = [ChoiceTask.single_predictions(r, arm) for r in rows]
+        hits[arm] = {
+            "acc": [p[0] == r["answer"] for p, r in zip(picks, rows)],
+            "acc_norm": [p[1] == r["answer"] for p, r in zip(picks, rows)],
+        }
+    n = len(rows)
+    out: dict = {"n": n}
+    for arm in arms:
+        entry = {}
+        for metric, h in hits[arm].items():
+            entry[metric] = sum(h) / n
+            entry[f"{metric}_ci95"] = wilson(sum(h), n)
+            for base in ("original", "clm"):
+                if base != arm and base in hits:
+                    test = mcnemar(h, hits[base][metric])
+                    entry[f"{metric}_vs_{base}"] = {"diff": (sum(h) - sum(hits[base][metric])) / n, **test}
+        out[arm] = entry
+    return out
+
+
+def winners(prep: Path) -> dict:
+    from coolfusion.distill.fusion import min_ce_winners
+    from coolfusion.distill.shards import load_shard, read_manifest, shard_paths
+
+    sources = list(read_manifest(prep)["sources"])
+    counts = dict.fromkeys(sources, 0)
+    for path in shard_paths(prep, "train"):
+        for name in min_ce_winners(load_shard(path), sources):
+            counts[name] += 1
+    total = sum(counts.values())
+    return {"texts": total, **{s: {"wins": c, "fraction": c / total if total else 0.0} for s, c in counts.items()}}
+
+
+PROMPT = "Question: Which gas do plants take in from the air to make food?\nAnswer:"
+
+
+def generation_speed(files: dict[str, Path], tokens: int = 16, rounds: int = 3) -> dict:
+    """Greedy generation tokens/s of GGUF files on llama.cpp (1 thread, as the workers run on a
+    shared machine: more threads spin against the other jobs), the files interleaved
+    round by round so load changes on the machine hit them alike; the median round. The first
+    file is the baseline the others are compared with."""
+    from llama_cpp import Llama
+
+    arms = list(files)
+    models = {arm: Llama(str(files[arm]), n_ctx=256, n_threads=1, verbose=False) for arm in arms}
+    rates: dict[str, list[float]] = {arm: [] for arm in arms}
+    for _ in range(rounds):
+        for arm, llm in models.items():
+            llm.reset()
+            started = time.perf_counter()
+            out = llm.create_completion(PROMPT, max_tokens=tokens, temperature=0.0, top_k=1, stop=[])
+            elapsed = time.perf_counter() - started
+            rates[arm].append(out["usage"]["completion_tokens"] / elapsed)
+    for llm in models.values():
+        llm.close()
+    result = {
+        "backend": "llama.cpp (llama-cpp-python), 1 thread",
+        "max_tokens": tokens,
+        "files": {a: Path(f).name for a, f in files.items()},
+    }
+    for arm in arms:
+        result[arm] = {"tokens_per_s": statistics.median(rates[arm]), "rounds": [round(r, 1) for r in rates[arm]]}
+    base = result[arms[0]]["tokens_per_s"]
+    for arm in arms[1:]:
+        result[arm]["vs_" + arms[0]] = result[arm]["tokens_per_s"] / base - 1.0
+    return result
