@@ -44,7 +44,7 @@ USER 10001:10001
 WORKDIR /home/coolfusion
 
 EXPOSE 50050
-HEALTHCHECK --interval=10s --timeout=30s --start-period=300s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=30s --start-period=900s --retries=3 \
     CMD coolfusion healthcheck "127.0.0.1:${COOLFUSION_PORT}" || exit 1
 ENTRYPOINT ["coolfusion"]
 CMD ["tokenizer"]
