@@ -82,6 +82,7 @@ def last_json(text: str) -> dict:
 class Experiment:
     def __init__(self, args):
         self.args = args
+        self.arms = {arm: ARMS[arm] for arm in args.arms}
         self.work = ROOT / "runs" / f"distill-{args.name}"
         self.bench = ROOT / "bench" / f"distill-{args.name}"
         self.work.mkdir(parents=True, exist_ok=True)
@@ -126,15 +127,19 @@ class Experiment:
 
     def plan(self, probe: dict) -> dict:
         path = self.bench / "plan.json"
-        if (done := read_json(path)) is not None:
-            return done
         a = self.args
+        if (done := read_json(path)) is not None:
+            # Only the eval size may change on resume: it is measured after everything it reuses.
+            if a.eval_limit is not None and a.eval_limit != done["eval_limit"]:
+                done["eval_limit"] = a.eval_limit
+                write_json(path, done)
+            return done
         budget = a.budget_minutes * 60.0
         # The probe's wall time includes starting the services; every prepare pays it once more.
         prep_s = max(60.0, 0.30 * budget - probe["prepare_wall_s"])
         texts = prep_s * probe["prepare_tokens_per_s"] / probe["tokens_per_text"]
         limit = max(4, int(texts / len(CORPUS)))
-        train_s = 0.30 * budget / len(ARMS)
+        train_s = 0.30 * budget / len(self.arms)
         steps = max(4, int(train_s * probe["train_tokens_per_s"] / (a.batch_size * a.seq_len)))
         # Scoring is a forward pass: about three times a training step's tokens/s, four arms a question.
         eval_s = 0.30 * budget / len(EVAL_TASKS)
@@ -166,7 +171,7 @@ class Experiment:
     # ---- 3. train ------------------------------------------------------------------------------------
     def train(self, plan: dict) -> dict:
         results = {}
-        for arm, (lam, fusion) in ARMS.items():
+        for arm, (lam, fusion) in self.arms.items():
             path = self.bench / f"train-{arm}.json"
             if (done := read_json(path)) is None:
                 out = self.work / "train" / arm
@@ -183,7 +188,7 @@ class Experiment:
         dirs = {"original": self.work / "export" / "original"}
         if not (dirs["original"] / "model-f32.gguf").exists():
             export_original(dirs["original"])
-        for arm in ARMS:
+        for arm in self.arms:
             dest = self.work / "export" / arm
             if not (dest / "model-f32.gguf").exists():
                 cli(["distill", "export", str(self.work / "train" / arm), str(dest), "--gguf", "f32", "--force"])
@@ -195,7 +200,7 @@ class Experiment:
         models = ",".join(f"{arm}={self.served(d)}" for arm, d in dirs.items())
         results = {}
         for task in EVAL_TASKS:
-            out = self.work / f"eval-{task}"
+            out = self.work / f"eval-{task}-{len(dirs)}arms"  # another arm set is another eval
             summary = out / "summary.json"
             if not summary.exists() or read_json(summary).get("n") != plan["eval_limit"]:
                 cli(
@@ -203,8 +208,8 @@ class Experiment:
                     + ["--out", str(out), "--backend", self.eval_backend(), "--rules", "mean-nll"],
                 )
             for name in ("summary.json", "results.jsonl"):
-                (self.bench / f"eval-{task}").mkdir(exist_ok=True)
-                shutil.copyfile(out / name, self.bench / f"eval-{task}" / name)
+                (self.bench / out.name).mkdir(exist_ok=True)
+                shutil.copyfile(out / name, self.bench / out.name / name)
             results[task] = out / "results.jsonl"
         return results
 
@@ -219,7 +224,7 @@ class Experiment:
         """The original and a FuseLLM arm in the same float32 format, and the bundled file for scale."""
         from coolfusion.services.sources import parse_spec
 
-        files = {arm: dirs[arm] / "model-f32.gguf" for arm in ("original", "fusellm-minCE")}
+        files = {arm: dirs[arm] / "model-f32.gguf" for arm in ("original", *[a for a in dirs if a != "original"][-1:])}
         return {**files, "bundled-original": parse_spec(TARGET).gguf_path}
 
     def run(self) -> None:
@@ -308,7 +313,11 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=0, help="texts per corpus (default: sized by the probe)")
     p.add_argument("--steps", type=int, default=0, help="optimizer steps per arm (default: sized by the probe)")
     p.add_argument("--eval-limit", type=int, help="ARC validation questions per task (default: sized)")
+    p.add_argument("--arms", default=",".join(ARMS), help="trained arms to run (default: all; rerun to add the rest)")
     args = p.parse_args(argv)
+    args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if not args.arms or any(a not in ARMS for a in args.arms):
+        p.error(f"--arms takes names among {', '.join(ARMS)}")
     if args.budget_minutes <= 0 or not math.isfinite(args.budget_minutes):
         p.error("--budget-minutes must be positive")
     return args

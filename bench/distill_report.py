@@ -7,6 +7,10 @@ from pathlib import Path
 ARM_ORDER = ["original", "clm", "fusellm-minCE", "fusellm-avgCE"]
 
 
+def arms_of(summary: dict) -> list[str]:
+    return [arm for arm in ARM_ORDER if arm in summary["heldout"]]
+
+
 def _pct(entry: dict, metric: str) -> str:
     lo, hi = entry[f"{metric}_ci95"]
     return f"{entry[metric]:.1%} ({lo:.1%}–{hi:.1%})"
@@ -26,7 +30,7 @@ def main_table(summary: dict) -> list[str]:
         "| vs original | vs CLM | ARC-Challenge acc_norm (95% CI) | vs original | vs CLM |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for arm in ARM_ORDER:
+    for arm in arms_of(summary):
         e, c = evals["arc-easy"][arm], evals["arc-challenge"][arm]
         lines.append(
             f"| {arm} | {held[arm]['bits_per_byte']:.4f} | {held[arm]['ce_to_gemma3']:.4f} "
@@ -41,7 +45,7 @@ def acc_table(summary: dict) -> list[str]:
         "| arm | ARC-Easy acc (95% CI) | vs original | vs CLM | ARC-Challenge acc (95% CI) | vs original | vs CLM |",
         "|---|---|---|---|---|---|---|",
     ]
-    for arm in ARM_ORDER:
+    for arm in arms_of(summary):
         e, c = summary["eval"]["arc-easy"][arm], summary["eval"]["arc-challenge"][arm]
         lines.append(
             f"| {arm} | {_pct(e, 'acc')} | {_vs(e, 'acc', 'original')} | {_vs(e, 'acc', 'clm')} "
