@@ -283,7 +283,11 @@ def test_dockerfile_invariants(name):
     path = DOCKER / f"{name}.Dockerfile"
     steps = dockerfile_instructions(path)
     words = [w for w, _ in steps]
-    assert words.count("FROM") == 1 and words.index("FROM") <= 1
+    # One stage, or a builder stage and the final one; only ARGs before the first FROM.
+    froms = [rest for w, rest in steps if w == "FROM"]
+    assert len(froms) in (1, 2) and set(words[: words.index("FROM")]) <= {"ARG"}
+    assert froms[-1] == "${BASE_IMAGE}", "the final stage's base is a build argument"
+    final = steps[len(steps) - 1 - words[::-1].index("FROM") :]
     [user] = [rest for w, rest in steps if w == "USER"]
     assert not user.startswith(("0", "root")), "images run as a non-root user"
     assert words.index("USER") > max(i for i, w in enumerate(words) if w == "RUN"), "USER after the last RUN"
@@ -295,8 +299,14 @@ def test_dockerfile_invariants(name):
     text = path.read_text()
     if name == "worker":
         assert re.search(r"^ARG BASE_IMAGE=pytorch/pytorch:[0-9.]+-cuda[0-9.]+-cudnn\d+-runtime$", text, re.M)
+    else:  # the official image, or deploy/offline-base.sh's stand-in where no registry is reachable
+        assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, re.M)
     if name in ("worker-cpu", "tokenizer"):
         assert "ARG TORCH_VERSION=2.13.0" in text and "download.pytorch.org/whl/cpu" in text
+    if len(froms) == 2:  # what the builder stage made comes over as one venv; no compiler in the final image
+        assert froms[0] == "${BASE_IMAGE} AS builder" and ("COPY", "--from=builder /opt/venv /opt/venv") in final
+        assert not any(w == "RUN" and re.search(r"build-essential|cmake|gcc", rest) for w, rest in final)
+        assert env["PATH"].startswith("/opt/venv/bin:")
     if name not in ("orchestrator", "gateway"):
         # The bundled models exactly as scripts/install.sh installs them: same pins, --no-deps.
         install_sh = (ROOT / "scripts" / "install.sh").read_text()
@@ -493,6 +503,29 @@ def test_kubernetes_topology(path, gpu):
     assert set(internal.values()) == {"secret:coolfusion-internal/token"}, internal
     assert "COOLFUSION_INTERNAL_TOKEN" not in _env(_container(docs[("Deployment", "gateway")]), configmap)
     assert _env(orch_c, configmap)["COOLFUSION_AUTH_TOKENS"] == "secret:coolfusion-auth/tokens?"
+
+
+def k8s_containers(path: str) -> dict[str, tuple[str, set[str]]]:
+    """Rendered Deployments -> {name: (image, env var names)} of their one container."""
+    docs = kustomize(path)
+    out = {}
+    for d in docs:
+        if d["kind"] == "Deployment":
+            c = _container(d)
+            out[d["metadata"]["name"]] = (c["image"], {e["name"] for e in c.get("env", [])})
+    return out
+
+
+@pytest.mark.parametrize("path,files", [("k8s/base", (COMPOSE,)), ("k8s/overlays/cpu-demo", (COMPOSE, COMPOSE_CPU))])
+def test_k8s_names_only_images_and_env_that_compose_runs(path, files):
+    """Each Deployment runs the image its compose service runs, with no env var compose does not
+    set: the compose run (deploy/smoke.sh) is what proves them."""
+    compose = compose_config(*files, env=COMPOSE_ENV)["services"]
+    containers = k8s_containers(path)
+    assert set(containers) == set(compose)
+    for name, (image, env) in containers.items():
+        assert image == compose[name]["image"], name
+        assert env <= set(env_map(compose[name])), (name, sorted(env - set(env_map(compose[name]))))
 
 
 def check_k8s_gateway(docs: dict) -> None:
