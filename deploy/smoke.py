@@ -42,6 +42,7 @@ from smoke_lib import (  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 FILES = ["-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml"]
 PROMPT = "Question: A baker makes 12 rolls per tray and bakes 3 trays. How many rolls?\nAnswer:"
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # the models keep counting: a generation long enough to break mid-way
 HEALTHY_TIMEOUT_S = 300
 CALL_TIMEOUT_S = 120
 
@@ -151,7 +152,7 @@ def metrics(report: Report, http_port: int) -> None:
 
 async def _stream_until_end(client: FusionClient, allow_degraded: bool, first: asyncio.Event) -> dict:
     """A long fused stream; ``first`` is set at its first segment. Returns how it ended."""
-    request = pb.GenerateRequest(prompt=PROMPT, mode="cool", max_new_tokens=400, allow_degraded=allow_degraded)
+    request = pb.GenerateRequest(prompt=COUNTING, mode="cool", max_new_tokens=300, allow_degraded=allow_degraded)
     started = time.perf_counter()
     try:
         async for item in client.stub.GenerateStream(request, timeout=CALL_TIMEOUT_S, metadata=client.metadata):
@@ -219,7 +220,7 @@ def stop_the_orchestrator(stack: Stack, report: Report, http_port: int) -> None:
     """`docker stop` while a completion runs: the orchestrator drains it (SIGTERM, --grace 30)
     within compose's stop_grace_period; then the gateway answers 503 and recovers on start."""
     url = f"http://127.0.0.1:{http_port}"
-    long_body = {"model": "cool", "prompt": PROMPT, "max_tokens": 32}
+    long_body = {"model": "cool", "prompt": COUNTING, "max_tokens": 48}
     in_flight: dict = {}
 
     def complete() -> None:
@@ -286,7 +287,9 @@ def run(args) -> Report:
         return report
     try:
         started = time.perf_counter()
-        stack.compose("up", "-d", timeout=HEALTHY_TIMEOUT_S)
+        # `up -d` itself waits for each depends_on condition (service_healthy) before starting
+        # the next service: the first start converts the GGUF tokenizers on the way.
+        stack.compose("up", "-d", timeout=3 * HEALTHY_TIMEOUT_S)
         waited = stack.wait_healthy(services)
         report.check(
             "docker compose up: every service healthy",
