@@ -528,6 +528,17 @@ def test_k8s_names_only_images_and_env_that_compose_runs(path, files):
         assert env <= set(env_map(compose[name])), (name, sorted(env - set(env_map(compose[name]))))
 
 
+def test_cpu_demo_runs_what_the_smoke_run_proved():
+    """bench/deploy-smoke.json records a run of the CPU stack in which every service came up
+    healthy: the cpu-demo overlay names only the images and env vars that run started."""
+    record = json.loads((ROOT / "bench" / "deploy-smoke.json").read_text())
+    healthy = [c for c in record["checks"] if c["name"] == "docker compose up: every service healthy"]
+    assert healthy and healthy[0]["ok"] and record["services"]
+    for name, (image, env) in k8s_containers("k8s/overlays/cpu-demo").items():
+        ran = record["services"][name]
+        assert image == ran["image"] and env <= set(ran["env"]), (name, sorted(env - set(ran["env"])))
+
+
 def check_k8s_gateway(docs: dict) -> None:
     """The HTTP gateway: wired to the orchestrator Service, HTTP probes on its port, CPU-scaled, PDB."""
     deploy = docs[("Deployment", "gateway")]
