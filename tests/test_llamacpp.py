@@ -189,9 +189,9 @@ def _check_batching(core) -> None:
     import threading
 
     prompts = [
-        "Write a sentence about the river in spring.",
-        "List three colours of the rainbow:",
-        "Question: What is the capital of Italy?\nAnswer:",
+        "Once upon a time, in a small village by the sea,",
+        "The history of the Roman Empire began",
+        "def fibonacci(n):\n",
     ]
 
     def run(prompt: str) -> list[int]:

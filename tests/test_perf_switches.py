@@ -17,6 +17,7 @@ from coolfusion.orchestrator.engine import FusionEngine
 from coolfusion.orchestrator.options import FusionOptions, OptionsError
 from coolfusion.orchestrator.request import FusionRequest
 from coolfusion.orchestrator.results import Segment
+from coolfusion.orchestrator.rules import ScoreRule
 from coolfusion.orchestrator.workers import RemoteWorker
 from coolfusion.services.worker.api import NextTextOptions
 from coolfusion.services.worker.errors import StateError
@@ -50,7 +51,9 @@ PLAN = {
 @pytest_asyncio.fixture(loop_scope="session")
 async def engine(cluster):
     workers = [RemoteWorker(name, addr) for name, addr in cluster.worker_addresses.items()]
-    yield FusionEngine(workers)
+    # The plans above (which prompt makes each switch do work, where following segments occur)
+    # are read off the segments this rule picks; the equality of outputs they check holds for any rule.
+    yield FusionEngine(workers, score_rule=ScoreRule("calibrated", {"gemma3": 1.5}))
     for w in workers:
         await w.aclose()
 

@@ -679,7 +679,7 @@ def test_looked_up_tokens_keep_the_greedy_tokens(workers, registry, long_prompt,
         ids, lps, texts, accepted, forwards = [], [], [], 0, 0
         try:
             while len(ids) < N:
-                r = w.next_text(sid, registry.ids, N - len(ids), lookup_tokens=2, **options)
+                r = w.next_text(sid, NextTextOptions(registry.ids, N - len(ids), lookup_tokens=2, **options))
                 assert w.update_state(sid, r.state_id).committed_tokens == len(ids) + len(r.token_ids)
                 ids += r.token_ids
                 lps += r.logprobs
