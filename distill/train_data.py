@@ -1,12 +1,14 @@
 """What the trainer reads: prepared shards (distill/shards.py's format) fused into sparse soft
 targets per text (distill/fusion.py), and the texts packed into fixed-length training blocks.
 
-Packing: the texts are laid end to end, each as ``[BOS] tokens [EOS]`` (BOS where the target's
-tokenizer puts one before a text, EOS where it has one), and the stream is cut into blocks of
-``seq_len`` tokens; the last block is padded. Every text token carries its fused soft-target row
-(the distribution AT that token, so the position before it is trained towards it); BOS, EOS and
-padding carry none. CLM labels are every token but BOS and padding. A text's first token is
-predicted from the previous text's EOS, as in plain packed pre-training.
+Packing: the texts are laid end to end, each read after the token its sources' distributions
+were externalized after (``Separators``: the target's BOS where its tokenizer puts one before a
+text, then ``[BOS] tokens [EOS]``; else the document separator ``<|endoftext|>`` or EOS,
+``[SEP] tokens [SEP] tokens ...``), and the stream is cut into blocks of ``seq_len`` tokens; the
+last block is padded. Every text token carries its fused soft-target row (the distribution AT
+that token, so the position before it is trained towards it); separators and padding carry
+none. CLM labels are every token but BOS and padding: a separator is the label that ends the
+text before it, as in plain packed pre-training.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from ..services.tokenizer.core import DOCUMENT_SEPARATOR, text_start_id
 from .train_options import TrainError
 
 
@@ -85,40 +88,46 @@ def fused_texts(prepared: Prepared, method: str, k: int):
 
 @dataclass(frozen=True)
 class Separators:
-    """What the target's tokenizer puts around a text (None: nothing)."""
+    """What the target reads around a text: each text is read after ``start``, the token its
+    sources' distributions were externalized after (``text_start_id``: BOS, else the document
+    separator, else EOS); after a BOS-started text comes ``end`` (EOS), else the next text's
+    start ends it. None: nothing."""
 
-    bos: int | None
-    eos: int | None
+    start: int | None
+    start_is_bos: bool
+    end: int | None
     pad: int
 
     @classmethod
     def of(cls, tokenizer) -> Separators:
         probe = tokenizer("a")["input_ids"]
-        bos = tokenizer.bos_token_id
-        bos = bos if bos is not None and probe and probe[0] == bos else None
-        eos = tokenizer.eos_token_id
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        adds_bos = bos is not None and bool(probe) and probe[0] == bos
+        start = text_start_id(adds_bos, bos, eos, tokenizer.get_vocab().get(DOCUMENT_SEPARATOR))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
-        return cls(bos, eos, pad)
+        return cls(start, adds_bos, eos if adds_bos else None, pad)
 
 
 def pack_blocks(texts, seq_len: int, k: int, sep: Separators) -> dict[str, torch.Tensor]:
-    """Texts (``fused_texts``) laid end to end and cut into [blocks, seq_len] tensors."""
+    """Texts (``fused_texts``) laid end to end and cut into [blocks, seq_len] tensors. A start
+    token that is not a BOS is also the previous text's last label (the document separator that
+    ends it, as in the target's pretraining)."""
     inputs, labels, soft_ids, soft_probs = [], [], [], []
+    none_ids, none_probs = torch.full((1, k), -1, dtype=torch.int32), torch.zeros(1, k)
     for ids, t_ids, t_probs in texts:
         n = ids.shape[0]
-        none_ids, none_probs = torch.full((1, k), -1, dtype=torch.int32), torch.zeros(1, k)
-        if sep.bos is not None:
-            inputs.append(torch.tensor([sep.bos]))
-            labels.append(torch.tensor([-1]))
+        if sep.start is not None:
+            inputs.append(torch.tensor([sep.start]))
+            labels.append(torch.tensor([-1 if sep.start_is_bos else sep.start]))
             soft_ids.append(none_ids)
             soft_probs.append(none_probs)
         inputs.append(ids)
         labels.append(ids)
         soft_ids.append(t_ids.reshape(n, k))
         soft_probs.append(t_probs.reshape(n, k))
-        if sep.eos is not None:
-            inputs.append(torch.tensor([sep.eos]))
-            labels.append(torch.tensor([sep.eos]))
+        if sep.end is not None:
+            inputs.append(torch.tensor([sep.end]))
+            labels.append(torch.tensor([sep.end]))
             soft_ids.append(none_ids)
             soft_probs.append(none_probs)
     if not inputs:

@@ -1,7 +1,7 @@
 """``coolfusion distill train`` / ``export`` (distill/train.py, soft_loss.py, train_data.py,
 export.py): the loss against a plain full-vocabulary recomputation, the chunked output layer's
 gradient, λ = 1 against the model's own CLM loss, kill-and-resume against an uninterrupted run,
-bad options, and an export served by a real worker against transformers' greedy generate.
+bad options, and an export served by a worker core against transformers' greedy generate.
 
 The shards are written here with distill/shards.py's writer from synthetic source rows; the
 target is SmolLM2-135M (the bundled GGUF, dequantised as a worker loads it) or, where only the
@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -132,11 +129,14 @@ def test_one_step_loss_equals_a_direct_recomputation(one_step, smollm2):
     assert [line["step"] for line in logged] == [1]
 
     # The oracle: the texts packed by hand, the untouched model's dense logits, plain log_softmax.
+    # SmolLM2 puts no BOS before a text: each text is read after the document separator, the
+    # token its sources' distributions were externalized after.
+    assert tokenizer("a")["input_ids"][0] != tokenizer.bos_token_id
+    separator = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     stream, rows = [], []
     for ids, text_rows in direct_fused(prepared, "avgCE", 3):
-        stream += ids + [tokenizer.eos_token_id]
-        rows += text_rows + [None]
-    assert tokenizer("a")["input_ids"][0] != tokenizer.bos_token_id  # SmolLM2 puts no BOS before a text
+        stream += [separator] + ids
+        rows += [None] + text_rows
     clm, kd, n_clm, n_kd = 0.0, 0.0, 0, 0
     for start in range(0, len(stream), 32):
         block = stream[start : start + 32]
@@ -155,6 +155,31 @@ def test_one_step_loss_equals_a_direct_recomputation(one_step, smollm2):
     assert logged[0]["loss"] == pytest.approx(expected, rel=1e-5)
     assert logged[0]["tokens"] == 32 * math.ceil(len(stream) / 32)
     assert (tmp_path / "run" / "model" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_texts_are_trained_after_the_token_distributions_read_them_after(tmp_path, smollm2):
+    """The start token the worker's Distributions reads a text after (``start_ids``) is the one
+    packing puts before each text, for SmolLM2 (a document separator) and Gemma-3 (its BOS)."""
+    from coolfusion.services.sources import parse_spec
+    from coolfusion.services.tokenizer.loading import load_tokenizer
+    from coolfusion.services.worker.distributions import start_ids
+
+    for name in ("smollm2", "gemma3"):
+        core = load_tokenizer(parse_spec(name))
+        sep = Separators.of(core.hf)
+        assert [sep.start] == start_ids(core) and sep.start_is_bos == (name == "gemma3"), name
+    tokenizer = smollm2[1]
+    sep = Separators.of(tokenizer)
+    assert sep.start == tokenizer.convert_tokens_to_ids("<|endoftext|>") and sep.end is None
+    blocks = pack_blocks(
+        fused_texts(load_prepared(write_shards(tmp_path / "prep", tokenizer)), "minCE", K), 512, K, sep
+    )
+    stream, labels = blocks["input_ids"][0].tolist(), blocks["labels"][0].tolist()
+    firsts = [tokenizer(text, add_special_tokens=False)["input_ids"][0] for text in TEXTS]
+    starts = [i for i, t in enumerate(stream) if t == sep.start][: len(TEXTS)]
+    assert [stream[i + 1] for i in starts] == firsts and starts[0] == 0
+    assert all(labels[i] == sep.start for i in starts)  # the separator ends the text before it
 
 
 def blocks_of(tokenizer, tmp_path: Path, seq_len: int = 24) -> dict:
@@ -336,6 +361,9 @@ def test_export_is_served_by_a_worker_as_transformers_generates(tmp_path, one_st
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from coolfusion.distill.export import export
+    from coolfusion.services.sources import parse_spec
+    from coolfusion.services.worker.api import NextTextOptions
+    from coolfusion.services.worker.model import WorkerCore
 
     run = one_step[0] / "run"
     dest = export(run, tmp_path / "distilled")
@@ -356,17 +384,21 @@ def test_export_is_served_by_a_worker_as_transformers_generates(tmp_path, one_st
     greedy = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.shape[1] :]
     expected = tokenizer.decode(greedy, skip_special_tokens=True)
 
-    result = subprocess.run(
-        [sys.executable, "-m", "coolfusion.clients.cli", "generate", prompt, "--models", f"distilled={dest}"]
-        + ["--mode", "single:distilled", "--max-new-tokens", "12", "--json", "--backend", "transformers"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    reply = json.loads(result.stdout)
-    assert reply["text"] == expected and expected.strip()
+    # Served as `--models distilled=DIR` serves it: a worker core from that spec, greedy segments.
+    core = WorkerCore("distilled", parse_spec(f"distilled={dest}"), device="cpu", backend="transformers")
+    sid, _, _ = core.open(prompt)
+    got: list[int] = []
+    try:
+        while len(got) < 12:
+            r = core.next_text(sid, NextTextOptions([], 12 - len(got)))
+            core.update_state(sid, r.state_id)
+            got += r.token_ids
+            if r.eos:
+                break
+    finally:
+        core.close(sid)
+    assert got == greedy.tolist()[: len(got)] and (len(got) == 12 or got[-1] in core.eos_token_ids)
+    assert core.tokenizer.decode([t for t in got if t not in core.eos_token_ids])[0] == expected and expected.strip()
 
 
 def check_gguf(path: Path, model) -> None:

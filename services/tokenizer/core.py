@@ -99,6 +99,20 @@ def split_complete_utf8(data: bytes) -> tuple[str, int]:
     return data[:cut].decode("utf-8", errors="replace"), len(data) - cut
 
 
+DOCUMENT_SEPARATOR = "<|endoftext|>"
+
+
+def text_start_id(adds_bos: bool, bos_token_id: int | None, eos_token_id: int | None, separator_id: int | None):
+    """The token a corpus text is read after, as context and not a token of the text: the BOS
+    when the tokenizer adds one (Gemma-3), else the document separator ``<|endoftext|>`` when the
+    vocabulary has it (``separator_id``; GPT-2 family: SmolLM2, whose pretraining put it between
+    documents), else the EOS; None when there is none of them. Knowledge distillation externalizes
+    the sources' distributions after it and trains the target after it, so the two agree."""
+    if adds_bos:
+        return bos_token_id
+    return separator_id if separator_id is not None else eos_token_id
+
+
 class TokenizerCore:
     """One loaded tokenizer with the operations coolfusion needs."""
 
@@ -118,6 +132,9 @@ class TokenizerCore:
         probe = self.backend.encode("a", add_special_tokens=True).ids
         self.adds_bos = self.bos_token_id is not None and bool(probe) and probe[0] == self.bos_token_id
         self.has_chat_template = bool(getattr(hf_tokenizer, "chat_template", None))
+        self.text_start_id = text_start_id(
+            self.adds_bos, self.bos_token_id, self.eos_token_id, self.backend.token_to_id(DOCUMENT_SEPARATOR)
+        )
         self.special_ids = frozenset(i for i, token in added.items() if token.special)
         self._continuation = self._continuation_backend(self.backend, normalizer, pre_tokenizer, added)
         self._token_bytes = self._build_token_bytes(decoder, added)

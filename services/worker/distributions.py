@@ -65,7 +65,6 @@ MAX_REPLY_BYTES = 48 * 2**20
 LOGITS_CHUNK_BYTES = 64 * 2**20
 MAX_RUNNING = 2
 LLAMACPP_CELL_SHARE = 4  # a window holds at most this fraction of a llama.cpp worker's KV cells
-DOCUMENT_SEPARATOR = "<|endoftext|>"
 
 Cancelled = Callable[[], bool]
 
@@ -85,14 +84,9 @@ class Tokenized:
 
 
 def start_ids(tokenizer) -> list[int]:
-    """The context a text is read after (module docstring): BOS, the document separator or EOS."""
-    if tokenizer.adds_bos:
-        return [tokenizer.bos_token_id]
-    separator = tokenizer.backend.token_to_id(DOCUMENT_SEPARATOR)
-    if separator is not None:
-        return [separator]
-    if tokenizer.eos_token_id is not None:
-        return [tokenizer.eos_token_id]
+    """The context a text is read after (module docstring; ``TokenizerCore.text_start_id``)."""
+    if tokenizer.text_start_id is not None:
+        return [tokenizer.text_start_id]
     raise InvalidArgument(f"tokenizer {tokenizer.id!r} has no BOS, document separator or EOS to start a text with")
 
 
