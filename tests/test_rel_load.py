@@ -1,10 +1,10 @@
-"""Load: fused requests (100 by default) from 16 concurrent clients, 20 % cancelled at random points;
+"""Load: fused requests (60 by default) from 16 concurrent clients, 20 % cancelled at random points;
 every request ends as planned (OK, or CANCELLED when it was cancelled), the orchestrator saw each
 cancellation that came in the middle of a generation, every answer under load is the answer the
 same request gets alone, every worker is back to 0 live sessions and 0 KV bytes, and the process
 RSS is back within noise.
 
-``COOLFUSION_LOAD_REQUESTS`` overrides the count (default 100; the count CI can afford).
+``COOLFUSION_LOAD_REQUESTS`` overrides the count (default 60; the count CI can afford).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from cluster import HANG_GUARD_S
 
 from coolfusion.protos import fusion_pb2, fusion_pb2_grpc
 
-REQUESTS = int(os.environ.get("COOLFUSION_LOAD_REQUESTS", 100))
+REQUESTS = int(os.environ.get("COOLFUSION_LOAD_REQUESTS", 60))
 CLIENTS = 16
 CANCEL_SHARE = 0.2
 PROMPTS = ["1, 2, 3,", "The capital of France is", "Q: 2 + 2 =", "Once upon a time", "a b c d", "Hello, my name is"]

@@ -59,9 +59,12 @@ def workers(registry, bundled_models):
 
 @pytest.fixture(scope="module")
 def long_prompt(workers):
-    prompt = gsm8k_prompt()
-    assert len(workers["gemma3"].tokenizer.hf(prompt)["input_ids"]) > 512
-    return prompt
+    """A few-shot prompt per model: past Gemma-3's 512-token sliding window for Gemma-3; two
+    shots for SmolLM2, which has no window (a longer prompt would only cost time)."""
+    prompts = {"gemma3": gsm8k_prompt(4), "smollm2": gsm8k_prompt(2)}
+    assert len(workers["gemma3"].tokenizer.hf(prompts["gemma3"])["input_ids"]) > 512
+    assert len(workers["smollm2"].tokenizer.hf(prompts["smollm2"])["input_ids"]) > 256  # > a prefill chunk
+    return prompts
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +77,7 @@ def long_greedy(workers, registry, long_prompt):
     def get(model: str):
         if model not in made:
             w = workers[model]
-            sid, n_ctx, ctx_text = w.open(long_prompt)
+            sid, n_ctx, ctx_text = w.open(long_prompt[model])
             try:
                 made[model] = ((n_ctx, ctx_text), greedy_segments(w, sid, registry.ids, N))
             finally:
@@ -133,7 +136,7 @@ def greedy_segments(worker: WorkerCore, session_id: str, tokenizer_ids: list[str
 @pytest.mark.parametrize("case", ["short-own", "long-both"])
 def test_next_text_matches_generate(workers, registry, long_prompt, long_greedy, model, case):
     w = workers[model]
-    prompt = SHORT_PROMPT if case == "short-own" else long_prompt
+    prompt = SHORT_PROMPT if case == "short-own" else long_prompt[model]
     tokenizer_ids = [] if case == "short-own" else registry.ids
     context = w.tokenizer.hf(prompt)["input_ids"]
     if case == "long-both":  # the run the tests below take as their oracle: checked here
@@ -182,9 +185,9 @@ def test_chunked_prefill_keeps_the_unchunked_greedy_tokens(workers, long_prompt,
     with the tokens of one unchunked prefill (generate without prefill_chunk_size), log-probs equal
     up to float noise."""
     w = workers[model]
-    context = w.tokenizer.hf(long_prompt)["input_ids"]
+    context = w.tokenizer.hf(long_prompt[model])["input_ids"]
     assert len(context) > 512 and len(context) > 2 * PREFILL_CHUNK  # chunks cross Gemma-3's window
-    sid, _, _ = w.open(long_prompt)
+    sid, _, _ = w.open(long_prompt[model])
     try:
         ids, lps, *_ = greedy_segments(w, sid, [], 12)
     finally:
@@ -209,24 +212,25 @@ def test_prefix_cache_opens_continue_as_whole_prefills(workers, long_prompt, lon
     the last shared chunk boundary; the same context again) continue bitwise as generate() from
     scratch, across Gemma-3's sliding window; the kept cache stays unchanged by its sessions."""
     w = workers[model]
-    other = long_prompt.rsplit("Question:", 1)[0] + f"Question: {_rows('test', 2)[1]['question']}\nAnswer:"
-    ids, other_ids = (w.tokenizer.hf(p)["input_ids"] for p in (long_prompt, other))
+    prompt = long_prompt[model]
+    other = prompt.rsplit("Question:", 1)[0] + f"Question: {_rows('test', 2)[1]['question']}\nAnswer:"
+    ids, other_ids = (w.tokenizer.hf(p)["input_ids"] for p in (prompt, other))
     shared = next(i for i, (a, b) in enumerate(zip(ids, other_ids)) if a != b)
-    assert shared > 512  # the restored cache crosses the window
+    assert shared > (512 if model == "gemma3" else 2 * w.prefill_chunk)  # Gemma-3's restored cache crosses the window
     _, (greedy_ids, greedy_lps, *_) = long_greedy(model)  # checked against generate() above
     other_ids_expected, other_logits = oracle_generate(w, other_ids, 8)
     oracles = {
-        long_prompt: (greedy_ids, greedy_lps),
+        prompt: (greedy_ids, greedy_lps),
         other: (
             other_ids_expected,
             [float(torch.log_softmax(other_logits[i], -1)[t]) for i, t in enumerate(other_ids_expected)],
         ),
     }
     w.prefix_cache.clear()
-    sid, _, _ = w.open(long_prompt)  # prefilled whole and kept
+    sid, _, _ = w.open(prompt)  # prefilled whole and kept
     w.close(sid)
     hits, reused = w.prefix_cache.hits, w.prefix_cache.reused_tokens
-    for prompt in (other, long_prompt):
+    for prompt in (other, long_prompt[model]):
         sid, _, _ = w.open(prompt)
         try:
             got, lps, *_ = greedy_segments(w, sid, [], 8)
@@ -242,7 +246,7 @@ def test_prefix_cache_opens_continue_as_whole_prefills(workers, long_prompt, lon
 def test_gemma_window_is_trimmed_after_commits(workers, long_prompt):
     """Past recording keeps rollback possible, and commits trim the sliding layers back."""
     w = workers["gemma3"]
-    sid, n_ctx, _ = w.open(long_prompt)
+    sid, n_ctx, _ = w.open(long_prompt["gemma3"])
     try:
         r = w.next_text(sid, NextTextOptions([], 8))
         w.update_state(sid, r.state_id)
@@ -265,8 +269,8 @@ CANDIDATES = [
 @pytest.mark.parametrize("model", MODELS)
 def test_score_matches_feed_and_full_forward(workers, registry, long_prompt, model):
     w = workers[model]
-    sid, _, _ = w.open(long_prompt)
-    context = w.tokenizer.hf(long_prompt)["input_ids"]
+    sid, _, _ = w.open(long_prompt[model])
+    context = w.tokenizer.hf(long_prompt[model])["input_ids"]
     try:
         w.next_text(
             sid, NextTextOptions(registry.ids, 12)
@@ -293,7 +297,7 @@ def test_score_matches_feed_and_full_forward(workers, registry, long_prompt, mod
 @pytest.mark.parametrize("model", MODELS)
 def test_commit_scored_then_continue(workers, registry, long_prompt, model):
     w = workers[model]
-    prompt = long_prompt if model == "gemma3" else SHORT_PROMPT
+    prompt = long_prompt[model] if model == "gemma3" else SHORT_PROMPT
     sid, _, _ = w.open(prompt)
     context = w.tokenizer.hf(prompt)["input_ids"]
     try:
@@ -467,7 +471,7 @@ def test_concurrent_sessions_share_batched_steps(workers, long_prompt, model):
     from concurrent.futures import ThreadPoolExecutor
 
     w = workers[model]
-    prompts = [long_prompt, SHORT_PROMPT, "def fibonacci(n):", "Once upon a time, in a small village,"]
+    prompts = [long_prompt[model], SHORT_PROMPT, "def fibonacci(n):", "Once upon a time, in a small village,"]
 
     def run(prompt):
         sid, _, _ = w.open(prompt)
@@ -651,7 +655,7 @@ def test_verified_drafts_keep_the_greedy_tokens(workers, registry, long_prompt, 
         return other_text[len(done) :] if other_text.startswith(done) else ""
 
     for drafts, verified_min in ((perfect, N // 2), (from_other, 0)):
-        sid, _, _ = w.open(long_prompt)
+        sid, _, _ = w.open(long_prompt[model])
         try:
             ids, lps, texts, results = _segments_with_drafts(w, sid, registry.ids, N, drafts)
         finally:
@@ -675,7 +679,7 @@ def test_looked_up_tokens_keep_the_greedy_tokens(workers, registry, long_prompt,
     w = workers[model]
     plain_ids, plain_lps, plain_texts, _, _ = long_greedy(model)[1]
     for options in (dict(), dict(reuse_lookahead=False), dict(draft_tokens=4)):
-        sid, _, _ = w.open(long_prompt)
+        sid, _, _ = w.open(long_prompt[model])
         ids, lps, texts, accepted, forwards = [], [], [], 0, 0
         try:
             while len(ids) < N:
