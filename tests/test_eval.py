@@ -204,13 +204,15 @@ async def test_a_real_sigint_then_resume_keeps_every_row(cluster, arc_run, tmp_p
             str(out),
             "--models",
             ",".join(MODELS),
+            "--concurrency",
+            "1",  # rows one at a time, so the signal lands with rows still to come
         ]
         proc = await asyncio.create_subprocess_exec(
             *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
         )
         results = out / "results.jsonl"
-        # The signal goes as soon as the seed's row count is written: the rest of the run is a
-        # few cached scores, which a later signal could miss.
+        # The signal goes as soon as the seed's row count is written: the rest of the run is
+        # cached scores, which a later signal could miss.
         while not (results.exists() and results.read_text().count("\n") >= 1 + seed):
             assert proc.returncode is None, (await proc.stderr.read()).decode()
             await asyncio.sleep(0.005)
