@@ -169,10 +169,10 @@ def _assert_common_boundaries(cluster, context: str, segments, names):
 async def test_cool_on_gsm8k_is_segmented_at_common_boundaries_and_deterministic(cluster, client):
     prompt = gsm8k_prompt(3)
     kwargs = dict(
-        mode="cool", models=["smollm2", "gemma3"], max_new_tokens=48, stop=["Question:"], score_rule="mean-ppl"
+        mode="cool", models=["smollm2", "gemma3"], max_new_tokens=32, stop=["Question:"], score_rule="mean-ppl"
     )
     first = await client.generate(prompt, **kwargs)
-    check_finish(first, "Question:", 48)
+    check_finish(first, "Question:", 32)
     assert "".join(s.text for s in first.segments) == first.text
     assert len(first.segments) >= 3
     _assert_common_boundaries(cluster, prompt, first.segments, ["smollm2", "gemma3"])

@@ -36,7 +36,7 @@ from coolfusion.orchestrator.rules import ScoreRule
 pytestmark = pytest.mark.slow
 
 DATA = Path(__file__).parent / "data" / "lm_eval"
-ARC_N = 6
+ARC_N = 4
 PAIR = ["smollm2", "gemma3"]  # the test cluster also serves smollm2b, a copy of SmolLM2
 GSM8K_UNTIL = ["Question:", "</s>", "<|im_end|>"]
 
