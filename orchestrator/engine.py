@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from coolfusion.protos.fusion_wire import RERANK_MODES
 
+from ..services.worker.results import CandidateScore
 from .degraded import Dropping
 from .fusion import FusionContext, fuse
 from .options import SPECULATE_MAX_ACTIVE, FusionOptions
@@ -20,7 +21,7 @@ from .results import Final, Segment, Timings, Usage
 from .rules import ScoreRule, default_rule
 from .speculation import ModelSizes, Speculation
 from .turns import TurnEnds
-from .workers import Score, WorkerHandle
+from .workers import WorkerHandle
 
 
 class FusionEngine:
@@ -81,6 +82,6 @@ class FusionEngine:
 
     async def score_texts(
         self, request: FusionRequest, names, texts, usage=None, timings=None
-    ) -> list[dict[str, Score]]:
-        """Each model's Score of each (text, eos) as a continuation of the request's prompt."""
+    ) -> list[dict[str, CandidateScore]]:
+        """Each model's score of each (text, eos) as a continuation of the request's prompt."""
         return await score_texts(self.workers, request, names, texts, usage, timings)

@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..services.worker.api import NextTextOptions
+from ..services.worker.results import CandidateScore, NextTextResult
 from .degraded import NEVER, Degraded, Dropping, gather_live
 from .options import DRAFT_TOKENS, FOLLOW_SEGMENTS, LOOKUP_TOKENS, FusionOptions
 from .request import FusionRequest
@@ -40,7 +41,7 @@ from .sessions import close_sessions, open_sessions
 from .speculation import Speculation, agreed_following, draft_after_commit, following_segments
 from .stops import HeldOutput
 from .turns import TurnEnds
-from .workers import Proposal, Score, WorkerHandle
+from .workers import WorkerHandle
 
 
 @dataclass
@@ -95,8 +96,8 @@ class Round:
     """One segment's work: each model's candidate and every model's score of every candidate."""
 
     names: list[str]  # who proposed, in the order of ``proposals``
-    proposals: list[Proposal]
-    scores: list[list[Score]] = field(default_factory=list)  # scores[j][i]: model j's Score of candidate i
+    proposals: list[NextTextResult]
+    scores: list[list[CandidateScore]] = field(default_factory=list)  # scores[j][i]: model j's score of candidate i
     identical: bool = False  # every candidate the same (text and eos)
     reports: list[CandidateReport] = field(default_factory=list)
     winner: int = 0  # index of s*

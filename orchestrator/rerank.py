@@ -10,13 +10,14 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 
+from ..services.worker.results import CandidateScore
 from .degraded import NEVER
 from .fusion import FusionContext, fuse
 from .request import FusionRequest
 from .results import Segment, Timings, Usage, apply_rule, scored_report
 from .rules import ScoreRule
 from .sessions import close_sessions, open_sessions
-from .workers import Score, WorkerHandle
+from .workers import WorkerHandle
 
 
 async def rerank(
@@ -63,8 +64,8 @@ async def score_texts(
     texts: Sequence[tuple[str, bool]],
     usage: dict[str, Usage] | None = None,
     timings: Timings | None = None,
-) -> list[dict[str, Score]]:
-    """Each model's Score of each (text, eos) as a continuation of the request's prompt."""
+) -> list[dict[str, CandidateScore]]:
+    """Each model's score of each (text, eos) as a continuation of the request's prompt."""
     usage = usage if usage is not None else {n: Usage() for n in names}
     timings = timings or Timings()
     sessions = await open_sessions(workers, names, request, usage, timings, NEVER)

@@ -7,8 +7,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..services.worker.results import CandidateScore, NextTextResult
 from .rules import ScoreRule
-from .workers import Proposal, Score
 
 
 @dataclass
@@ -32,9 +32,9 @@ class CandidateReport:
 
 
 def scored_report(
-    model: str, text: str, eos: bool, finish: str, scores: dict[str, Score], lookahead: str = ""
+    model: str, text: str, eos: bool, finish: str, scores: dict[str, CandidateScore], lookahead: str = ""
 ) -> CandidateReport:
-    """A candidate's report from each scorer's Score of it."""
+    """A candidate's report from each scorer's score of it."""
     return CandidateReport(
         model=model,
         text=text,
@@ -58,10 +58,10 @@ def ppl_of(logprobs: Sequence[float]) -> float:
     return math.exp(-sum(logprobs) / len(logprobs)) if logprobs else math.inf
 
 
-def own_score(p: Proposal) -> Score:
+def own_score(p: NextTextResult) -> CandidateScore:
     """A model's score of its own candidate from its generation log-probs (no scoring call)."""
     logprobs = p.logprobs if (p.text or p.eos) else []
-    return Score(p.state_id, list(p.token_ids), list(logprobs), ppl_of(logprobs), True)
+    return CandidateScore(p.state_id, list(p.token_ids), list(logprobs), ppl_of(logprobs), True)
 
 
 @dataclass
@@ -108,7 +108,7 @@ class Timings:
     lookup_forwards: int = 0  # forwards that checked looked-up tokens
 
     def count_proposals(
-        self, usage: dict[str, Usage], names: Sequence[str], proposals: Sequence[Proposal], elapsed_s: float
+        self, usage: dict[str, Usage], names: Sequence[str], proposals: Sequence[NextTextResult], elapsed_s: float
     ) -> None:
         """A round's NextText calls (``names[i]`` proposed ``proposals[i]``)."""
         self.generate_s += elapsed_s
@@ -124,7 +124,9 @@ class Timings:
             self.lookup_accepted += p.lookup_accepted
             self.lookup_forwards += p.lookup_forwards
 
-    def count_scores(self, usage: dict[str, Usage], names: Sequence[str], rows: Sequence[Sequence[Score]]) -> None:
+    def count_scores(
+        self, usage: dict[str, Usage], names: Sequence[str], rows: Sequence[Sequence[CandidateScore]]
+    ) -> None:
         """A round's scoring calls (``names[j]`` scored ``rows[j]``)."""
         self.worker_score_s += max(getattr(row, "compute_s", 0.0) for row in rows)
         for name, row in zip(names, rows):

@@ -6,11 +6,12 @@ import asyncio
 import time
 from collections.abc import Mapping, Sequence
 
+from ..services.worker.results import OpenResult
 from .degraded import Dropping, worker_down
 from .opening import open_all
 from .request import FusionRequest
 from .results import Timings, Usage
-from .workers import Opened, WorkerHandle
+from .workers import WorkerHandle
 
 
 async def open_sessions(
@@ -45,7 +46,7 @@ async def open_sessions(
         for n, exc in errors:
             dropping.drop(n, exc)
     for n, o in zip(names, opened):
-        if n in sessions and isinstance(o, Opened):
+        if n in sessions and isinstance(o, OpenResult):
             usage[n].prompt_tokens += o.context_tokens
     return sessions
 

@@ -13,9 +13,10 @@ import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
+from ..services.worker.results import NextTextResult
 from .results import CandidateReport, Segment, apply_rule, ppl_of
 from .rules import ScoreRule
-from .workers import Proposal, WorkerHandle
+from .workers import WorkerHandle
 
 
 class ModelSizes:
@@ -58,7 +59,7 @@ class Speculation:
             self.active -= 1
 
 
-def agreed_following(proposals: Sequence[Proposal], budgets: Sequence[int], max_segment_tokens: int) -> int:
+def agreed_following(proposals: Sequence[NextTextResult], budgets: Sequence[int], max_segment_tokens: int) -> int:
     """How many of the following segments (after identical candidates) every model decided alike,
     each within the token cap that round would have had (its NextText stops at the cap first
     when the segment took more tokens to decide); ``budgets``: each model's tokens left before this round."""
@@ -76,7 +77,7 @@ def agreed_following(proposals: Sequence[Proposal], budgets: Sequence[int], max_
 
 
 def following_segments(
-    names: Sequence[str], proposals: Sequence[Proposal], followed: int, first_index: int, rule: ScoreRule
+    names: Sequence[str], proposals: Sequence[NextTextResult], followed: int, first_index: int, rule: ScoreRule
 ) -> list[Segment]:
     """The ``followed`` segments committed after identical candidates; each model's PPL of one is
     its own generation's (no scoring call), and the first model is named as its author."""
@@ -97,7 +98,7 @@ def draft_after_commit(
     drafter: str | None,
     live: Sequence[str],
     names: Sequence[str],
-    proposals: Sequence[Proposal],
+    proposals: Sequence[NextTextResult],
     kept_own: Sequence[bool],
     followed: int,
 ) -> str:

@@ -1,7 +1,9 @@
 """Async handles on model workers, as the fusion loop sees them.
 
 ``RemoteWorker`` talks to a worker process over grpc.aio. The loop only needs the small
-``WorkerHandle`` surface below, so tests can also drive it with in-process cores.
+``WorkerHandle`` surface below, so tests can also drive it with in-process cores. Its calls
+return the worker core's own result types (``services/worker/results.py``), which
+``services/worker/wire.py`` converts from the protos for both sides.
 ``ReplicatedWorker`` spreads sessions over several replicas of one model (a headless Service's
 DNS records or a static list) and pins every session to the replica holding its KV cache;
 ``make_worker`` picks one of the two from an address spec (see ``parse_worker_target``).
@@ -30,110 +32,11 @@ from coolfusion.protos import worker_pb2_grpc as pb_grpc
 from ..services.common.errors import NotFound, Unavailable
 from ..services.common.security import aio_channel, internal_token
 from ..services.common.server import CHANNEL_OPTIONS, host_port
+from ..services.worker import wire
 from ..services.worker.api import NextTextOptions
+from ..services.worker.results import CandidateScore, CommitResult, NextTextResult, OpenResult
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Opened:
-    session_id: str
-    context_tokens: int
-    context_text: str
-
-
-@dataclass
-class Proposal:
-    """A model's candidate segment (paper T1)."""
-
-    state_id: str
-    text: str
-    token_ids: list[int]
-    logprobs: list[float]
-    eos: bool
-    finish: str
-    generated_tokens: int
-    lookahead: str = ""
-    reused_tokens: int = 0  # replayed from kept lookahead (no forward)
-    boundary_s: float = 0.0  # worker time in boundary checks
-    compute_s: float = 0.0  # worker time otherwise
-    draft: str = ""  # greedy text known past the candidate (asked with draft_tokens)
-    drafted_tokens: int = 0  # forward steps spent on the draft
-    verified_tokens: int = 0  # draft_text tokens accepted as own greedy picks
-    verify_forwards: int = 0
-    following: list[Following] = field(default_factory=list)  # asked with follow_segments
-    lookup_accepted: int = 0  # looked-up tokens accepted as own greedy picks (asked with lookup_tokens)
-    lookup_forwards: int = 0
-
-    @classmethod
-    def from_response(cls, r) -> Proposal:
-        """A ``NextTextResponse`` as the loop sees it."""
-        return cls(
-            state_id=r.state_id,
-            text=r.text,
-            token_ids=list(r.token_ids),
-            logprobs=list(r.logprobs),
-            eos=r.eos,
-            finish=r.finish,
-            generated_tokens=r.generated_tokens,
-            lookahead=r.lookahead,
-            reused_tokens=r.reused_tokens,
-            boundary_s=r.boundary_s,
-            compute_s=r.compute_s,
-            draft=r.draft,
-            drafted_tokens=r.drafted_tokens,
-            verified_tokens=r.verified_tokens,
-            verify_forwards=r.verify_forwards,
-            following=[Following.from_response(f) for f in r.following],
-            lookup_accepted=r.lookup_accepted,
-            lookup_forwards=r.lookup_forwards,
-        )
-
-
-@dataclass
-class Following:
-    """A segment past the candidate that the model's kept continuation already decides (what its
-    next NextText would return once the candidate is committed); ``state_id`` commits through it."""
-
-    state_id: str
-    text: str
-    token_ids: list[int]
-    logprobs: list[float]
-    generated_tokens: int
-    lookahead: str = ""
-
-    @classmethod
-    def from_response(cls, f) -> Following:
-        return cls(
-            state_id=f.state_id,
-            text=f.text,
-            token_ids=list(f.token_ids),
-            logprobs=list(f.logprobs),
-            generated_tokens=f.generated_tokens,
-            lookahead=f.lookahead,
-        )
-
-
-@dataclass
-class Score:
-    state_id: str
-    token_ids: list[int]
-    logprobs: list[float]
-    ppl: float
-    reused: bool = False  # the generation's own log-probs, no forward
-
-
-class Scores(list):
-    """A score call's rows; ``compute_s``: the worker's time in the call."""
-
-    compute_s: float = 0.0
-
-
-@dataclass
-class Committed:
-    committed_tokens: int
-    committed_text: str
-    compute_s: float = 0.0
 
 
 @dataclass
@@ -155,11 +58,12 @@ class WorkerHandle(Protocol):
     name: str
 
     async def info(self) -> WorkerInfo: ...
-    async def open(self, prompt: str | None, messages: list[dict] | None) -> Opened: ...
-    async def next_text(self, session_id: str, options: NextTextOptions) -> Proposal: ...
-    # Optional keyword (a performance switch): score(..., own_state_id="").
-    async def score(self, session_id: str, candidates: Sequence[tuple[str, bool]]) -> list[Score]: ...
-    async def update_state(self, session_id: str, state_id: str) -> Committed: ...
+    async def open(self, prompt: str | None, messages: list[dict] | None) -> OpenResult: ...
+    async def next_text(self, session_id: str, options: NextTextOptions) -> NextTextResult: ...
+    # Optional keyword (a performance switch): score(..., own_state_id=""). A ``CandidateScores``
+    # also carries the worker's time in the call; a plain list counts as none.
+    async def score(self, session_id: str, candidates: Sequence[tuple[str, bool]]) -> list[CandidateScore]: ...
+    async def update_state(self, session_id: str, state_id: str) -> CommitResult: ...
     async def close(self, session_id: str) -> None: ...
 
 
@@ -232,49 +136,22 @@ class RemoteWorker:
             backend=r.backend,
         )
 
-    async def open(self, prompt: str | None, messages: list[dict] | None) -> Opened:
-        if messages is not None:
-            request = pb.OpenRequest(
-                messages=pb.ChatMessages(
-                    messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
-                )
-            )
-        else:
-            request = pb.OpenRequest(prompt=(prompt or "").encode())
-        r = await self._call(self.stub.Open, request)
-        return Opened(r.session_id, r.context_tokens, r.context_text)
+    async def open(self, prompt: str | None, messages: list[dict] | None) -> OpenResult:
+        return wire.open_from_proto(await self._call(self.stub.Open, wire.open_request(prompt, messages)))
 
-    async def next_text(self, session_id: str, options: NextTextOptions) -> Proposal:
-        r = await self._call(self.stub.NextText, pb.NextTextRequest(session_id=session_id, **options.request_fields()))
-        return Proposal.from_response(r)
+    async def next_text(self, session_id: str, options: NextTextOptions) -> NextTextResult:
+        request = wire.next_text_request(session_id, options)
+        return wire.next_text_from_proto(await self._call(self.stub.NextText, request))
 
     async def score(
         self, session_id: str, candidates: Sequence[tuple[str, bool]], own_state_id: str = ""
-    ) -> list[Score]:
-        r = await self._call(
-            self.stub.ScoreCandidates,
-            pb.ScoreCandidatesRequest(
-                session_id=session_id,
-                candidates=[pb.CandidateText(text=t, eos=e) for t, e in candidates],
-                own_state_id=own_state_id,
-            ),
-        )
-        scores = Scores(
-            Score(
-                state_id=s.state_id,
-                token_ids=list(s.token_ids),
-                logprobs=list(s.logprobs),
-                ppl=s.ppl if s.token_ids else math.inf,
-                reused=s.reused,
-            )
-            for s in r.scores
-        )
-        scores.compute_s = r.compute_s
-        return scores
+    ) -> list[CandidateScore]:
+        request = wire.score_request(session_id, candidates, own_state_id)
+        return wire.scores_from_proto(await self._call(self.stub.ScoreCandidates, request))
 
-    async def update_state(self, session_id: str, state_id: str) -> Committed:
-        r = await self._call(self.stub.UpdateState, pb.UpdateStateRequest(session_id=session_id, state_id=state_id))
-        return Committed(r.committed_tokens, r.committed_text, r.compute_s)
+    async def update_state(self, session_id: str, state_id: str) -> CommitResult:
+        request = pb.UpdateStateRequest(session_id=session_id, state_id=state_id)
+        return wire.commit_from_proto(await self._call(self.stub.UpdateState, request))
 
     async def close(self, session_id: str) -> None:
         await self._call(self.stub.Close, pb.CloseRequest(session_id=session_id), bounded=False)
@@ -438,7 +315,7 @@ class ReplicatedWorker:
         info.address = self.address
         return info
 
-    async def open(self, prompt: str | None, messages: list[dict] | None) -> Opened:
+    async def open(self, prompt: str | None, messages: list[dict] | None) -> OpenResult:
         active = await self.refresh()
         error: Exception | None = None
         for address in self._order(active):
@@ -453,13 +330,13 @@ class ReplicatedWorker:
         self._resolved_at = -math.inf  # look the replicas up again next time
         raise error  # type: ignore[misc]
 
-    async def next_text(self, session_id: str, options: NextTextOptions) -> Proposal:
+    async def next_text(self, session_id: str, options: NextTextOptions) -> NextTextResult:
         return await self._clients[self.replica_of(session_id)].next_text(session_id, options)
 
-    async def score(self, session_id: str, candidates: Sequence[tuple[str, bool]], **options) -> list[Score]:
+    async def score(self, session_id: str, candidates: Sequence[tuple[str, bool]], **options) -> list[CandidateScore]:
         return await self._clients[self.replica_of(session_id)].score(session_id, candidates, **options)
 
-    async def update_state(self, session_id: str, state_id: str) -> Committed:
+    async def update_state(self, session_id: str, state_id: str) -> CommitResult:
         return await self._clients[self.replica_of(session_id)].update_state(session_id, state_id)
 
     async def close(self, session_id: str) -> None:

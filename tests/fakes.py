@@ -13,9 +13,17 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from coolfusion.orchestrator.workers import Committed, Following, Opened, Proposal, Score, Scores, WorkerInfo
+from coolfusion.orchestrator.workers import WorkerInfo
 from coolfusion.services.common.errors import Unavailable
 from coolfusion.services.worker.api import NextTextOptions
+from coolfusion.services.worker.results import (
+    CandidateScore,
+    CandidateScores,
+    CommitResult,
+    FollowingSegment,
+    NextTextResult,
+    OpenResult,
+)
 
 
 @dataclass(frozen=True)
@@ -81,13 +89,13 @@ class ScriptedWorker:
     async def info(self) -> WorkerInfo:
         return WorkerInfo(self.name, "fake", self.name, "float32", "cpu", [0], parameters=self.parameters)
 
-    async def open(self, prompt, messages) -> Opened:
+    async def open(self, prompt, messages) -> OpenResult:
         self._call("open")
         session_id = f"{self.name}-session{self.calls['open']}"
         self.committed[session_id] = ("", 0, 0)
-        return Opened(session_id, 1, prompt or "")
+        return OpenResult(session_id, 1, prompt or "")
 
-    async def next_text(self, session_id: str, options: NextTextOptions) -> Proposal:
+    async def next_text(self, session_id: str, options: NextTextOptions) -> NextTextResult:
         self._call("next_text")
         self.snapshots.append("".join(self.seen))
         self.options.append(options)
@@ -99,10 +107,10 @@ class ScriptedWorker:
         self.states[state_id] = (piece.text, piece.tokens, 1)
         following = []
         for m, text in enumerate(piece.following[: options.follow_segments]):
-            following.append(Following(f"{state_id}f{m}", text, [m], [piece.logprob], 0, "x"))
+            following.append(FollowingSegment(f"{state_id}f{m}", text, [m], [piece.logprob], 0, "x"))
             done_text = piece.text + "".join(piece.following[: m + 1])
             self.states[following[-1].state_id] = (done_text, piece.tokens + m + 1, m + 2)
-        return Proposal(
+        return NextTextResult(
             state_id=state_id,
             text=piece.text,
             token_ids=list(range(piece.tokens)),
@@ -116,31 +124,31 @@ class ScriptedWorker:
             following=following,
         )
 
-    async def score(self, session_id: str, candidates, own_state_id: str = "") -> list[Score]:
+    async def score(self, session_id: str, candidates, own_state_id: str = "") -> list[CandidateScore]:
         self._call("score")
         self.scored.append((list(candidates), own_state_id))
-        scores = Scores()
+        scores = CandidateScores()
         for i, (text, eos) in enumerate(candidates):
             own = self.states.get(own_state_id)
             ppl = self._ppl(text, eos)
             if own is not None and own[0] == text:
-                scores.append(Score(own_state_id, [0], [-math.log(ppl)], ppl, reused=True))
+                scores.append(CandidateScore(own_state_id, [0], [-math.log(ppl)], ppl, reused=True))
                 continue
             state_id = f"{self.name}/{session_id}/s{self.calls['score']}.{i}"
             tokens = 1 if (text or eos) else 0
             self.states[state_id] = (text, tokens, 1)
             ppl = ppl if tokens else math.inf
-            scores.append(Score(state_id, [0] * tokens, [-math.log(ppl)] * tokens, ppl))
+            scores.append(CandidateScore(state_id, [0] * tokens, [-math.log(ppl)] * tokens, ppl))
         return scores
 
     def _ppl(self, text: str, eos: bool) -> float:
         return self.ppl.get((text, eos), self.ppl.get(text, self.default_ppl))
 
-    async def update_state(self, session_id: str, state_id: str) -> Committed:
+    async def update_state(self, session_id: str, state_id: str) -> CommitResult:
         self._call("update_state")
         self._commit(session_id, state_id)
         text, tokens, _ = self.committed[session_id]
-        return Committed(tokens, text)
+        return CommitResult(tokens, text)
 
     async def close(self, session_id: str) -> None:
         self.closed.append(session_id)

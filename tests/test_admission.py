@@ -18,13 +18,13 @@ from coolfusion.orchestrator.engine import FusionEngine
 from coolfusion.orchestrator.request import FusionRequest
 from coolfusion.orchestrator.server import Limits
 from coolfusion.orchestrator.server import build_service as build_orchestrator
-from coolfusion.orchestrator.workers import Opened
 from coolfusion.protos import tokenizer_pb2, tokenizer_pb2_grpc, worker_pb2_grpc
 from coolfusion.protos import worker_pb2 as wpb
 from coolfusion.services.common.errors import FailedPrecondition
 from coolfusion.services.common.server import GrpcService
 from coolfusion.services.tokenizer.context import Context, context_ids, count_tokens, render
 from coolfusion.services.tokenizer.server import build_service as build_tokenizer_service
+from coolfusion.services.worker.results import OpenResult
 from coolfusion.services.worker.server import SERVICE_NAME as WORKER_SERVICE
 
 CONTEXT = {"smollm2": 8192, "gemma3": 32768}  # the bundled models' context lengths
@@ -178,7 +178,7 @@ class _Handle:
         self.name, self.fail = name, fail
         self.cancelled = asyncio.Event()
 
-    async def open(self, prompt, messages) -> Opened:
+    async def open(self, prompt, messages) -> OpenResult:
         if self.fail:
             raise FailedPrecondition(f"{self.name} cannot open")
         try:

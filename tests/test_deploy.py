@@ -29,8 +29,6 @@ import pytest
 import yaml
 
 from coolfusion.orchestrator.workers import (
-    Committed,
-    Opened,
     RemoteWorker,
     ReplicatedWorker,
     WorkerInfo,
@@ -39,6 +37,7 @@ from coolfusion.orchestrator.workers import (
 )
 from coolfusion.services.common.errors import NotFound, Unavailable
 from coolfusion.services.worker.api import NextTextOptions
+from coolfusion.services.worker.results import CommitResult, OpenResult
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -862,12 +861,12 @@ class FakeReplica:
         sid = f"{self.address}/{len(self.log)}"
         self.sessions.add(sid)
         self.log.append(("open", self.address, sid))
-        return Opened(sid, 1, prompt)
+        return OpenResult(sid, 1, prompt)
 
     async def update_state(self, session_id, state_id):
         assert session_id in self.sessions, f"{session_id} routed to {self.address}"
         self.log.append(("update", self.address, session_id))
-        return Committed(1, "x")
+        return CommitResult(1, "x")
 
     async def close(self, session_id):
         self.sessions.discard(session_id)

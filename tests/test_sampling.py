@@ -23,6 +23,7 @@ from coolfusion.protos import fusion_pb2 as fusion_pb
 from coolfusion.protos import worker_pb2 as worker_pb
 from coolfusion.services.common.errors import InvalidArgument
 from coolfusion.services.sources import parse_specs
+from coolfusion.services.worker import wire
 from coolfusion.services.worker.api import GREEDY, NextTextOptions, Sampling
 from coolfusion.services.worker.model import WorkerCore
 from coolfusion.services.worker.sampling import PrefixKeys, choose, cumulative, token_at, uniform
@@ -104,10 +105,9 @@ def test_sampling_values_and_wire():
         assert message in bad.check()
     assert Sampling(1.0, 1.0, 50, 2**64 - 1).check() is None
     options = NextTextOptions(("a",), 4, sampling=Sampling(0.8, 0.9, 40, 2**64 - 1))
-    request = worker_pb.NextTextRequest(session_id="s", **options.request_fields())
-    assert NextTextOptions.from_request(request) == options
-    plain = worker_pb.NextTextRequest(session_id="s", **NextTextOptions(("a",), 4).request_fields())
-    assert not plain.HasField("sampling") and NextTextOptions.from_request(plain).sampling == GREEDY
+    assert wire.options_from_request(wire.next_text_request("s", options)) == options
+    plain = wire.next_text_request("s", NextTextOptions(("a",), 4))
+    assert not plain.HasField("sampling") and wire.options_from_request(plain).sampling == GREEDY
 
 
 def test_generate_request_sampling_is_checked():

@@ -1,5 +1,5 @@
 """The options of one NextText call (paper T1), as the fusion loop, the orchestrator's worker
-handles, the gRPC conversion and ``WorkerCore.next_text`` all pass them.
+handles, the gRPC conversion (``wire.py``) and ``WorkerCore.next_text`` all pass them.
 
 Plain Python: the orchestrator imports this without torch (its image has none). The worker checks
 the values (``generation.check_options``); this module only carries them.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 
 def _float32(value: float) -> float:
@@ -111,21 +111,3 @@ class NextTextOptions:
     def __post_init__(self) -> None:
         # Callers pass lists (and protobuf repeated fields); a tuple keeps the options immutable.
         object.__setattr__(self, "boundary_tokenizer_ids", tuple(self.boundary_tokenizer_ids))
-
-    def request_fields(self) -> dict:
-        """Keyword arguments of a ``NextTextRequest`` (besides ``session_id``)."""
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        # Greedy sends no sampling message: the request is the one it was before sampling existed.
-        sampling = values.pop("sampling")
-        if not sampling.greedy:
-            values["sampling"] = {f.name: getattr(sampling, f.name) for f in fields(sampling)}
-        return values
-
-    @classmethod
-    def from_request(cls, request) -> NextTextOptions:
-        """The options a ``NextTextRequest`` carries (an unset ``reuse_lookahead``: None)."""
-        values = {f.name: getattr(request, f.name) for f in fields(cls)}
-        values["reuse_lookahead"] = request.reuse_lookahead if request.HasField("reuse_lookahead") else None
-        wire = request.sampling
-        values["sampling"] = Sampling(**{f.name: getattr(wire, f.name) for f in fields(Sampling)})
-        return cls(**values)

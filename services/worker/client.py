@@ -20,6 +20,7 @@ from coolfusion.protos import worker_pb2_grpc as pb_grpc
 
 from ..common.security import aio_channel, internal_token, sync_channel
 from ..common.server import CHANNEL_OPTIONS
+from . import wire
 from .results import TextDistributions
 
 
@@ -39,7 +40,7 @@ async def distributions(
         )
         try:
             async for msg in call:
-                yield TextDistributions.from_proto(msg)
+                yield wire.distributions_from_proto(msg)
         finally:
             call.cancel()  # a no-op once the stream ended
     finally:
@@ -62,7 +63,7 @@ def distributions_blocking(
         )
         try:
             for msg in call:
-                yield TextDistributions.from_proto(msg)
+                yield wire.distributions_from_proto(msg)
         finally:
             call.cancel()
     finally:

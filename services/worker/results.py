@@ -1,4 +1,8 @@
-"""What the worker core's calls return (paper Table 1: M1-M4, T1 and batched scoring)."""
+"""What the worker core's calls return (paper Table 1: M1-M4, T1 and batched scoring).
+
+Plain Python without torch: the orchestrator's worker handles return these same types (its image
+has no torch), converted from the protos by ``wire.py``, whose field names they share.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +38,14 @@ class CandidateScore(NamedTuple):
     reused: bool = False  # log-probs taken from the session's own NextText (no forward)
 
 
+class CandidateScores(list[CandidateScore]):
+    """A ScoreCandidates reply: one ``CandidateScore`` per candidate, in order. ``compute_s``: the
+    worker's time in the call, which the servicer measures around the core's call (the core itself
+    returns a plain list)."""
+
+    compute_s: float = 0.0
+
+
 class FollowingSegment(NamedTuple):
     """A segment that the next NextText would return once the one before it is committed, already
     decided by the kept greedy continuation (no forward); committing ``state_id`` commits it and
@@ -44,12 +56,14 @@ class FollowingSegment(NamedTuple):
     token_ids: list[int]
     logprobs: list[float]
     generated_tokens: int  # tokens that decided it, lookahead included (that NextText's generated_tokens)
-    lookahead: str  # complete text decided past it
+    lookahead: str = ""  # complete text decided past it
 
 
 class CommitResult(NamedTuple):
     committed_tokens: int  # output tokens committed so far (after the context)
     committed_text: str  # text this commit appended
+    # The worker's time in the call: the servicer measures it around the core's call (the core leaves 0).
+    compute_s: float = 0.0
 
 
 @dataclass
@@ -77,8 +91,8 @@ class NextTextResult:
     # and the forwards that checked them.
     lookup_accepted: int = 0
     lookup_forwards: int = 0
-    # ``follow_segments``: the next segments the kept continuation already decides (FollowingSegment).
-    following: list = field(default_factory=list)
+    # ``follow_segments``: the next segments the kept continuation already decides.
+    following: list[FollowingSegment] = field(default_factory=list)
 
 
 def perplexity(logprobs: Sequence[float]) -> float:
@@ -119,36 +133,3 @@ class TextDistributions:
     def nll_per_byte(self) -> float:
         """Negative log-likelihood of the text per UTF-8 byte (nats; comparable across tokenizers)."""
         return -sum(self.gold_logprobs) / self.n_bytes if self.n_bytes else 0.0
-
-    def to_proto(self):
-        from coolfusion.protos import worker_pb2 as pb
-
-        return pb.TextDistribution(
-            text_index=self.text_index,
-            token_ids=self.token_ids,
-            starts=self.starts,
-            ends=self.ends,
-            gold_logprobs=self.gold_logprobs,
-            topk_ids=[i for row in self.topk_ids for i in row],
-            topk_logprobs=[v for row in self.topk_logprobs for v in row],
-            n_bytes=self.n_bytes,
-            window_starts=self.window_starts,
-        )
-
-    @classmethod
-    def from_proto(cls, msg) -> TextDistributions:
-        """The rows of a ``TextDistribution`` (its flat top-k cut back into one row per token)."""
-        n = len(msg.token_ids)
-        k = len(msg.topk_ids) // n if n else 0
-        ids, lps = list(msg.topk_ids), list(msg.topk_logprobs)
-        return cls(
-            text_index=msg.text_index,
-            token_ids=list(msg.token_ids),
-            starts=list(msg.starts),
-            ends=list(msg.ends),
-            gold_logprobs=list(msg.gold_logprobs),
-            topk_ids=[ids[t * k : (t + 1) * k] for t in range(n)],
-            topk_logprobs=[lps[t * k : (t + 1) * k] for t in range(n)],
-            n_bytes=msg.n_bytes,
-            window_starts=list(msg.window_starts),
-        )

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +28,7 @@ from ..common.security import internal_tokens
 from ..common.server import GrpcService
 from ..sources import parse_spec
 from ..tokenizer.client import TokenizerClient
-from .api import NextTextOptions
+from . import wire
 from .model import WorkerCore
 
 CALL_THREADS = 32  # concurrent core calls (sessions generating at once can share a batch)
@@ -136,20 +135,10 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
         return pb.InfoResponse(**{k: info[k] for k in pb.InfoResponse.DESCRIPTOR.fields_by_name if k in info})
 
     async def Open(self, request, context):
-        which = request.WhichOneof("context")
-        if which == "messages":
-            messages = [{"role": m.role, "content": m.content} for m in request.messages.messages]
-            if not messages:
-                raise InvalidArgument("messages is empty")
-            session_id, n_tokens, text = await self._open(messages)
-        else:
-            try:
-                prompt = request.prompt.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InvalidArgument(f"prompt is not valid UTF-8 (byte {exc.start})") from None
-            session_id, n_tokens, text = await self._open(None, prompt)
+        prompt, messages = wire.open_from_request(request)
+        opened = await self._open(messages, prompt)
         self.update_gauges()
-        return pb.OpenResponse(session_id=session_id, context_tokens=n_tokens, context_text=text)
+        return wire.open_to_proto(opened)
 
     async def _open(self, messages, prompt=None):
         """core.open on the compute thread. When the caller is gone before it returns (cancel,
@@ -182,20 +171,14 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
         return pb.FeedTokensResponse(state_id=state_id, logprobs=logprobs, ppl=ppl)
 
     async def UpdateState(self, request, context):
-        (committed_tokens, committed_text), seconds = await self._timed(
-            self.core.update_state, request.session_id, request.state_id
-        )
-        return pb.UpdateStateResponse(
-            committed_tokens=committed_tokens, committed_text=committed_text, compute_s=seconds
-        )
+        committed, seconds = await self._timed(self.core.update_state, request.session_id, request.state_id)
+        return wire.commit_to_proto(committed._replace(compute_s=seconds))
 
     async def NextText(self, request, context):
         if request.max_tokens < 0:
             raise InvalidArgument(f"max_tokens must be >= 0, got {request.max_tokens}")
-        r = await self._run(self.core.next_text, request.session_id, NextTextOptions.from_request(request))
-        fields = {k: getattr(r, k) for k in pb.NextTextResponse.DESCRIPTOR.fields_by_name if k != "following"}
-        following = [pb.FollowingSegment(**f._asdict()) for f in r.following]
-        return pb.NextTextResponse(**fields, following=following)
+        r = await self._run(self.core.next_text, request.session_id, wire.options_from_request(request))
+        return wire.next_text_to_proto(r)
 
     async def ScoreCandidates(self, request, context):
         if not request.candidates:
@@ -206,19 +189,7 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
             [(c.text, c.eos) for c in request.candidates],
             request.own_state_id,
         )
-        return pb.ScoreCandidatesResponse(
-            scores=[
-                pb.CandidateScore(
-                    state_id=s,
-                    token_ids=ids,
-                    logprobs=lps,
-                    ppl=ppl if math.isfinite(ppl) else float("inf"),
-                    reused=reused,
-                )
-                for s, ids, lps, ppl, reused in scored
-            ],
-            compute_s=seconds,
-        )
+        return wire.scores_to_proto(scored, seconds)
 
     async def Distributions(self, request, context):
         """A message per text, each computed on the compute thread as the stream is read. When
@@ -238,7 +209,7 @@ class WorkerServicer(pb_grpc.ModelWorkerServicer):
                 raise
             if item is None:
                 return
-            yield item.to_proto()
+            yield wire.distributions_to_proto(item)
 
     async def Close(self, request, context):
         existed = await self._run(self.core.close, request.session_id)
