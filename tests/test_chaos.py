@@ -37,9 +37,9 @@ pytestmark = pytest.mark.slow  # processes with the bundled SmolLM2
 SESSION_TTL_S = 2.0
 # The worker runs the backend ``auto`` picks, as a user's does: llama.cpp where it is built. A KV
 # budget for one LONG_PROMPT, not two: SmolLM2-135M holds 45 KiB per token on transformers (float32,
-# 66 MiB a prompt), half that in llama.cpp's float16 cells.
-KV_BUDGET_MB = 50 if llamacpp_available() else 100
-LONG_PROMPT = "The quick brown fox jumps over the lazy dog near the river bank. " * 110  # ~1,500 tokens
+# 33 MiB a prompt), half that in llama.cpp's float16 cells.
+KV_BUDGET_MB = 25 if llamacpp_available() else 50
+LONG_PROMPT = "The quick brown fox jumps over the lazy dog near the river bank. " * 55  # ~750 tokens
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"
 
 
