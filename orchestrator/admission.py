@@ -1,16 +1,21 @@
-"""Admission: every limit a request's size can break is checked before a single ``Open``.
+"""Admission: what a request must pass before a single ``Open``, so that a request the service
+cannot take costs milliseconds and no worker's time.
 
-A context that does not fit a model would otherwise be found by its worker, after the other
-workers had spent a whole prefill on it (docs/performance.md, *Constants*). Here the
-orchestrator asks the tokenizer service for the context each model would prefill (its own chat
-template, its own tokens) and checks it against that model's context length minus
-``max_new_tokens``, and checks the number of messages and the rendered length, in one round trip
-that costs milliseconds whatever the request's size.
+``Admission`` bounds the generations held at once: at most ``max_concurrent`` run and
+``max_queue`` wait; beyond that a request is refused at once instead of waiting without bound.
+
+``ContextAdmission`` checks every limit a request's size can break. A context that does not fit a
+model would otherwise be found by its worker, after the other workers had spent a whole prefill
+on it (docs/performance.md, *Constants*). Here the orchestrator asks the tokenizer service for the
+context each model would prefill (its own chat template, its own tokens) and checks it against
+that model's context length minus ``max_new_tokens``, and checks the number of messages and the
+rendered length, in one round trip that costs milliseconds whatever the request's size.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,12 +25,49 @@ import grpc
 from coolfusion.protos import tokenizer_pb2 as tok_pb
 from coolfusion.protos import tokenizer_pb2_grpc as tok_grpc
 
-from ..services.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from ..services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from ..services.common.security import aio_channel, internal_token
 from ..services.common.server import CHANNEL_OPTIONS
+from .config import ORCHESTRATOR
 from .workers import WorkerHandle, call_timeout
 
 INFO_TTL_S = 60.0  # a worker's facts (tokenizer, context length) are asked again after this long
+
+
+class Admission:
+    """At most ``max_concurrent`` generations run and ``max_queue`` wait; beyond that a request
+    is refused at once with RESOURCE_EXHAUSTED instead of waiting without bound."""
+
+    def __init__(self, max_concurrent: int = ORCHESTRATOR.max_concurrent, max_queue: int = ORCHESTRATOR.max_queue):
+        self.max_concurrent = max_concurrent
+        self.max_queue = max_queue
+        self.slots = asyncio.Semaphore(max_concurrent)
+        self.waiting = 0
+        self.running = 0
+
+    @property
+    def capacity(self) -> int:
+        """Generations held at once at most (running + queued): a larger batch never fits whole."""
+        return self.max_concurrent + self.max_queue
+
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        if self.running >= self.max_concurrent and self.waiting >= self.max_queue:
+            raise ResourceExhausted(
+                f"server busy: {self.running} generations running and {self.waiting} queued (limits "
+                f"{self.max_concurrent}/{self.max_queue}); retry later"
+            )
+        self.waiting += 1
+        try:
+            await self.slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+            self.slots.release()
 
 
 def count_request(

@@ -16,8 +16,8 @@ from coolfusion.clients.client import FusionClient
 from coolfusion.orchestrator.admission import count_request
 from coolfusion.orchestrator.engine import FusionEngine
 from coolfusion.orchestrator.request import FusionRequest
-from coolfusion.orchestrator.server import Limits
 from coolfusion.orchestrator.server import build_service as build_orchestrator
+from coolfusion.orchestrator.wire import Limits
 from coolfusion.protos import tokenizer_pb2, tokenizer_pb2_grpc, worker_pb2_grpc
 from coolfusion.protos import worker_pb2 as wpb
 from coolfusion.services.common.errors import FailedPrecondition

@@ -72,7 +72,7 @@ def test_mean_ppl_takes_lowest_mean_and_first_on_ties():
 def test_orchestrator_limit_flags_default_to_the_servers_limits():
     """Unset limit flags leave the server's Limits; the defaults their help names are those."""
     from coolfusion.clients.cli import build_parser
-    from coolfusion.orchestrator.server import Limits
+    from coolfusion.orchestrator.wire import Limits
 
     parser = build_parser()
     args = parser.parse_args(["orchestrator", "--worker", "a=h:1"])

@@ -28,13 +28,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from coolfusion.orchestrator.workers import (
-    RemoteWorker,
-    ReplicatedWorker,
-    WorkerInfo,
-    make_worker,
-    parse_worker_target,
-)
+from coolfusion.orchestrator.replicas import ReplicatedWorker, make_worker, parse_worker_target
+from coolfusion.orchestrator.workers import RemoteWorker, WorkerInfo
 from coolfusion.services.common.errors import NotFound, Unavailable
 from coolfusion.services.worker.api import NextTextOptions
 from coolfusion.services.worker.results import CommitResult, OpenResult

@@ -111,7 +111,7 @@ def test_sampling_values_and_wire():
 
 
 def test_generate_request_sampling_is_checked():
-    from coolfusion.orchestrator.server import Limits, request_from_proto
+    from coolfusion.orchestrator.wire import Limits, request_from_proto
 
     def convert(**fields):
         return request_from_proto(fusion_pb.GenerateRequest(prompt="Hi", **fields), Limits()).sampling

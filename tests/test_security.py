@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 
 from coolfusion.clients.client import FusionClient
-from coolfusion.orchestrator.server import Admission
+from coolfusion.orchestrator.admission import Admission
 from coolfusion.orchestrator.server import build_service as build_orchestrator
 from coolfusion.protos import tokenizer_pb2 as tpb
 from coolfusion.protos import tokenizer_pb2_grpc as tpb_grpc

@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
 
 
 def _add_admission_args(o) -> None:
-    # Unset: the server's Limits (orchestrator/server.py), so the defaults live in one place.
+    # Unset: the server's Limits (orchestrator/wire.py), so the defaults live in one place.
     o.add_argument("--max-messages", type=int, help="chat messages per request (default 1024)")
     o.add_argument("--max-prompt-chars", type=int, help="characters of prompt or message contents (default 200000)")
     o.add_argument(
@@ -38,7 +38,7 @@ def _add_admission_args(o) -> None:
 
 def worker_targets(items: list[str]) -> dict[str, str]:
     """``NAME=ADDRESS`` items as a name -> address map; a malformed one exits with its message."""
-    from ...orchestrator.workers import parse_worker_target
+    from ...orchestrator.replicas import parse_worker_target
 
     if not items:
         raise SystemExit("give --worker NAME=HOST:PORT (repeatable) or COOLFUSION_WORKERS=NAME=HOST:PORT,...")
@@ -56,7 +56,8 @@ def worker_targets(items: list[str]) -> dict[str, str]:
 
 
 def run(args) -> int:
-    from ...orchestrator.server import Limits, build_service
+    from ...orchestrator.server import build_service
+    from ...orchestrator.wire import Limits
     from ...services.common.security import tokens_from_env
     from ...services.common.server import host_port
 
