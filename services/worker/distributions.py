@@ -51,11 +51,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import accumulate
 
 import grpc
 
 from ..common.errors import CoolFusionError, InvalidArgument
+from ..tokenizer.alignment import text_tokens
 from .results import TextDistributions
 
 MAX_TEXTS = 1024
@@ -90,26 +90,11 @@ def start_ids(tokenizer) -> list[int]:
     raise InvalidArgument(f"tokenizer {tokenizer.id!r} has no BOS, document separator or EOS to start a text with")
 
 
-def byte_spans(tokenizer, text: str, ids: Sequence[int], char_spans: Sequence[tuple[int, int]]):
-    """(starts, ends): UTF-8 byte offsets of each token in ``text`` (module docstring)."""
-    data = text.encode()
-    if tokenizer.byte_exact:
-        pieces = [tokenizer.token_bytes(i, keep_special=True) for i in ids]
-        joined = b"".join(pieces)
-        # A dummy-prefix space (Llama-2 style) is the first token's, not the text's.
-        lead = 1 if joined != data and tokenizer._strips_leading_space and joined == b" " + data else 0
-        if joined == data or lead:
-            ends = [max(0, e - lead) for e in accumulate(len(p) for p in pieces)]
-            return [0, *ends[:-1]], ends
-    offsets = [0, *accumulate(len(c.encode()) for c in text)]
-    return [offsets[s] for s, _ in char_spans], [offsets[e] for _, e in char_spans]
-
-
 def tokenize(tokenizer, text: str) -> Tokenized:
-    enc = tokenizer.backend.encode(text, add_special_tokens=False)
-    ids = list(enc.ids)
-    starts, ends = byte_spans(tokenizer, text, ids, enc.offsets)
-    return Tokenized(ids, starts, ends, len(text.encode()))
+    """The text's tokens after the start token, with UTF-8 byte spans (the tokenizer service's
+    alignment reads spans the same way: ``alignment.text_tokens``)."""
+    ids, spans = text_tokens(tokenizer, text)
+    return Tokenized(ids, [s for s, _ in spans], [e for _, e in spans], len(text.encode()))
 
 
 def window_starts(n_tokens: int, window: int) -> list[int]:
