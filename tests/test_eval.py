@@ -9,10 +9,12 @@ import math
 import random
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from cluster import HANG_GUARD_S
 
 from coolfusion.clients.client import FusionClient
 from coolfusion.clients.evaluation import choice, generation
@@ -184,10 +186,23 @@ async def test_score_rpc_fuses_by_the_requested_rule(cluster):
             assert reply.score_rule == rule.label()
 
 
-async def test_a_real_sigint_then_resume_keeps_every_row(cluster, arc_run, tmp_path):
+async def test_a_real_sigint_then_resume_keeps_every_row(cluster, arc_run, tmp_path, monkeypatch):
     """`coolfusion eval` interrupted by SIGINT after 2 to 4 rows, its file then cut mid-line as a
     hard kill would leave it, then resumed: every finished row once, each line valid JSON."""
     full, _ = arc_run
+    # Once the seed's rows are written, the worker holds the next scoring call until the signal
+    # has landed: the rest of the run is otherwise a few cached scores, which could all finish
+    # before a test process busy serving them sends the signal.
+    core, hold, release = cluster.cores["gemma3"], [None], threading.Event()
+    score_candidates = core.score_candidates
+
+    def held_score(*args, **kwargs):
+        rows, at_least = hold[0] or (None, 0)
+        if rows is not None and rows.exists() and rows.read_text().count("\n") >= at_least:
+            release.wait(HANG_GUARD_S)
+        return score_candidates(*args, **kwargs)
+
+    monkeypatch.setattr(core, "score_candidates", held_score)
     for seed in (1, 2, 3):
         out = tmp_path / f"cut{seed}"
         cmd = [
@@ -204,24 +219,24 @@ async def test_a_real_sigint_then_resume_keeps_every_row(cluster, arc_run, tmp_p
             str(out),
             "--models",
             ",".join(MODELS),
-            "--concurrency",
-            "1",  # rows one at a time, so the signal lands with rows still to come
         ]
+        results = out / "results.jsonl"
+        hold[0] = (results, 1 + seed)
+        release.clear()
         proc = await asyncio.create_subprocess_exec(
             *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
         )
-        results = out / "results.jsonl"
-        # The signal goes as soon as the seed's row count is written: the rest of the run is
-        # cached scores, which a later signal could miss.
         while not (results.exists() and results.read_text().count("\n") >= 1 + seed):
             assert proc.returncode is None, (await proc.stderr.read()).decode()
-            await asyncio.sleep(0.005)
+            await asyncio.sleep(0.02)
         proc.send_signal(signal.SIGINT)
         _, err = await proc.communicate()
+        release.set()
+        hold[0] = None
         text = results.read_text()
         # The signal came mid-run: the command says so, and rows are missing for the resume to add.
         assert proc.returncode == 130, (proc.returncode, err.decode())
-        assert 1 + seed <= text.count("\n") < 14, text.count("\n")
+        assert text.count("\n") == 1 + seed, text.count("\n")
         cut = random.Random(seed).randrange(len(text) - 60, len(text) - 1)
         results.write_text(text[:cut])  # a hard kill mid-write leaves a cut last line
         proc = await asyncio.create_subprocess_exec(

@@ -230,7 +230,6 @@ def _check_batching(core) -> None:
         assert len(mine) >= 8 and len(lone) >= 8, (mine, lone)
         for output in (mine, lone):
             _assert_greedy_throughout(core, prompt, output)
-    assert sum(mine == lone for mine, lone in zip(together, alone)) >= 2, (together, alone)
 
 
 def _assert_greedy_throughout(core, prompt: str, output: list[int]) -> None:
