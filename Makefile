@@ -23,9 +23,11 @@ TEST_WORKERS ?= 2
 test: install
 	$(VENV)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-# The tests that load no model (fakes and plain Python): well under a minute.
+# The tests that load no model (fakes and plain Python), in two processes as well: they are many
+# short tests, and each process also spends seconds importing torch and transformers, which the
+# other overlaps with tests. Under a minute on 2 cores (docs/testing.md).
 test-fast: install
-	$(VENV)/bin/python -m pytest -q -m "not slow"
+	$(VENV)/bin/python -m pytest -q -m "not slow" -n $(TEST_WORKERS)
 
 # ruff (lint, format, import order) on everything; size limits (scripts/check_sizes.py); the import
 # layers and no import cycles (lint-imports, contracts in pyproject.toml); mypy on
