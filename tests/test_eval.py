@@ -207,8 +207,11 @@ async def test_a_real_sigint_then_resume_keeps_every_row(cluster, arc_run, tmp_p
         out = tmp_path / f"cut{seed}"
         cmd = [
             sys.executable,
-            "-m",
-            "coolfusion.clients.cli",
+            "-c",
+            # A shell's background job starts with SIGINT ignored, and a Python started so keeps it
+            # ignored: the command is run with Python's own Ctrl-C handler, as in a terminal.
+            "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "sys.argv[0] = 'coolfusion'; runpy.run_module('coolfusion.clients.cli', run_name='__main__')",
             "eval",
             "arc-easy",
             "--data",
@@ -230,7 +233,7 @@ async def test_a_real_sigint_then_resume_keeps_every_row(cluster, arc_run, tmp_p
             assert proc.returncode is None, (await proc.stderr.read()).decode()
             await asyncio.sleep(0.02)
         proc.send_signal(signal.SIGINT)
-        _, err = await proc.communicate()
+        _, err = await asyncio.wait_for(proc.communicate(), HANG_GUARD_S)
         release.set()
         hold[0] = None
         text = results.read_text()
