@@ -48,8 +48,7 @@ def _score_model(model_dir: Path, texts: list) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    sep = Separators.of(tokenizer)
-    first = sep.bos if sep.bos is not None else sep.eos
+    first = Separators.of(tokenizer).start  # the token the sources' distributions were read after
     nll = ce = 0.0
     n_bytes = n_tokens = n_aligned = 0
     with torch.no_grad():
