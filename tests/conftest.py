@@ -78,6 +78,10 @@ def bundled_models(tokenizer_registry) -> dict[str, Bundled]:
         core = WorkerCore(
             spec.name, spec, device="cpu", hf_tokenizer=tokenizer_registry.get(spec.name).hf, backend="transformers"
         )
+        if spec.name == "gemma3":
+            from cluster import GEMMA_WINDOW, narrow_sliding_window
+
+            narrow_sliding_window(core.model, GEMMA_WINDOW)
         loaded[spec.name] = Bundled(spec, core.model, core.tokenizer.hf)
     return loaded
 

@@ -147,7 +147,7 @@ def smollm2(bundled_models, tokenizer_registry):
 def _first_logits(core: WorkerCore, prompt: str) -> tuple[list[int], torch.Tensor]:
     ids = list(core.tokenizer.hf(prompt)["input_ids"])
     with torch.inference_mode():
-        return ids, core.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        return ids, core.model(input_ids=torch.tensor([ids]), logits_to_keep=1).logits[0, -1].float()
 
 
 def _chi_square(drawn: list[int], probs: torch.Tensor) -> float:
@@ -211,7 +211,7 @@ def _reference(core: WorkerCore, prompt: str, sampling: Sampling, n: int) -> lis
     keys, out = PrefixKeys(), []
     with torch.inference_mode():
         while len(out) < n and not (out and out[-1] in core.eos_token_ids):
-            logits = core.model(input_ids=torch.tensor([ids + out])).logits[0, -1].float()
+            logits = core.model(input_ids=torch.tensor([ids + out]), logits_to_keep=1).logits[0, -1].float()
             out.append(choose(logits, sampling, uniform(sampling.seed, keys.key(ids, out))))
     return out
 

@@ -109,7 +109,7 @@ async def test_gsm8k_stops_at_question_across_segments(cluster):
     spanning = 0
     async with FusionClient(cluster.address) as client:
         for index in (1, 3):  # test questions whose answers end within 96 tokens here
-            prompt = gsm8k_prompt(index)
+            prompt = gsm8k_prompt(index, shots=3)
             kwargs = dict(
                 mode="cool", models=["smollm2", "gemma3"], max_new_tokens=96, stop=[STOP], score_rule="mean-ppl"
             )

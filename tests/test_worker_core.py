@@ -2,7 +2,7 @@
 
 * greedy NextText/UpdateState segments concatenate to exactly ``model.generate(do_sample=False)``
   (token ids, per-token log-probs bitwise, text), with own-tokenizer and two-tokenizer boundaries,
-  on a prompt longer than Gemma-3's 512-token sliding window;
+  on a prompt longer than Gemma-3's sliding window (``conftest.GEMMA_WINDOW``);
 * ScoreCandidates == FeedTokens == a from-scratch full forward (PPL), lookahead in the cache;
 * committing a scored / fed state and continuing == generate() from context + those tokens;
 * errors: unknown session, stale / superseded states, bad ids, bad arguments, close twice.
@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from cluster import GSM8K  # ../shared/data/gsm8k, or $COOLFUSION_GSM8K_DIR
+from cluster import GEMMA_WINDOW, GSM8K  # ../shared/data/gsm8k, or $COOLFUSION_GSM8K_DIR
 
 from coolfusion.services.common.errors import InvalidArgument, status_for
 from coolfusion.services.worker import model as worker_model
@@ -34,8 +34,8 @@ def _rows(split: str, n: int) -> list[dict]:
         return [json.loads(next(fh)) for _ in range(n)]
 
 
-def gsm8k_prompt(shots: int = 4) -> str:
-    """lm-eval style few-shot prompt; 4 shots are ~630 tokens for both models (> Gemma's window)."""
+def gsm8k_prompt(shots: int = 2) -> str:
+    """lm-eval style few-shot prompt; 2 shots are ~280 tokens for both models."""
     parts = [f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in _rows("train", shots)]
     return "".join(parts) + f"Question: {_rows('test', 1)[0]['question']}\nAnswer:"
 
@@ -59,10 +59,10 @@ def workers(registry, bundled_models):
 
 @pytest.fixture(scope="module")
 def long_prompt(workers):
-    """A few-shot prompt per model: past Gemma-3's 512-token sliding window for Gemma-3; two
-    shots for SmolLM2, which has no window (a longer prompt would only cost time)."""
-    prompts = {"gemma3": gsm8k_prompt(4), "smollm2": gsm8k_prompt(2)}
-    assert len(workers["gemma3"].tokenizer.hf(prompts["gemma3"])["input_ids"]) > 512
+    """A two-shot prompt: more than two prefill chunks, and twice past Gemma-3's sliding
+    window."""
+    prompts = {"gemma3": gsm8k_prompt(), "smollm2": gsm8k_prompt()}
+    assert len(workers["gemma3"].tokenizer.hf(prompts["gemma3"])["input_ids"]) > 2 * GEMMA_WINDOW
     assert len(workers["smollm2"].tokenizer.hf(prompts["smollm2"])["input_ids"]) > 2 * PREFILL_CHUNK
     return prompts
 
@@ -104,10 +104,11 @@ def oracle_generate(worker: WorkerCore, input_ids: list[int], n: int):
 
 
 def full_forward_logprobs(worker: WorkerCore, context: list[int], ids: list[int]) -> list[float]:
-    """Log-probs of ``ids`` after ``context`` from one from-scratch forward (no cache)."""
+    """Log-probs of ``ids`` after ``context`` from one from-scratch forward (no cache; the output
+    layer only on the positions that predict ``ids``)."""
     with torch.inference_mode():
-        logits = worker.model(input_ids=torch.tensor([context + ids])).logits[0].float()
-    lps = torch.log_softmax(logits[len(context) - 1 : -1], -1)
+        logits = worker.model(input_ids=torch.tensor([context + ids]), logits_to_keep=len(ids) + 1).logits[0].float()
+    lps = torch.log_softmax(logits[:-1], -1)
     return [float(lps[i, t]) for i, t in enumerate(ids)]
 
 
@@ -181,12 +182,14 @@ def test_next_text_matches_generate(workers, registry, long_prompt, long_greedy,
 
 @pytest.mark.parametrize("model", MODELS)
 def test_chunked_prefill_keeps_the_unchunked_greedy_tokens(workers, long_prompt, model):
-    """A context longer than Gemma-3's 512-token sliding window, prefilled in chunks, continues
+    """A context longer than Gemma-3's sliding window, prefilled in chunks, continues
     with the tokens of one unchunked prefill (generate without prefill_chunk_size), log-probs equal
     up to float noise."""
     w = workers[model]
     context = w.tokenizer.hf(long_prompt[model])["input_ids"]
-    assert len(context) > 2 * PREFILL_CHUNK and (model != "gemma3" or len(context) > 512)  # chunks cross the window
+    assert len(context) > 2 * PREFILL_CHUNK and (
+        model != "gemma3" or len(context) > GEMMA_WINDOW
+    )  # chunks cross the window
     sid, _, _ = w.open(long_prompt[model])
     try:
         ids, lps, *_ = greedy_segments(w, sid, [], 12)
@@ -216,7 +219,7 @@ def test_prefix_cache_opens_continue_as_whole_prefills(workers, long_prompt, lon
     other = prompt.rsplit("Question:", 1)[0] + f"Question: {_rows('test', 2)[1]['question']}\nAnswer:"
     ids, other_ids = (w.tokenizer.hf(p)["input_ids"] for p in (prompt, other))
     shared = next(i for i, (a, b) in enumerate(zip(ids, other_ids)) if a != b)
-    assert shared > (512 if model == "gemma3" else w.prefill_chunk)  # Gemma-3's restored cache crosses the window
+    assert shared > max(GEMMA_WINDOW, w.prefill_chunk)  # Gemma-3's restored cache crosses the window
     _, (greedy_ids, greedy_lps, *_) = long_greedy(model)  # checked against generate() above
     other_ids_expected, other_logits = oracle_generate(w, other_ids, 8)
     oracles = {
@@ -313,7 +316,7 @@ def test_commit_scored_then_continue(workers, registry, long_prompt, model):
         # The committed next-logits are the scoring row's: next_token agrees with a full forward.
         nt = w.next_token(sid)
         with torch.inference_mode():
-            ref = w.model(input_ids=torch.tensor([context + chosen.token_ids])).logits[0, -1].float()
+            ref = w.model(input_ids=torch.tensor([context + chosen.token_ids]), logits_to_keep=1).logits[0, -1].float()
         assert nt.token_id == int(ref.argmax())
         assert nt.logprob == pytest.approx(float(torch.log_softmax(ref, -1)[nt.token_id]), abs=1e-3)
         ids, _, _, _, _ = greedy_segments(w, sid, registry.ids, 8, committed=c.committed_tokens)
@@ -495,7 +498,7 @@ def test_concurrent_sessions_share_batched_steps(workers, long_prompt, model):
 @pytest.mark.parametrize("model", MODELS)
 def test_batched_rows_are_the_lone_forwards(workers, model):
     """``forward_sessions``: rows of 1-4 tokens of sessions with different cache lengths (one past
-    Gemma-3's 512-token sliding window) in one flattened forward give each row the logits of its
+    Gemma-3's sliding window) in one flattened forward give each row the logits of its
     own lone forward (float noise, same argmax), and leave each cache as its lone forward would."""
     import copy
 
@@ -504,7 +507,7 @@ def test_batched_rows_are_the_lone_forwards(workers, model):
     from coolfusion.services.worker.batching import forward_sessions
 
     w = workers[model]
-    lengths, rows, firsts = [12, 57, 530, 31], [[5], [7, 8, 9], [11, 12], [14, 15, 16, 17]], [0, 0, 1, 3]
+    lengths, rows, firsts = [12, 62, 150, 31], [[5], [7, 8, 9], [11, 12], [14, 15, 16, 17]], [0, 0, 1, 3]
     torch.manual_seed(0)
     with torch.inference_mode():
         caches = []
@@ -642,7 +645,7 @@ def test_verified_drafts_keep_the_greedy_tokens(workers, registry, long_prompt, 
     """Oracle: the plain greedy segments. A perfect draft (the model's own future text) is mostly
     verified several tokens per forward; the other model's greedy text is checked and partly
     rejected. Either way the tokens are the greedy ones, log-probs equal to forward noise, also
-    past Gemma-3's 512-token window (rejections crop the cache without trimming sliding layers)."""
+    past Gemma-3's window (rejections crop the cache without trimming sliding layers)."""
     w = workers[model]
     plain_ids, plain_lps, plain_texts, _ = long_greedy(model)[1][:4]
     other_text = "".join(long_greedy("gemma3" if model == "smollm2" else "smollm2")[1][2])
@@ -675,7 +678,7 @@ def test_looked_up_tokens_keep_the_greedy_tokens(workers, registry, long_prompt,
     occurrences of the last ids (GSM8K answers repeat the question's names and numbers) are checked
     several per forward: in generation, in the forward that feeds a committed last token (no
     lookahead kept) and in the drafter's extension. The tokens stay the greedy ones, past Gemma-3's
-    512-token window too."""
+    window too."""
     w = workers[model]
     plain_ids, plain_lps, plain_texts, _, _ = long_greedy(model)[1]
     for options in (dict(), dict(reuse_lookahead=False), dict(draft_tokens=4)):
