@@ -221,10 +221,11 @@ class Experiment:
 
     @staticmethod
     def speed_files(dirs: dict[str, Path]) -> dict[str, Path]:
-        """The original and a FuseLLM arm in the same float32 format, and the bundled file for scale."""
+        """Every arm in the same float32 format (the original first: the baseline), and the bundled
+        file for scale."""
         from coolfusion.services.sources import parse_spec
 
-        files = {arm: dirs[arm] / "model-f32.gguf" for arm in ("original", *[a for a in dirs if a != "original"][-1:])}
+        files = {arm: dirs[arm] / "model-f32.gguf" for arm in ("original", *[a for a in dirs if a != "original"])}
         return {**files, "bundled-original": parse_spec(TARGET).gguf_path}
 
     def run(self) -> None:

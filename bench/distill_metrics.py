@@ -5,6 +5,8 @@
   entries, as the fusion uses it) at every held-out target position Gemma-3 aligned with. Each
   text is read after the separator that training puts before a text (BOS where the target's
   tokenizer adds one, else EOS), in float32 transformers, with the loss of ``distill/soft_loss.py``.
+  Each arm is compared with the original and the CLM arm by an exact paired permutation test
+  over the texts (``heldout_paired``).
 - ``paired_eval``: acc and acc_norm of every arm from a ``coolfusion eval`` results.jsonl, Wilson
   intervals and exact McNemar tests against the original and the CLM arm
   (``clients/evaluation/stats.py``).
@@ -51,6 +53,7 @@ def _score_model(model_dir: Path, texts: list) -> dict:
     first = Separators.of(tokenizer).start  # the token the sources' distributions were read after
     nll = ce = 0.0
     n_bytes = n_tokens = n_aligned = 0
+    per_text = []  # each text's sums, for the paired tests between arms
     with torch.no_grad():
         for ids, soft_ids, soft_probs in texts:
             k = soft_ids.shape[1]
@@ -59,11 +62,17 @@ def _score_model(model_dir: Path, texts: list) -> dict:
             s_ids = torch.cat([torch.full((1, k), -1, dtype=torch.int32), soft_ids])[None]
             s_probs = torch.cat([torch.zeros(1, k), soft_probs])[None]
             parts = distill_loss(model, inputs, labels, s_ids, s_probs, lam=1.0)
-            nll += float(parts.clm) * parts.clm_positions
-            ce += float(parts.kd) * parts.kd_positions
+            text = {
+                "nll": float(parts.clm) * parts.clm_positions,
+                "ce": float(parts.kd) * parts.kd_positions,
+                "bytes": len(tokenizer.decode(ids.tolist()).encode("utf-8")),
+            }
+            per_text.append(text)
+            nll += text["nll"]
+            ce += text["ce"]
             n_tokens += parts.clm_positions
             n_aligned += parts.kd_positions
-            n_bytes += len(tokenizer.decode(ids.tolist()).encode("utf-8"))
+            n_bytes += text["bytes"]
     return {
         "bits_per_byte": nll / math.log(2) / n_bytes,
         "nll_per_token": nll / n_tokens,
@@ -71,16 +80,45 @@ def _score_model(model_dir: Path, texts: list) -> dict:
         "tokens": n_tokens,
         "aligned_tokens": n_aligned,
         "bytes": n_bytes,
+        "per_text": per_text,
     }
 
 
 def heldout_metrics(prep: Path, dirs: dict[str, Path]) -> dict:
     manifest = json.loads((prep / "manifest.json").read_text())
     texts = list(_heldout_texts(prep, int(manifest["k"])))
-    result = {"texts": len(texts)}
+    result: dict = {"texts": len(texts)}
     for arm, model_dir in dirs.items():
         result[arm] = _score_model(model_dir, texts)
+    for arm in dirs:
+        result[arm]["paired"] = {
+            base: heldout_paired(result[arm], result[base])
+            for base in ("original", "clm")
+            if base in dirs and base != arm
+        }
     return result
+
+
+def heldout_paired(a: dict, b: dict) -> dict:
+    """Arm ``a`` against arm ``b`` on the same held-out texts, per metric: the difference of the
+    pooled values (a - b) and the two-sided p of an exact paired permutation test over texts (each
+    text's sums swapped between the arms or not, all 2^n ways), the text being the unit that is
+    sampled. The statistic is the pooled difference itself (its denominator does not change)."""
+    import numpy as np
+    from scipy.stats import permutation_test
+
+    out = {}
+    for metric, key, scale in (
+        ("bits_per_byte", "nll", a["bytes"] * math.log(2)),
+        (f"ce_to_{CE_SOURCE}", "ce", a["aligned_tokens"]),
+    ):
+        x = np.array([t[key] for t in a["per_text"]]) / scale
+        y = np.array([t[key] for t in b["per_text"]]) / scale
+        test = permutation_test(
+            (x, y), lambda u, v: np.sum(u - v), permutation_type="samples", n_resamples=np.inf, alternative="two-sided"
+        )
+        out[metric] = {"diff": float(np.sum(x - y)), "p": float(test.pvalue)}
+    return out
 
 
 def paired_eval(results_jsonl: Path, arms: list[str]) -> dict:
@@ -128,11 +166,13 @@ def winners(prep: Path) -> dict:
 PROMPT = "Question: Which gas do plants take in from the air to make food?\nAnswer:"
 
 
-def generation_speed(files: dict[str, Path], tokens: int = 16, rounds: int = 3) -> dict:
+def generation_speed(files: dict[str, Path], tokens: int = 64, rounds: int = 5) -> dict:
     """Greedy generation tokens/s of GGUF files on llama.cpp (1 thread, as the workers run on a
     shared machine: more threads spin against the other jobs), the files interleaved
     round by round so load changes on the machine hit them alike; the median round. The first
-    file is the baseline the others are compared with."""
+    file is the baseline the others are compared with. EOS is banned, so every model generates
+    exactly ``tokens`` tokens after the same prompt: a model that stops early would otherwise
+    spread its prompt's prefill over fewer tokens and look slower per token."""
     from llama_cpp import Llama
 
     arms = list(files)
@@ -142,7 +182,10 @@ def generation_speed(files: dict[str, Path], tokens: int = 16, rounds: int = 3) 
         for arm, llm in models.items():
             llm.reset()
             started = time.perf_counter()
-            out = llm.create_completion(PROMPT, max_tokens=tokens, temperature=0.0, top_k=1, stop=[])
+            out = llm.create_completion(
+                PROMPT, max_tokens=tokens, temperature=0.0, top_k=1, stop=[], logit_bias={llm.token_eos(): -math.inf}
+            )
+            assert out["usage"]["completion_tokens"] == tokens, out["usage"]
             elapsed = time.perf_counter() - started
             rates[arm].append(out["usage"]["completion_tokens"] / elapsed)
     for llm in models.values():

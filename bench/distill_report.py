@@ -23,18 +23,38 @@ def _vs(entry: dict, metric: str, base: str) -> str:
     return f"{test['diff'] * 100:+.1f} (p={test['p']:.2g})"
 
 
-def main_table(summary: dict) -> list[str]:
-    held, evals = summary["heldout"], summary["eval"]
+def _held_vs(entry: dict, metric: str, base: str) -> str:
+    test = entry.get("paired", {}).get(base, {}).get(metric)
+    return f"{test['diff']:+.4f} (p={test['p']:.2g})" if test else "—"
+
+
+def heldout_table(summary: dict) -> list[str]:
+    held = summary["heldout"]
     lines = [
-        "| arm | held-out bits/byte | held-out CE to Gemma-3 (nats) | ARC-Easy acc_norm (95% CI) "
-        "| vs original | vs CLM | ARC-Challenge acc_norm (95% CI) | vs original | vs CLM |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| arm | held-out bits/byte | vs original | vs CLM | held-out CE to Gemma-3 (nats) | vs original | vs CLM |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arm in arms_of(summary):
+        h = held[arm]
+        lines.append(
+            f"| {arm} | {h['bits_per_byte']:.4f} | {_held_vs(h, 'bits_per_byte', 'original')} "
+            f"| {_held_vs(h, 'bits_per_byte', 'clm')} | {h['ce_to_gemma3']:.4f} "
+            f"| {_held_vs(h, 'ce_to_gemma3', 'original')} | {_held_vs(h, 'ce_to_gemma3', 'clm')} |"
+        )
+    return lines
+
+
+def main_table(summary: dict) -> list[str]:
+    evals = summary["eval"]
+    lines = [
+        "| arm | ARC-Easy acc_norm (95% CI) | vs original | vs CLM | ARC-Challenge acc_norm (95% CI) | vs original "
+        "| vs CLM |",
+        "|---|---|---|---|---|---|---|",
     ]
     for arm in arms_of(summary):
         e, c = evals["arc-easy"][arm], evals["arc-challenge"][arm]
         lines.append(
-            f"| {arm} | {held[arm]['bits_per_byte']:.4f} | {held[arm]['ce_to_gemma3']:.4f} "
-            f"| {_pct(e, 'acc_norm')} | {_vs(e, 'acc_norm', 'original')} | {_vs(e, 'acc_norm', 'clm')} "
+            f"| {arm} | {_pct(e, 'acc_norm')} | {_vs(e, 'acc_norm', 'original')} | {_vs(e, 'acc_norm', 'clm')} "
             f"| {_pct(c, 'acc_norm')} | {_vs(c, 'acc_norm', 'original')} | {_vs(c, 'acc_norm', 'clm')} |"
         )
     return lines
@@ -71,7 +91,8 @@ def facts(summary: dict) -> list[str]:
         "same order for every arm.",
         f"- Eval: the first {summary['eval']['arc-easy']['n']} ARC-Easy and {summary['eval']['arc-challenge']['n']} "
         "ARC-Challenge validation questions (`--limit`), every arm a float32 GGUF on llama.cpp; "
-        "p: exact two-sided McNemar on the same questions.",
+        "p: exact two-sided McNemar on the same questions; held-out p: exact paired permutation test over the "
+        "held-out texts.",
         "- minCE winner per training text: "
         + ", ".join(f"{s} {win[s]['wins']} ({win[s]['fraction']:.0%})" for s in sources),
         f"- Throughput: prepare {prep['tokens_per_s']} target tokens/s (per source: "
@@ -93,6 +114,8 @@ def write_report(summary: dict, path: Path) -> None:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores shared with other jobs (load average at the end "
         f"{m['load_average_at_end']}). Command: `{summary['command']}`",
+        "",
+        *heldout_table(summary),
         "",
         *main_table(summary),
         "",
