@@ -44,6 +44,11 @@ GSM8K = Path(
 # the llama.cpp tests and the service subprocesses run the shipped window.
 GEMMA_WINDOW = 128
 
+# Threads for a model a test runs itself (llama-cpp-python's own ``Llama`` as an oracle): the test
+# process's share of the cores (conftest.py), as the workers get. More threads than that spin on
+# ggml's barriers against the other test process.
+ORACLE_THREADS = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+
 
 def gsm8k_rows(split: str, n: int, start: int = 0) -> list[dict]:
     rows = []

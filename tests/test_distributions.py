@@ -20,6 +20,7 @@ import grpc
 import pytest
 import pytest_asyncio
 import torch
+from cluster import ORACLE_THREADS
 
 from coolfusion.protos import worker_pb2, worker_pb2_grpc
 from coolfusion.services.common.errors import InvalidArgument
@@ -221,7 +222,9 @@ def test_llamacpp_rows_are_llama_cpp_pythons_within_its_noise(tokenizer_registry
     check_spans(d, text)
     assert core._distributions.chunk < len(d.token_ids)  # more than one chunk
     start = core._distributions.start
-    llm = Llama(str(spec.gguf_path), n_ctx=256, n_threads=2, flash_attn=False, logits_all=True, verbose=False)
+    llm = Llama(
+        str(spec.gguf_path), n_ctx=256, n_threads=ORACLE_THREADS, flash_attn=False, logits_all=True, verbose=False
+    )
     try:
         context = start + d.token_ids
         llm.eval(context)

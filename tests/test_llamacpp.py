@@ -19,7 +19,7 @@ import os
 import grpc
 import pytest
 import pytest_asyncio
-from cluster import gsm8k_prompt, start_cluster, stop_cluster
+from cluster import ORACLE_THREADS, gsm8k_prompt, start_cluster, stop_cluster
 
 from coolfusion.clients.client import FusionClient
 from coolfusion.services.common.errors import FailedPrecondition, InvalidArgument
@@ -56,7 +56,9 @@ def llamacpp_logprobs(name: str, context: list[int], continuations: list[list[in
     from llama_cpp import Llama
 
     longest = len(context) + max(map(len, continuations))
-    llm = Llama(str(parse_spec(name).gguf_path), n_ctx=longest + 16, n_threads=2, flash_attn=False, verbose=False)
+    llm = Llama(
+        str(parse_spec(name).gguf_path), n_ctx=longest + 16, n_threads=ORACLE_THREADS, flash_attn=False, verbose=False
+    )
     try:
         # The state before the context's last token: a loaded state brings back the cells, not
         # the logits, so each continuation evaluates that token itself.
@@ -93,7 +95,7 @@ def llamacpp_greedy(name: str, prompt_ids: list[int], n: int, eos: set[int]) -> 
     ``n`` tokens, stopping after an end-of-generation token."""
     from llama_cpp import Llama
 
-    llm = Llama(str(parse_spec(name).gguf_path), n_ctx=4096, n_threads=2, flash_attn=False, verbose=False)
+    llm = Llama(str(parse_spec(name).gguf_path), n_ctx=4096, n_threads=ORACLE_THREADS, flash_attn=False, verbose=False)
     try:
         out = []
         for token in llm.generate(prompt_ids, top_k=1, temp=0.0):
@@ -238,7 +240,9 @@ def _assert_greedy_throughout(core, prompt: str, output: list[int]) -> None:
     from llama_cpp import Llama
 
     context = core.tokenizer.hf(prompt)["input_ids"]
-    llm = Llama(str(parse_spec(core.name).gguf_path), n_ctx=256, n_threads=2, flash_attn=False, verbose=False)
+    llm = Llama(
+        str(parse_spec(core.name).gguf_path), n_ctx=256, n_threads=ORACLE_THREADS, flash_attn=False, verbose=False
+    )
     try:
         llm.eval(context)
         for i, token in enumerate(output):
