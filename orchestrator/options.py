@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from ..services.common.config import comma_list
+
 DRAFT_TOKENS = 4  # most greedy tokens the drafter keeps ahead of its candidate (speculate)
 # Speculation buys one generation's latency with extra compute (draft steps, verify forwards that
 # are not batched across sessions); with more generations running, the workers' batched decode
@@ -93,7 +95,7 @@ class FusionOptions:
             return cls()
         if text == "none":
             return cls.none()
-        items = [t.strip() for t in text.split(",") if t.strip()]
+        items = comma_list(text)
         off = [cls._known(t[1:]) for t in items if t.startswith("-")]
         on = [cls._known(t) for t in items if not t.startswith("-")]
         if on and off:

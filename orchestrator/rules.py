@@ -38,6 +38,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..services.common.config import comma_list
+
 RULES = ("mean-ppl", "mean-nll", "product", "calibrated", "calibrated-token", "hedged", "gated")
 SET_RELATIVE = ("calibrated", "calibrated-token", "hedged", "gated")
 DEFAULT_THRESHOLD = 0.5
@@ -124,7 +126,7 @@ class ScoreRule:
     def from_label(cls, label: str) -> ScoreRule:
         """The inverse of ``label``: ``name(model=w,...)``, a gated rule's ``primary@threshold`` first."""
         name, _, inner = label[:-1].partition("(")
-        primary, threshold, parts = "", None, [p.strip() for p in inner.split(",") if p.strip()]
+        primary, threshold, parts = "", None, comma_list(inner)
         if parts and "@" in parts[0]:
             primary, _, value = parts.pop(0).partition("@")
             try:

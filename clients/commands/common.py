@@ -7,6 +7,7 @@ import logging
 import sys
 
 from ... import envs
+from ...services.common.config import comma_list
 from ...services.sources import DEFAULT_MODELS
 
 
@@ -15,7 +16,7 @@ def default_models() -> str:
 
 
 def models_arg(text: str) -> list[str]:
-    return [m.strip() for m in text.split(",") if m.strip()]
+    return comma_list(text)
 
 
 def setup_logging(level: str, fmt: str = "text") -> None:

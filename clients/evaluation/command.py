@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ...data import data_dir
 from ...orchestrator.rules import RULES, RuleError, ScoreRule, default_rule
+from ...services.common.config import comma_list
 from ..launcher import add_backend_arg
 from .generation import DEFAULT_MODES
 from .runner import EvalDataError, load_rows, run_task, write_reports
@@ -69,7 +70,7 @@ def _fail(message: str) -> int:
 
 def build_task(args):
     """(task, items, settings) for the arguments; EvalDataError/RuleError/ValueError on bad input."""
-    models = [m.split("=", 1)[0].strip() for m in args.models.split(",") if m.strip()]
+    models = [m.split("=", 1)[0].strip() for m in comma_list(args.models)]
     if args.task.startswith("arc-"):
         return _choice_task(args, models)
     return _generation_task(args, models)
@@ -123,7 +124,7 @@ def _generation_task(args, models: list[str]):
     if exemplars and train is not None and data.resolve() == train.resolve():
         items = items[shots:]  # evaluating the train split itself: the exemplars are not questions
     items = items[: args.limit or None]
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = comma_list(args.modes)
     for mode in modes:
         _, rule = generation.split_mode(mode)
         if rule:
@@ -178,9 +179,7 @@ def cmd_eval(args) -> int:
     try:
         address = args.connect
         if not address:
-            cluster = start_cluster(
-                [m.strip() for m in args.models.split(",") if m.strip()], args.device, backend=args.backend
-            )
+            cluster = start_cluster(comma_list(args.models), args.device, backend=args.backend)
             address = cluster.address
         summary = asyncio.run(run(address))
     except KeyboardInterrupt:

@@ -15,6 +15,12 @@ from ... import envs
 _PARSERS = {int: int, float: float, str: str}
 
 
+def comma_list(text: str) -> list[str]:
+    """A comma-separated option (``--models a,b``, ``$COOLFUSION_AUTH_TOKENS``...): its items,
+    stripped, empty ones dropped."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def option(default: Any, env: str | None, help: str, choices: tuple[str, ...] | None = None) -> Any:
     """A config field: ``default``, read from ``$env`` (when given) if that is set and not empty."""
     return dataclasses.field(default=default, metadata={"env": env, "help": help, "choices": choices})

@@ -24,6 +24,7 @@ from pathlib import Path
 import grpc
 
 from ... import envs
+from .config import comma_list
 
 # Health and reflection stay open so probes work without a token.
 UNAUTHENTICATED_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -83,7 +84,7 @@ def internal_tokens(value: str | None = None) -> list[str]:
     $COOLFUSION_INTERNAL_TOKEN when it is None; comma-separated, so a rotation can accept the old
     and the new token at once. Empty: the inside is open (the network is its only guard)."""
     raw = envs.read(INTERNAL_TOKEN_ENV, "") if value is None else value
-    return [t.strip() for t in raw.split(",") if t.strip()]
+    return comma_list(raw)
 
 
 def internal_token(value: str | None = None) -> str | None:
@@ -171,7 +172,7 @@ def sync_channel(address: str, options, tls: ClientTls | None = None, token: str
 
 
 def tokens_from_env() -> list[str]:
-    return [t.strip() for t in envs.read("COOLFUSION_AUTH_TOKENS", "").split(",") if t.strip()]
+    return comma_list(envs.read("COOLFUSION_AUTH_TOKENS", ""))
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
