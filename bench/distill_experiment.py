@@ -96,10 +96,12 @@ class Experiment:
             "--shard-texts", str(a.shard_texts), "--backend", a.backend, "--json",
         ]  # fmt: skip
 
-    def train_args(self, prep: Path, out: Path, lam: float, fusion: str, steps: int) -> list[str]:
+    def train_args(
+        self, prep: Path, out: Path, lam: float, fusion: str, steps: int, lr: float | None = None
+    ) -> list[str]:
         a = self.args
         return ["distill", "train", str(prep), "--out", str(out), "--lambda", str(lam), "--fusion", fusion] + [
-            "--lr", str(a.lr), "--warmup", str(steps // 10), "--seed", "0", "--max-steps", str(steps),
+            "--lr", str(a.lr if lr is None else lr), "--warmup", str(steps // 10), "--seed", "0", "--max-steps", str(steps),
             "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len), "--k", str(a.k),
             "--save-steps", str(max(1, steps // 2)), "--save-total-limit", "1",
         ]  # fmt: skip
@@ -168,21 +170,60 @@ class Experiment:
         write_json(path, result)
         return result
 
-    # ---- 3. train ------------------------------------------------------------------------------------
+    # ---- 3. the learning rate, picked on the CLM arm ---------------------------------------------------
+    def sweep(self, plan: dict) -> dict | None:
+        """With ``--lr-sweep``: the CLM arm trained at each rate (the plan's data, steps and seed) and
+        its held-out bits per byte; the lowest sets the plan's ``lr`` for every arm. Each rate's
+        result is kept as it completes, so a rerun resumes."""
+        from distill_metrics import heldout_metrics
+
+        if not self.args.lr_sweep:
+            return None
+        path = self.bench / "lr-sweep.json"
+        done = read_json(path) or {}
+        for lr in self.args.lr_sweep:
+            key = f"{lr:g}"
+            if key in done:
+                continue
+            out = self.work / "lr-sweep" / key
+            trained = last_json(
+                cli(self.train_args(self.work / "prep", out / "train", 1.0, "minCE", plan["steps"], lr))
+            )
+            cli(["distill", "export", str(out / "train"), str(out / "export"), "--force"])
+            held = heldout_metrics(self.work / "prep", {"clm": out / "export"})["clm"]
+            done[key] = {"lr": lr, "bits_per_byte": held["bits_per_byte"], "ce_to_gemma3": held["ce_to_gemma3"]}
+            done[key]["train"] = trained
+            write_json(path, done)
+        picked = min(done.values(), key=lambda r: r["bits_per_byte"])["lr"]
+        if plan["lr"] != picked:
+            plan["lr"] = picked
+            write_json(self.bench / "plan.json", plan)
+        return {"by": "held-out bits per byte of the CLM arm", "picked": picked, "rates": done}
+
+    # ---- 4. train ------------------------------------------------------------------------------------
     def train(self, plan: dict) -> dict:
         results = {}
         for arm, (lam, fusion) in self.arms.items():
             path = self.bench / f"train-{arm}.json"
             if (done := read_json(path)) is None:
                 out = self.work / "train" / arm
-                done = last_json(cli(self.train_args(self.work / "prep", out, lam, fusion, plan["steps"])))
+                swept = self.work / "lr-sweep" / f"{plan['lr']:g}" / "train"
+                if arm == "clm" and swept.is_dir():  # the sweep trained it with these very arguments
+                    shutil.copytree(swept, out, copy_function=os.link, dirs_exist_ok=True)
+                    done = {
+                        **read_json(self.bench / "lr-sweep.json")[f"{plan['lr']:g}"]["train"],
+                        "model": str(out / "model"),
+                    }
+                else:
+                    args = self.train_args(self.work / "prep", out, lam, fusion, plan["steps"], plan["lr"])
+                    done = last_json(cli(args))
                 done = {"lambda": lam, "fusion": fusion, **done}
                 shutil.copyfile(out / "loss.jsonl", self.bench / f"loss-{arm}.jsonl")
                 write_json(path, done)
             results[arm] = done
         return results
 
-    # ---- 4. export -----------------------------------------------------------------------------------
+    # ---- 5. export -----------------------------------------------------------------------------------
     def export(self) -> dict[str, Path]:
         """Each arm's export directory (HF weights + ``model-f32.gguf``)."""
         dirs = {"original": self.work / "export" / "original"}
@@ -195,7 +236,7 @@ class Experiment:
             dirs[arm] = dest
         return dirs
 
-    # ---- 5. eval -------------------------------------------------------------------------------------
+    # ---- 6. eval -------------------------------------------------------------------------------------
     def evaluate(self, plan: dict, dirs: dict[str, Path]) -> dict:
         models = ",".join(f"{arm}={self.served(d)}" for arm, d in dirs.items())
         results = {}
@@ -236,6 +277,7 @@ class Experiment:
         plan = self.plan(probe)
         log(f"plan: {plan}")
         prepared = self.prepare(plan)
+        swept = self.sweep(plan)
         trained = self.train(plan)
         dirs = self.export()
         heldout = cached(self.bench / "heldout.json", lambda: heldout_metrics(self.work / "prep", dirs))
@@ -249,6 +291,7 @@ class Experiment:
             "plan": plan,
             "probe": {k: v for k, v in probe.items() if k not in ("prepare", "train")},
             "prepare": prepared,
+            "lr_sweep": swept,
             "train": trained,
             "min_ce_winners": winners(self.work / "prep"),
             "heldout": heldout,
@@ -305,7 +348,13 @@ def parse_args(argv=None):
     p.add_argument("--budget-minutes", type=float, required=True, help="wall time the run is sized to")
     p.add_argument("--backend", default="auto", help="prepare's workers (auto: llama.cpp for the GGUFs on a CPU)")
     p.add_argument("--eval-backend", default="llamacpp", choices=["llamacpp", "transformers"])
-    p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument("--lr", type=float, default=3e-5, help="every arm's peak learning rate (without --lr-sweep)")
+    p.add_argument(
+        "--lr-sweep",
+        type=lambda text: [float(x) for x in text.split(",") if x.strip()],
+        default=[],
+        help="comma-separated rates: train the CLM arm at each first, and use the one with the lowest held-out bits/byte",
+    )
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--k", type=int, default=10)

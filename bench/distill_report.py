@@ -81,6 +81,7 @@ def facts(summary: dict) -> list[str]:
     speed = summary["generation_speed"]
     train = summary["train"]
     arms = [a for a in speed if isinstance(speed[a], dict) and "tokens_per_s" in speed[a]]
+    sweep = summary.get("lr_sweep")
     lines = [
         f"- Corpus: {prep['texts']} training texts ({prep['tokens']} SmolLM2 tokens in all, held-out included), "
         f"{held['texts']} held-out texts ({held['original']['tokens']} tokens, "
@@ -89,6 +90,15 @@ def facts(summary: dict) -> list[str]:
         f"- Training: {plan['steps']} AdamW steps per arm, batch {plan['batch_size']} × {plan['seq_len']} tokens, "
         f"peak lr {plan['lr']:g}, cosine with warm-up, seed 0, k = {plan['k']}; the same packed blocks in the "
         "same order for every arm.",
+        *(
+            [
+                "- Learning rate: picked on the CLM arm by held-out bits/byte among "
+                + ", ".join(f"{r['lr']:g} ({r['bits_per_byte']:.4f})" for r in sweep["rates"].values())
+                + f": {sweep['picked']:g}."
+            ]
+            if sweep
+            else []
+        ),
         f"- Eval: the first {summary['eval']['arc-easy']['n']} ARC-Easy and {summary['eval']['arc-challenge']['n']} "
         "ARC-Challenge validation questions (`--limit`), every arm a float32 GGUF on llama.cpp; "
         "p: exact two-sided McNemar on the same questions; held-out p: exact paired permutation test over the "
