@@ -61,10 +61,10 @@ def workers(registry, bundled_models):
 def long_prompt(workers):
     """A two-shot prompt: more than two prefill chunks, and twice past Gemma-3's sliding
     window."""
-    prompts = {"gemma3": gsm8k_prompt(), "smollm2": gsm8k_prompt()}
-    assert len(workers["gemma3"].tokenizer.hf(prompts["gemma3"])["input_ids"]) > 2 * GEMMA_WINDOW
-    assert len(workers["smollm2"].tokenizer.hf(prompts["smollm2"])["input_ids"]) > 2 * PREFILL_CHUNK
-    return prompts
+    prompt = gsm8k_prompt()
+    assert len(workers["gemma3"].tokenizer.hf(prompt)["input_ids"]) > 2 * GEMMA_WINDOW
+    assert all(len(w.tokenizer.hf(prompt)["input_ids"]) > 2 * PREFILL_CHUNK for w in workers.values())
+    return prompt
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def long_greedy(workers, registry, long_prompt):
     def get(model: str):
         if model not in made:
             w = workers[model]
-            sid, n_ctx, ctx_text = w.open(long_prompt[model])
+            sid, n_ctx, ctx_text = w.open(long_prompt)
             try:
                 made[model] = ((n_ctx, ctx_text), greedy_segments(w, sid, registry.ids, N))
             finally:
@@ -137,7 +137,7 @@ def greedy_segments(worker: WorkerCore, session_id: str, tokenizer_ids: list[str
 @pytest.mark.parametrize("case", ["short-own", "long-both"])
 def test_next_text_matches_generate(workers, registry, long_prompt, long_greedy, model, case):
     w = workers[model]
-    prompt = SHORT_PROMPT if case == "short-own" else long_prompt[model]
+    prompt = SHORT_PROMPT if case == "short-own" else long_prompt
     tokenizer_ids = [] if case == "short-own" else registry.ids
     context = w.tokenizer.hf(prompt)["input_ids"]
     if case == "long-both":  # the run the tests below take as their oracle: checked here
@@ -186,11 +186,11 @@ def test_chunked_prefill_keeps_the_unchunked_greedy_tokens(workers, long_prompt,
     with the tokens of one unchunked prefill (generate without prefill_chunk_size), log-probs equal
     up to float noise."""
     w = workers[model]
-    context = w.tokenizer.hf(long_prompt[model])["input_ids"]
+    context = w.tokenizer.hf(long_prompt)["input_ids"]
     assert len(context) > 2 * PREFILL_CHUNK and (
         model != "gemma3" or len(context) > GEMMA_WINDOW
     )  # chunks cross the window
-    sid, _, _ = w.open(long_prompt[model])
+    sid, _, _ = w.open(long_prompt)
     try:
         ids, lps, *_ = greedy_segments(w, sid, [], 12)
     finally:
@@ -215,7 +215,7 @@ def test_prefix_cache_opens_continue_as_whole_prefills(workers, long_prompt, lon
     the last shared chunk boundary; the same context again) continue bitwise as generate() from
     scratch, across Gemma-3's sliding window; the kept cache stays unchanged by its sessions."""
     w = workers[model]
-    prompt = long_prompt[model]
+    prompt = long_prompt
     other = prompt.rsplit("Question:", 1)[0] + f"Question: {_rows('test', 2)[1]['question']}\nAnswer:"
     ids, other_ids = (w.tokenizer.hf(p)["input_ids"] for p in (prompt, other))
     shared = next(i for i, (a, b) in enumerate(zip(ids, other_ids)) if a != b)
@@ -233,7 +233,7 @@ def test_prefix_cache_opens_continue_as_whole_prefills(workers, long_prompt, lon
     sid, _, _ = w.open(prompt)  # prefilled whole and kept
     w.close(sid)
     hits, reused = w.prefix_cache.hits, w.prefix_cache.reused_tokens
-    for prompt in (other, long_prompt[model]):
+    for prompt in (other, long_prompt):
         sid, _, _ = w.open(prompt)
         try:
             got, lps, *_ = greedy_segments(w, sid, [], 8)
@@ -249,7 +249,7 @@ def test_prefix_cache_opens_continue_as_whole_prefills(workers, long_prompt, lon
 def test_gemma_window_is_trimmed_after_commits(workers, long_prompt):
     """Past recording keeps rollback possible, and commits trim the sliding layers back."""
     w = workers["gemma3"]
-    sid, n_ctx, _ = w.open(long_prompt["gemma3"])
+    sid, n_ctx, _ = w.open(long_prompt)
     try:
         r = w.next_text(sid, NextTextOptions([], 8))
         w.update_state(sid, r.state_id)
@@ -272,8 +272,8 @@ CANDIDATES = [
 @pytest.mark.parametrize("model", MODELS)
 def test_score_matches_feed_and_full_forward(workers, registry, long_prompt, model):
     w = workers[model]
-    sid, _, _ = w.open(long_prompt[model])
-    context = w.tokenizer.hf(long_prompt[model])["input_ids"]
+    sid, _, _ = w.open(long_prompt)
+    context = w.tokenizer.hf(long_prompt)["input_ids"]
     try:
         w.next_text(
             sid, NextTextOptions(registry.ids, 12)
@@ -300,7 +300,7 @@ def test_score_matches_feed_and_full_forward(workers, registry, long_prompt, mod
 @pytest.mark.parametrize("model", MODELS)
 def test_commit_scored_then_continue(workers, registry, long_prompt, model):
     w = workers[model]
-    prompt = long_prompt[model] if model == "gemma3" else SHORT_PROMPT
+    prompt = long_prompt if model == "gemma3" else SHORT_PROMPT
     sid, _, _ = w.open(prompt)
     context = w.tokenizer.hf(prompt)["input_ids"]
     try:
@@ -474,7 +474,7 @@ def test_concurrent_sessions_share_batched_steps(workers, long_prompt, model):
     from concurrent.futures import ThreadPoolExecutor
 
     w = workers[model]
-    prompts = [long_prompt[model], SHORT_PROMPT, "def fibonacci(n):", "Once upon a time, in a small village,"]
+    prompts = [long_prompt, SHORT_PROMPT, "def fibonacci(n):", "Once upon a time, in a small village,"]
 
     def run(prompt):
         sid, _, _ = w.open(prompt)
@@ -658,7 +658,7 @@ def test_verified_drafts_keep_the_greedy_tokens(workers, registry, long_prompt, 
         return other_text[len(done) :] if other_text.startswith(done) else ""
 
     for drafts, verified_min in ((perfect, N // 2), (from_other, 0)):
-        sid, _, _ = w.open(long_prompt[model])
+        sid, _, _ = w.open(long_prompt)
         try:
             ids, lps, texts, results = _segments_with_drafts(w, sid, registry.ids, N, drafts)
         finally:
@@ -682,7 +682,7 @@ def test_looked_up_tokens_keep_the_greedy_tokens(workers, registry, long_prompt,
     w = workers[model]
     plain_ids, plain_lps, plain_texts, _, _ = long_greedy(model)[1]
     for options in (dict(), dict(reuse_lookahead=False), dict(draft_tokens=4)):
-        sid, _, _ = w.open(long_prompt[model])
+        sid, _, _ = w.open(long_prompt)
         ids, lps, texts, accepted, forwards = [], [], [], 0, 0
         try:
             while len(ids) < N:
