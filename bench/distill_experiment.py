@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from coolfusion.services.common.config import comma_list
+
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [str(Path(sys.executable).parent / "coolfusion")]
 CORPUS = ["arc-easy", "arc-challenge", "gsm8k"]
@@ -351,7 +353,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-5, help="every arm's peak learning rate (without --lr-sweep)")
     p.add_argument(
         "--lr-sweep",
-        type=lambda text: [float(x) for x in text.split(",") if x.strip()],
+        type=lambda text: [float(x) for x in comma_list(text)],
         default=[],
         help="comma-separated rates: train the CLM arm at each first, and use the one with the lowest held-out bits/byte",
     )

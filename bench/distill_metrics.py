@@ -166,27 +166,24 @@ def winners(prep: Path) -> dict:
 PROMPT = "Question: Which gas do plants take in from the air to make food?\nAnswer:"
 
 
-def _end_tokens(llm) -> list[int]:
-    """Every token that ends a generation in ``llm``'s vocabulary (EOS, end of turn, ...)."""
-    import llama_cpp
-
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    return [t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)]
-
-
 def generation_speed(files: dict[str, Path], tokens: int = 64, rounds: int = 5) -> dict:
     """Greedy generation tokens/s of GGUF files on llama.cpp (1 thread, as the workers run on a
     shared machine: more threads spin against the other jobs), the files interleaved
     round by round so load changes on the machine hit them alike; the median round. The first
-    file is the baseline the others are compared with. Every end-of-generation token is banned, so every model generates
-    exactly ``tokens`` tokens after the same prompt: a model that stops early would otherwise
-    spread its prompt's prefill over fewer tokens and look slower per token."""
-    from llama_cpp import Llama
+    file is the baseline the others are compared with. Every end-of-generation token is banned,
+    so every model generates exactly ``tokens`` tokens after the same prompt: a model that stops
+    early would otherwise spread its prompt's prefill over fewer tokens and look slower per token."""
+    from llama_cpp import Llama, llama_model_get_vocab
+
+    from coolfusion.services.worker.llamacpp import end_of_generation_ids
 
     arms = list(files)
     models = {arm: Llama(str(files[arm]), n_ctx=256, n_threads=1, verbose=False) for arm in arms}
     rates: dict[str, list[float]] = {arm: [] for arm in arms}
-    banned = {arm: dict.fromkeys(_end_tokens(llm), -math.inf) for arm, llm in models.items()}
+    banned = {
+        arm: dict.fromkeys(end_of_generation_ids(llama_model_get_vocab(llm.model)), -math.inf)
+        for arm, llm in models.items()
+    }
     for _ in range(rounds):
         for arm, llm in models.items():
             llm.reset()

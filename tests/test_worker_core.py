@@ -2,7 +2,7 @@
 
 * greedy NextText/UpdateState segments concatenate to exactly ``model.generate(do_sample=False)``
   (token ids, per-token log-probs bitwise, text), with own-tokenizer and two-tokenizer boundaries,
-  on a prompt longer than Gemma-3's sliding window (``conftest.GEMMA_WINDOW``);
+  on a prompt longer than Gemma-3's sliding window (``cluster.GEMMA_WINDOW``);
 * ScoreCandidates == FeedTokens == a from-scratch full forward (PPL), lookahead in the cache;
 * committing a scored / fed state and continuing == generate() from context + those tokens;
 * errors: unknown session, stale / superseded states, bad ids, bad arguments, close twice.
@@ -10,12 +10,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
-from cluster import GEMMA_WINDOW, GSM8K  # ../shared/data/gsm8k, or $COOLFUSION_GSM8K_DIR
+from cluster import GEMMA_WINDOW, gsm8k_prompt, gsm8k_rows
 
 from coolfusion.services.common.errors import InvalidArgument, status_for
 from coolfusion.services.worker import model as worker_model
@@ -27,17 +26,6 @@ from coolfusion.services.worker.model import WorkerCore, perplexity
 MODELS = ("smollm2", "gemma3")
 N = 40
 SHORT_PROMPT = "The three primary colors are"
-
-
-def _rows(split: str, n: int) -> list[dict]:
-    with open(GSM8K / f"{split}.jsonl") as fh:
-        return [json.loads(next(fh)) for _ in range(n)]
-
-
-def gsm8k_prompt(shots: int = 2) -> str:
-    """lm-eval style few-shot prompt; 2 shots are ~280 tokens for both models."""
-    parts = [f"Question: {r['question']}\nAnswer: {r['answer']}\n\n" for r in _rows("train", shots)]
-    return "".join(parts) + f"Question: {_rows('test', 1)[0]['question']}\nAnswer:"
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +49,7 @@ def workers(registry, bundled_models):
 def long_prompt(workers):
     """A two-shot prompt: more than two prefill chunks, and twice past Gemma-3's sliding
     window."""
-    prompt = gsm8k_prompt()
+    prompt = gsm8k_prompt(0, shots=2)
     assert len(workers["gemma3"].tokenizer.hf(prompt)["input_ids"]) > 2 * GEMMA_WINDOW
     assert all(len(w.tokenizer.hf(prompt)["input_ids"]) > 2 * PREFILL_CHUNK for w in workers.values())
     return prompt
@@ -216,7 +204,7 @@ def test_prefix_cache_opens_continue_as_whole_prefills(workers, long_prompt, lon
     scratch, across Gemma-3's sliding window; the kept cache stays unchanged by its sessions."""
     w = workers[model]
     prompt = long_prompt
-    other = prompt.rsplit("Question:", 1)[0] + f"Question: {_rows('test', 2)[1]['question']}\nAnswer:"
+    other = prompt.rsplit("Question:", 1)[0] + f"Question: {gsm8k_rows('test', 1, start=1)[0]['question']}\nAnswer:"
     ids, other_ids = (w.tokenizer.hf(p)["input_ids"] for p in (prompt, other))
     shared = next(i for i, (a, b) in enumerate(zip(ids, other_ids)) if a != b)
     assert shared > max(GEMMA_WINDOW, w.prefill_chunk)  # Gemma-3's restored cache crosses the window

@@ -95,6 +95,13 @@ def _quiet_log(level, text, user_data) -> None:
         log.error("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
 
 
+def end_of_generation_ids(vocab) -> tuple[int, ...]:
+    """Every token of a llama.cpp vocabulary that ends a generation (EOS, end of turn, ...)."""
+    import llama_cpp as ll
+
+    return tuple(t for t in range(int(ll.llama_vocab_n_tokens(vocab))) if ll.llama_vocab_is_eog(vocab, t))
+
+
 class LlamaCppModel:
     """A GGUF model and one llama.cpp context whose KV cells every session of the worker shares.
 
@@ -126,7 +133,7 @@ class LlamaCppModel:
         self.vocab_size = int(ll.llama_vocab_n_tokens(self.vocab))
         self.n_ctx_train = int(ll.llama_model_n_ctx_train(model))
         self.parameters = int(ll.llama_model_n_params(model))
-        self.eog_ids = tuple(t for t in range(self.vocab_size) if ll.llama_vocab_is_eog(self.vocab, t))
+        self.eog_ids = end_of_generation_ids(self.vocab)
         self.eos_id = int(ll.llama_vocab_eos(self.vocab))
         cparams = ll.llama_context_default_params()
         self.kv_cells = int(kv_cells)
