@@ -155,6 +155,11 @@ def load_hf_tokenizer(spec: ModelSpec):
     if (cached / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(str(cached))
     log.info("converting tokenizer from %s (cached afterwards in %s)", spec.gguf_path, cached)
-    tokenizer = AutoTokenizer.from_pretrained(spec.source, gguf_file=spec.gguf_file)
+    if importlib.util.find_spec("torch") is None:  # transformers' GGUF reader imports torch
+        from .gguf_tokenizer import load_gguf_tokenizer
+
+        tokenizer = load_gguf_tokenizer(spec.gguf_path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(spec.source, gguf_file=spec.gguf_file)
     atomic_save(cached, tokenizer.save_pretrained)
     return tokenizer
