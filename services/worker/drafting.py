@@ -16,9 +16,9 @@ on batching, which decides whether lookup runs.)
 
 from __future__ import annotations
 
-import torch
-
+from . import logits as ops
 from .forward import Forwards, crop_tail
+from .logits import Logits
 from .sessions import Session
 
 # Lookup drafting: the tokens that followed the latest earlier occurrence of the last LOOKUP_NGRAM
@@ -61,7 +61,7 @@ class Drafts:
         greedy decoding picks; none proposed: a decode step). Returns the proposed tokens kept."""
         j = len(s.ahead_logits)  # == len(s.ahead_tokens) - 1
         logits = self.forwards.run(s.cache, [s.ahead_tokens[j]] + proposed, 0, owner=s.id)
-        s.ahead_logits.append(logits[0].clone() if proposed else logits[0])
+        s.ahead_logits.append(ops.clone(logits[0]) if proposed else logits[0])
         s.lookahead += 1
         return self._accept(s, logits, proposed) if proposed else 0
 
@@ -71,18 +71,18 @@ class Drafts:
         assert s.lookahead == 0 and not s.ahead_tokens, "unfed committed tokens with a continuation"
         unfed = s.ids[s.fed :]
         logits = self.forwards.run(s.cache, unfed + proposed, len(unfed) - 1, owner=s.id)
-        s.next_logits = logits[0].clone()
+        s.next_logits = ops.clone(logits[0])
         s.fed = len(s.ids)
         return self._accept(s, logits, proposed)
 
-    def _accept(self, s: Session, logits: torch.Tensor, proposed: list[int]) -> int:
+    def _accept(self, s: Session, logits: Logits, proposed: list[int]) -> int:
         """After a forward of ``proposed`` (just fed on top of the session's continuation, with
         ``logits[i]`` the logits before ``proposed[i]``): keep the longest prefix that greedy
         decoding picks (each token the argmax after the ones before it) as continuation tokens
         with their log-probs and logits, and crop the rest from the cache. Returns tokens kept."""
         kept = 0
         if s.sampling.greedy:
-            picks = torch.argmax(logits[: len(proposed)], -1).tolist()
+            picks = ops.argmax_rows(logits[: len(proposed)])
             while kept < len(proposed) and picks[kept] == proposed[kept]:
                 kept += 1
         else:
@@ -91,11 +91,11 @@ class Drafts:
         if kept < len(proposed):
             crop_tail(s.cache, len(proposed) - kept)
         if kept:
-            logprobs = torch.log_softmax(logits[:kept], -1)
+            logprobs = ops.log_softmax(logits[:kept])
             for i in range(kept):
                 s.ahead_tokens.append(proposed[i])
                 s.ahead_lps.append(float(logprobs[i, proposed[i]]))
-                s.ahead_logits.append(logits[i + 1].clone())
+                s.ahead_logits.append(ops.clone(logits[i + 1]))
         s.lookahead += kept
         return kept
 

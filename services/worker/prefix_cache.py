@@ -26,8 +26,8 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import torch
-
+from . import logits as ops
+from .logits import Logits
 from .sessions import cache_bytes
 
 
@@ -38,14 +38,14 @@ class Restored:
 
     cache: object
     tokens: int
-    logits: torch.Tensor | None
+    logits: Logits | None
 
 
 @dataclass
 class _Entry:
     ids: tuple[int, ...]
     cache: object
-    logits: torch.Tensor
+    logits: Logits
     nbytes: int
 
 
@@ -142,9 +142,9 @@ class PrefixCache:
             self.hits += 1
             self.reused_tokens += best_n
         cache = copy.deepcopy(best.cache) if best_n == len(best.ids) else _cut(best.cache, best_n)
-        return Restored(cache, best_n, best.logits.clone() if best_n == len(ids) else None)
+        return Restored(cache, best_n, ops.clone(best.logits) if best_n == len(ids) else None)
 
-    def store(self, ids: list[int], cache, logits: torch.Tensor) -> bool:
+    def store(self, ids: list[int], cache, logits: Logits) -> bool:
         """Keep a copy of a freshly prefilled ``cache`` of ``ids`` and the logits after them;
         False when it is not kept (off, shorter than ``min_tokens``, a layer that dropped states, or
         larger than the whole budget)."""
@@ -157,8 +157,8 @@ class PrefixCache:
                 return True
         if not _holds_every_state(cache, len(key)):
             return False
-        kept, kept_logits = copy.deepcopy(cache), logits.clone()
-        entry = _Entry(key, kept, kept_logits, cache_bytes(kept) + kept_logits.numel() * kept_logits.element_size())
+        kept, kept_logits = copy.deepcopy(cache), ops.clone(logits)
+        entry = _Entry(key, kept, kept_logits, cache_bytes(kept) + ops.nbytes(kept_logits))
         if entry.nbytes > self.budget_bytes:
             return False
         with self._lock:

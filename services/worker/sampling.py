@@ -22,15 +22,13 @@ continuation is the model's own sampled text with or without proposals.
 from __future__ import annotations
 
 import hashlib
-import math
 from array import array
 
-import torch
-
+from . import logits as ops
 from .api import Sampling
+from .logits import Logits, token_at
 
 PERSON = b"coolfusion.draw1"  # blake2b personalisation: these draws and no other hash's
-NUCLEUS_FIRST_LOOK = 64  # most likely tokens looked at first for the nucleus's end
 
 
 def _packed(ids) -> bytes:
@@ -64,52 +62,23 @@ def uniform(seed: int, key: bytes) -> float:
     return (int.from_bytes(digest, "little") >> 11) * 2.0**-53
 
 
-def choose(logits: torch.Tensor, sampling: Sampling, u: float) -> int:
+def choose(logits: Logits, sampling: Sampling, u: float) -> int:
     """The token at ``u`` in the distribution ``sampling`` makes of ``logits`` (one row)."""
     return token_at(cumulative(logits, sampling), u)
 
 
-def cumulative(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """The cumulative distribution (float64, not normalised) that ``sampling`` makes of ``logits``:
-    temperature, then top-k, then top-p (transformers' and vLLM's order; as there, tokens tied
-    with the last one kept stay).
+def cumulative(logits: Logits, sampling: Sampling):
+    """The cumulative distribution (float64, not normalised) that ``sampling`` makes of ``logits``
+    (a torch tensor or a numpy array, ``logits.py``): temperature, then top-k, then top-p
+    (transformers' and vLLM's order; as there, tokens tied with the last one kept stay).
 
     It runs over the token ids in id order, never in probability order: near-equal probabilities
     (a model's long tail) swap places under float rounding (a batched forward, a cached one),
     which in probability order would hand whole intervals of ``u`` to another token; in id order
     rounding only moves each edge by its own size."""
-    scaled = logits.to(torch.float64) / sampling.temperature
-    if 0 < sampling.top_k < scaled.numel():
-        scaled = scaled.masked_fill(scaled < torch.topk(scaled, sampling.top_k).values[-1], -math.inf)
-    probs = torch.softmax(scaled, -1)
-    if 0.0 < sampling.top_p < 1.0:
-        probs = probs.masked_fill(probs < _nucleus_floor(probs, sampling.top_p), 0.0)
-    return torch.cumsum(probs, -1)
+    return ops.cumulative(logits, sampling.temperature, sampling.top_k, sampling.top_p)
 
 
-def token_at(cdf: torch.Tensor, u: float) -> int:
-    """The token whose interval of ``cdf`` holds ``u`` (scaled to the total); a token of
-    probability 0 has an empty interval and is never drawn."""
-    at = int(torch.searchsorted(cdf, u * cdf[-1], right=True))
-    if at >= cdf.numel():  # u * total rounded up to the total: the last token that can be drawn
-        at = int(torch.nonzero(torch.diff(cdf, prepend=cdf.new_zeros(1)) > 0).max())
-    return at
-
-
-def _nucleus_floor(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """The smallest probability in the nucleus: the most likely tokens, most likely first, up to
-    the first whose more likely ones reach ``top_p`` in mass. Found among the top few (a
-    nucleus is short), widening until it ends inside them: no sort of the whole vocabulary."""
-    k = NUCLEUS_FIRST_LOOK
-    while True:
-        k = min(k, probs.numel())
-        ordered = torch.topk(probs, k).values
-        inside = int((torch.cumsum(ordered, -1) - ordered < top_p).sum())
-        if inside < k or k == probs.numel():
-            return ordered[max(1, inside) - 1]
-        k *= 8
-
-
-def draw(logits: torch.Tensor, sampling: Sampling, keys: PrefixKeys, committed: list[int], extra: list[int]) -> int:
+def draw(logits: Logits, sampling: Sampling, keys: PrefixKeys, committed: list[int], extra: list[int]) -> int:
     """The token ``sampling`` draws after ``committed + extra`` from ``logits``."""
     return choose(logits, sampling, uniform(sampling.seed, keys.key(committed, extra)))

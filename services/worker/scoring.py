@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
 from ..common.errors import InvalidArgument
+from . import logits as ops
 from .forward import Forwards, committed_copy
 from .loading import LoadedModel
 from .results import CandidateScore, perplexity
@@ -93,14 +92,14 @@ class Scorer:
         if len(ids) - 1 > forwarded or ids[:-1] != s.ahead_tokens[: len(ids) - 1]:
             return None
         dists = [self.forwards.ready(s)] + s.ahead_logits[: len(ids) - 1]
-        return [float(torch.log_softmax(d, -1)[t]) for d, t in zip(dists, ids)]
+        return [float(ops.log_softmax(d)[t]) for d, t in zip(dists, ids)]
 
     def score_rows(self, s: Session, rows: list[list[int]]) -> list[tuple[str, list[float]]]:
         """Forward all non-empty rows (right-padded) in one batch on the committed state.
 
         Returns (state_id, logprobs) per row; empty rows get no logprobs.
         """
-        first = torch.log_softmax(self.forwards.ready(s), -1)
+        first = ops.log_softmax(self.forwards.ready(s))
         live = [i for i, r in enumerate(rows) if r]
         results: list[tuple[str, list[float]]] = [("", [])] * len(rows)
         if live:
@@ -117,12 +116,11 @@ class Scorer:
             batch = RowBatch(cache, width, len(live))
             for b, i in enumerate(live):
                 ids = rows[i]
-                row_logits = logits[b, : len(ids)].float()
+                row_logits = ops.float32(logits[b, : len(ids)])
                 lps = [float(first[ids[0]])]
                 if len(ids) > 1:
-                    tail = torch.log_softmax(row_logits[:-1], -1)
-                    lps += tail.gather(1, torch.tensor(ids[1:], device=tail.device)[:, None])[:, 0].tolist()
-                state = RowState(s.epoch, batch, b, list(ids), row_logits[-1].clone())
+                    lps += ops.gather(ops.log_softmax(row_logits[:-1]), ids[1:])
+                state = RowState(s.epoch, batch, b, list(ids), ops.clone(row_logits[-1]))
                 results[i] = (new_state(s, state), lps)
             del logits
         for i, r in enumerate(rows):

@@ -16,11 +16,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from ..common.errors import ResourceExhausted
+from . import logits as ops
 from .api import GREEDY, Sampling
 from .errors import SessionNotFound
+from .logits import Logits
 from .memory import release_free_heap
 from .sampling import PrefixKeys, draw
 
@@ -36,7 +36,7 @@ class Session:
     n_context: int
     text: str  # context text + committed output text
     cache: object
-    next_logits: torch.Tensor | None
+    next_logits: Logits | None
     fed: int  # committed ids present in the cache (len(ids) or len(ids) - 1)
     lookahead: int = 0  # uncommitted NextText tokens in the cache after the committed ones
     # The greedy continuation of the committed state generated so far (kept across commits when the
@@ -60,19 +60,19 @@ class Session:
     keys: PrefixKeys = field(default_factory=PrefixKeys)
     reserved_bytes: int = 0  # KV its prefill will hold (the budget counts it from the start)
 
-    def pick(self, logits: torch.Tensor) -> tuple[int, float]:
+    def pick(self, logits: Logits) -> tuple[int, float]:
         """The next token of the continuation after ``logits`` (greedy, or drawn as ``sampling``
         says) and its log-prob under the unmodified distribution, appended to the continuation."""
         if self.sampling.greedy:
-            token = int(torch.argmax(logits))
+            token = ops.argmax(logits)
         else:
             token = self.draw(logits, [])
-        lp = float(torch.log_softmax(logits, -1)[token])
+        lp = float(ops.log_softmax(logits)[token])
         self.ahead_tokens.append(token)
         self.ahead_lps.append(lp)
         return token, lp
 
-    def draw(self, logits: torch.Tensor, proposed: list[int]) -> int:
+    def draw(self, logits: Logits, proposed: list[int]) -> int:
         """The token ``sampling`` draws after the continuation and then ``proposed``."""
         return draw(logits, self.sampling, self.keys, self.ids, self.ahead_tokens + proposed)
 
@@ -96,7 +96,7 @@ def cache_bytes(cache) -> int:
     for layer in getattr(cache, "layers", ()) if cache is not None else ():
         for name in ("keys", "values"):
             t = getattr(layer, name, None)
-            if isinstance(t, torch.Tensor):
+            if t is not None:  # a transformers cache layer's tensor (None before its first update)
                 kv += t.numel() * t.element_size()
     return kv
 

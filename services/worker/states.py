@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from .errors import StateError
 from .forward import crop_tail, trim
+from .logits import Logits
 from .results import CommitResult
 from .sessions import Session
 
@@ -53,7 +52,7 @@ class RowState:
     batch: RowBatch | None  # None for an empty row
     row: int
     tokens: list[int]
-    next_logits: torch.Tensor | None
+    next_logits: Logits | None  # None for an empty row
 
 
 @dataclass
@@ -101,7 +100,7 @@ def drop_lookahead(s: Session) -> None:
     drop_gen_states(s)
 
 
-def commit(s: Session, state_id: str, tokenizer, device: torch.device) -> CommitResult:
+def commit(s: Session, state_id: str, tokenizer, device) -> CommitResult:
     """Make a temp state of the locked session ``s`` the committed one (UpdateState, and
     NextText's ``commit_state_id``); ``tokenizer`` decodes the committed text."""
     state = find_state(s, state_id)
@@ -111,7 +110,7 @@ def commit(s: Session, state_id: str, tokenizer, device: torch.device) -> Commit
     return _commit_one(s, state, tokenizer, device)
 
 
-def _commit_one(s: Session, state, tokenizer, device: torch.device) -> CommitResult:
+def _commit_one(s: Session, state, tokenizer, device) -> CommitResult:
     prefix = s.ids[s.n_context :]
     s.fill_until = 0
     if isinstance(state, GenState):
@@ -133,7 +132,7 @@ def _commit_one(s: Session, state, tokenizer, device: torch.device) -> CommitRes
     return CommitResult(len(s.ids) - s.n_context, text)
 
 
-def _keep_generated(s: Session, state: GenState) -> torch.Tensor | None:
+def _keep_generated(s: Session, state: GenState) -> Logits | None:
     """A NextText candidate: its tokens leave the lookahead; the rest stays for the next call."""
     n = len(state.tokens)
     in_cache = min(n, len(s.ahead_logits))
@@ -147,7 +146,7 @@ def _keep_generated(s: Session, state: GenState) -> torch.Tensor | None:
     return next_logits
 
 
-def _keep_continuation(s: Session, state: AheadState) -> torch.Tensor | None:
+def _keep_continuation(s: Session, state: AheadState) -> Logits | None:
     """A candidate scored from the continuation: the KV of the tokens it shares with the
     continuation stays, the rest of the continuation is cropped away."""
     if s.fed < len(s.ids):  # nothing of the continuation is in the cache
@@ -171,17 +170,28 @@ def _keep_continuation(s: Session, state: AheadState) -> torch.Tensor | None:
     return next_logits
 
 
-def _adopt_row(s: Session, state: RowState, device: torch.device) -> torch.Tensor | None:
+def _adopt_row(s: Session, state: RowState, device) -> Logits | None:
     """A scored or fed row: its batch's cache becomes the session's (row selected, padding cropped)."""
     s.clear_ahead()
     s.lookahead = 0  # the adopted copy holds no lookahead
     batch = state.batch
     cache = batch.cache
     if batch.rows > 1:
-        cache.batch_select_indices(torch.tensor([state.row], device=device))
+        _select_row(cache, state.row, device)
     pad = batch.width - len(state.tokens)
     if pad:
         cache.crop(-pad)
     s.cache = cache
     s.fed = len(s.ids) + len(state.tokens)
     return state.next_logits
+
+
+def _select_row(cache, row: int, device) -> None:
+    """Keep one row of a batch's cache: a backend's own cache (llama.cpp) takes the row number, a
+    transformers cache indexes its tensors with a tensor on their ``device``."""
+    if hasattr(cache, "crop_tail"):
+        cache.batch_select_indices([row])
+        return
+    import torch
+
+    cache.batch_select_indices(torch.tensor([row], device=device))
