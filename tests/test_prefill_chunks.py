@@ -9,8 +9,9 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-from coolfusion.services.worker.forward import PrefillCancelled, TransformersForwards
+from coolfusion.services.worker.forward import PrefillCancelled
 from coolfusion.services.worker.prefix_cache import PrefixCache
+from coolfusion.services.worker.transformers_backend import TransformersForwards
 
 WINDOW = 8
 

@@ -492,7 +492,7 @@ def test_batched_rows_are_the_lone_forwards(workers, model):
 
     from transformers import DynamicCache
 
-    from coolfusion.services.worker.batching import forward_sessions
+    from coolfusion.services.worker.transformers_backend import forward_sessions
 
     w = workers[model]
     lengths, rows, firsts = [12, 62, 150, 31], [[5], [7, 8, 9], [11, 12], [14, 15, 16, 17]], [0, 0, 1, 3]

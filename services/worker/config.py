@@ -44,7 +44,12 @@ class WorkerConfig(GrpcServiceConfig):
         "(more memory, faster verify/score/batched steps)",
         choices=("all", "head", "none"),
     )
-    threads: int = option(0, "COOLFUSION_THREADS", "torch threads (0: torch default)")
+    threads: int = option(
+        0,
+        "COOLFUSION_THREADS",
+        "compute threads: torch's on transformers, the context's on llama.cpp "
+        "(0: $OMP_NUM_THREADS, else one per physical core)",
+    )
     # Session limits
     session_ttl: float = option(
         600.0, "COOLFUSION_SESSION_TTL", "seconds a session may stay idle before it is freed (0: never)"

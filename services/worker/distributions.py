@@ -56,6 +56,7 @@ import grpc
 
 from ..common.errors import CoolFusionError, InvalidArgument
 from ..tokenizer.alignment import text_tokens
+from . import logits as ops
 from .results import TextDistributions
 
 MAX_TEXTS = 1024
@@ -189,15 +190,13 @@ class Distributions:
     def _window_rows(self, context: list[int], k: int, cancelled: Cancelled):
         """(gold log-probs, top-k ids, top-k log-probs) of every token of ``context`` after the
         start token: positions fed chunk by chunk on a fresh cache (its last token needs no feed)."""
-        import torch
-
         first = len(self.start) - 1  # the position whose logits predict the text's first token
         feed = context[:-1]
         gold, top_ids, top_lps = [], [], []
         cache = self.forwards.new_cache()
         step = self.chunk
         try:
-            with torch.inference_mode():
+            with self.forwards.inference():
                 for a in range(0, len(feed), step):
                     if a and cancelled():
                         raise DistributionsCancelled(f"distributions cancelled after {a} of {len(feed)} positions")
@@ -205,13 +204,12 @@ class Distributions:
                     lo = max(first - a, 0)
                     if lo >= logits.shape[0]:
                         continue
-                    logp = torch.log_softmax(logits[lo:].float(), -1)
+                    logp = ops.log_softmax(ops.float32(logits[lo:]))
                     del logits
-                    targets = torch.tensor(context[a + lo + 1 : a + step + 1], device=logp.device)
-                    gold += logp.gather(1, targets[:, None])[:, 0].tolist()
-                    values, indices = logp.topk(k, -1)
-                    top_ids += indices.tolist()
-                    top_lps += values.tolist()
+                    gold += ops.gather(logp, context[a + lo + 1 : a + step + 1])
+                    values, indices = ops.top_k(logp, k)
+                    top_ids += indices
+                    top_lps += values
                     del logp
         finally:
             del cache  # llama.cpp: its sequence goes back to the context

@@ -14,17 +14,17 @@ prefix beside the session's own cache (``committed_copy``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import inspect
 import threading
 from collections.abc import Callable
 
 import grpc
-import torch
-from transformers import DynamicCache
 
 from ..common.errors import CoolFusionError
-from .batching import StepBatcher, batchable, forward_sessions
+from . import logits as ops
+from .batching import StepBatcher
+from .logits import Logits
 from .sessions import Session
 
 _COMPUTE_LOCKS_GUARD = threading.Lock()
@@ -54,12 +54,13 @@ def compute_lock(model) -> threading.Lock:
 
 class Forwards:
     """Every forward of one worker's model, whatever runs it (the backend interface; transformers
-    below, llama.cpp in ``llamacpp.py``). A backend gives ``new_cache`` (a KV cache with the part
-    of ``DynamicCache``'s API the worker uses: ``get_seq_length``, ``crop``,
-    ``batch_repeat_interleave``, ``batch_select_indices``, ``copy.deepcopy``), ``forward`` (rows
-    of equal length on a cache), ``_single_step`` and ``_batched_step`` (the step batcher's lone
-    and batched forwards) and ``batcher``; prefilling, running a session's step and readying its
-    next logits are shared. ``run`` goes through the step batcher, so that a session's forward may
+    in ``transformers_backend.py``, llama.cpp in ``llamacpp.py``). A backend gives ``new_cache``
+    (a KV cache with the part of ``DynamicCache``'s API the worker uses: ``get_seq_length``,
+    ``crop``, ``batch_repeat_interleave``, ``batch_select_indices``, ``copy.deepcopy``),
+    ``forward`` (rows of equal length on a cache), ``_single_step`` and ``_batched_step`` (the
+    step batcher's lone and batched forwards), ``batcher`` and ``inference``; prefilling, running
+    a session's step and readying its next logits are shared. Logits are the backend's own arrays
+    (torch tensors, numpy arrays), which ``logits.py`` does the arithmetic on. ``run`` goes through the step batcher, so that a session's forward may
     share one batched forward with other sessions' (``max_batch`` rows at most; 1 turns batching
     off). ``fill(n)``: up to ``n`` idle sessions' steps to top a batch up with (``fill_rows``)."""
 
@@ -73,14 +74,19 @@ class Forwards:
     def new_cache(self):
         raise NotImplementedError
 
-    def forward(self, rows: list[list[int]], cache, keep_last: bool) -> torch.Tensor:
+    def forward(self, rows: list[list[int]], cache, keep_last: bool) -> Logits:
         raise NotImplementedError
 
-    def _single_step(self, cache, tokens: list[int], logits_from: int) -> torch.Tensor:
+    def _single_step(self, cache, tokens: list[int], logits_from: int) -> Logits:
         raise NotImplementedError
 
-    def _batched_step(self, caches: list, rows: list[list[int]], logits_from: list[int]) -> list[torch.Tensor]:
+    def _batched_step(self, caches: list, rows: list[list[int]], logits_from: list[int]) -> list[Logits]:
         raise NotImplementedError
+
+    def inference(self) -> contextlib.AbstractContextManager:
+        """The context forwards and the arithmetic on their logits run in: torch's inference mode
+        on transformers, nothing where the logits are plain arrays."""
+        return contextlib.nullcontext()
 
     @property
     def restore_align(self) -> int:
@@ -90,7 +96,7 @@ class Forwards:
 
     def prefill(
         self, ids: list[int], cache=None, cancelled: Cancelled | None = None, done: int = 0
-    ) -> tuple[object, torch.Tensor]:
+    ) -> tuple[object, Logits]:
         """A cache holding ``ids`` (``cache``, or a new one) and the float32 logits after them.
 
         Chunks of ``prefill_chunk`` tokens, one forward each, called the way ``generate`` calls
@@ -103,18 +109,18 @@ class Forwards:
         assert done % self.restore_align == 0 and done < len(ids), (
             "a prefill resumes at a boundary before its last token"
         )
-        with torch.inference_mode():
+        with self.inference():
             for start in range(done, len(ids), step):
                 if start > done and cancelled is not None and cancelled():
                     raise PrefillCancelled(f"prefill cancelled after {start} of {len(ids)} tokens")
                 logits = self.forward([ids[start : start + step]], cache, keep_last=True)
-        return cache, logits[0, -1].to(copy=True, dtype=torch.float32)
+        return cache, ops.float32(logits[0, -1], copy=True)
 
-    def run(self, cache, tokens: list[int], logits_from: int | None = None, owner=None) -> torch.Tensor:
+    def run(self, cache, tokens: list[int], logits_from: int | None = None, owner=None) -> Logits:
         """One session's forward of ``tokens``, alone or in a batch (``StepBatcher.run``)."""
         return self.batcher.run(cache, tokens, logits_from, owner=owner)
 
-    def ready(self, s: Session) -> torch.Tensor:
+    def ready(self, s: Session) -> Logits:
         """Next logits of the committed state, forwarding a committed-but-unfed last token first."""
         if s.fed < len(s.ids):
             assert s.lookahead == 0, "unfed committed tokens with lookahead in the cache"
@@ -122,58 +128,6 @@ class Forwards:
             s.next_logits = self.run(s.cache, s.ids[s.fed :], owner=s.id)[0]
             s.fed = len(s.ids)
         return s.next_logits
-
-
-class TransformersForwards(Forwards):
-    """The forwards of a transformers model: ``forward`` is the call ``generate`` makes."""
-
-    backend = "transformers"
-
-    def __init__(self, model, device: torch.device, max_batch: int, fill=None, prefill_chunk: int = PREFILL_CHUNK):
-        self.model = model
-        self.prefill_chunk = prefill_chunk
-        self.device = device
-        self._logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self._compute = compute_lock(model)  # one forward at a time: each uses every thread torch has
-        if not batchable(DynamicCache(config=model.config)):
-            max_batch = 1
-        self.batcher = StepBatcher(self._single_step, self._batched_step, max_batch, fill=fill)
-
-    def new_cache(self):
-        """An empty cache that records past states, so that sliding-window layers (Gemma-3) can
-        roll back by cropping."""
-        cache = DynamicCache(config=self.model.config)
-        cache.activate_past_recording()
-        return cache
-
-    def forward(self, rows: list[list[int]], cache, keep_last: bool) -> torch.Tensor:
-        """One forward of equally long rows on ``cache``, called the way ``generate`` calls it."""
-        input_ids = torch.tensor(rows, dtype=torch.long, device=self.device)
-        past = cache.get_seq_length()
-        kwargs = dict(
-            input_ids=input_ids,
-            past_key_values=cache,
-            attention_mask=torch.ones(
-                (input_ids.shape[0], past + input_ids.shape[1]), dtype=torch.long, device=self.device
-            ),
-            use_cache=True,
-            return_dict=True,
-        )
-        if self._logits_to_keep:
-            kwargs["logits_to_keep"] = 1 if keep_last else 0
-        with self._compute:
-            return self.model(**kwargs).logits
-
-    def _single_step(self, cache, tokens: list[int], logits_from: int) -> torch.Tensor:
-        """One session's forward alone, called exactly as ``generate`` calls it: float32 logits
-        after each token from index ``logits_from``."""
-        keep_last = logits_from == len(tokens) - 1
-        out = self.forward([tokens], cache, keep_last=keep_last)[0]
-        return (out[-1:] if keep_last else out[logits_from:]).to(copy=True, dtype=torch.float32)
-
-    def _batched_step(self, caches: list, rows: list[list[int]], logits_from: list[int]) -> list[torch.Tensor]:
-        with self._compute:
-            return forward_sessions(self.model, caches, rows, logits_from, self.device)
 
 
 class Fill:
@@ -185,7 +139,7 @@ class Fill:
         self.cache = session.cache
         self.token = session.ahead_tokens[-1]
 
-    def done(self, logits: torch.Tensor) -> None:
+    def done(self, logits: Logits) -> None:
         s = self.session
         s.ahead_logits.append(logits)
         s.lookahead += 1

@@ -22,12 +22,12 @@ checks, encoding and decoding are the same on both backends.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import logging
 import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
-import torch
 
 from ..common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from .batching import StepBatcher
@@ -66,17 +66,34 @@ def llamacpp_available() -> bool:
     return True
 
 
+def torch_available() -> bool:
+    """torch is installed (the CPU image that runs llama.cpp workers has none); not imported."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _cuda_available() -> bool:
+    if not torch_available():
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def resolve_backend(backend: str | None, spec, device: str | None) -> str:
     """The backend a worker runs: ``backend`` when given; else ("auto") transformers on CUDA,
     llama.cpp for a ``.gguf`` source on the CPU when llama-cpp-python is installed, else
-    transformers. FailedPrecondition for a llama.cpp choice that cannot run."""
+    transformers. FailedPrecondition for a choice that cannot run here: llama.cpp without its
+    build or a GGUF file, transformers without torch."""
     backend = (backend or "auto").lower()
     if backend not in BACKENDS + ("auto",):
         raise InvalidArgument(f"unknown backend {backend!r}; choose one of auto, {', '.join(BACKENDS)}")
-    cuda = device == "cuda" or (device is None and torch.cuda.is_available())
     if backend == "auto":
-        return "llamacpp" if spec.is_gguf and not cuda and llamacpp_available() else "transformers"
-    if backend == "llamacpp":
+        cuda = device == "cuda" or (device is None and _cuda_available())
+        backend = "llamacpp" if spec.is_gguf and not cuda and llamacpp_available() else "transformers"
+    elif backend == "llamacpp":
         if not spec.is_gguf:
             raise FailedPrecondition(
                 f"model {spec.name!r}: the llama.cpp backend loads .gguf files, not {spec.source!r}; "
@@ -86,6 +103,11 @@ def resolve_backend(backend: str | None, spec, device: str | None) -> str:
             raise FailedPrecondition(f"model {spec.name!r}: this llama.cpp build runs on the CPU, not {device!r}")
         if not llamacpp_available():
             raise FailedPrecondition(f"model {spec.name!r}: --backend llamacpp needs llama-cpp-python; {INSTALL_HINT}")
+    if backend == "transformers" and not torch_available():
+        raise FailedPrecondition(
+            f"model {spec.name!r}: the transformers backend needs torch, which is not installed in this image; "
+            "use a GGUF model with --backend llamacpp, or the GPU image"
+        )
     return backend
 
 
@@ -159,7 +181,7 @@ class LlamaCppModel:
         # Called when the cells are full, to free some (the prefix cache's oldest entry); False
         # when it freed nothing.
         self.make_room: Callable[[], bool] | None = None
-        self._threads = max(1, threads)
+        self.threads = max(1, threads)
         self.kv_bytes_per_token = self._measure_kv_bytes()
 
     # ---- sequences -----------------------------------------------------------------------
@@ -196,9 +218,10 @@ class LlamaCppModel:
                 raise RuntimeError(f"llama.cpp could not remove positions {position}.. of sequence {seq}")
 
     # ---- decoding ------------------------------------------------------------------------
-    def decode(self, entries: list[tuple[int, int, list[int], int]]) -> list[torch.Tensor]:
+    def decode(self, entries: list[tuple[int, int, list[int], int]]) -> list[np.ndarray]:
         """Forward each ``(seq, start position, tokens, logits_from)`` in as few ``llama_decode``
-        calls as fit; returns each entry's float32 logits after its tokens from ``logits_from`` on."""
+        calls as fit; returns each entry's float32 logits after its tokens from ``logits_from`` on
+        (numpy arrays: the worker's logit arithmetic takes them as they are, ``logits.py``)."""
         flat = [
             (seq, pos + i, token, i >= first) for seq, pos, tokens, first in entries for i, token in enumerate(tokens)
         ]
@@ -206,7 +229,7 @@ class LlamaCppModel:
         ll, batch = self.ll, self._batch
         with self.lock:
             self._drain()
-            ll.llama_set_n_threads(self._ctx, self._threads, self._threads)
+            ll.llama_set_n_threads(self._ctx, self.threads, self.threads)
             for start in range(0, len(flat), DECODE_TOKENS):
                 chunk = flat[start : start + DECODE_TOKENS]
                 batch.n_tokens = len(chunk)
@@ -232,9 +255,9 @@ class LlamaCppModel:
                     ptr = ll.llama_get_logits(self._ctx)
                     outputs.append(np.ctypeslib.as_array(ptr, shape=(wanted, self.vocab_size)).copy())
         if not outputs:
-            rows = torch.empty(0, self.vocab_size)
+            rows = np.empty((0, self.vocab_size), np.float32)
         else:  # one decode call in the usual case: its copy is the result, not copied again
-            rows = torch.from_numpy(outputs[0] if len(outputs) == 1 else np.concatenate(outputs))
+            rows = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
         out, at = [], 0
         for _seq, _pos, tokens, first in entries:
             n = max(0, len(tokens) - first)
@@ -347,7 +370,7 @@ class LlamaCppForwards(Forwards):
     def new_cache(self) -> SequenceKV:
         return SequenceKV(self.model)
 
-    def forward(self, rows: list[list[int]], cache: SequenceKV, keep_last: bool) -> torch.Tensor:
+    def forward(self, rows: list[list[int]], cache: SequenceKV, keep_last: bool) -> np.ndarray:
         """Equally long ``rows``, one per sequence of ``cache``: logits [rows, tokens (or 1), vocab].
 
         A decode per row: llama.cpp's logits move with what else a decode holds, and a row scored
@@ -357,12 +380,12 @@ class LlamaCppForwards(Forwards):
         first = width - 1 if keep_last else 0
         logits = [self.model.decode([(seq, cache.length, row, first)])[0] for seq, row in zip(cache.seqs, rows)]
         cache.length += width
-        return torch.stack(logits)
+        return np.stack(logits)
 
-    def _single_step(self, cache: SequenceKV, tokens: list[int], logits_from: int) -> torch.Tensor:
+    def _single_step(self, cache: SequenceKV, tokens: list[int], logits_from: int) -> np.ndarray:
         return self._batched_step([cache], [tokens], [logits_from])[0]
 
-    def _batched_step(self, caches: list, rows: list[list[int]], logits_from: list[int]) -> list[torch.Tensor]:
+    def _batched_step(self, caches: list, rows: list[list[int]], logits_from: list[int]) -> list[np.ndarray]:
         logits = self.model.decode(
             [(cache.seqs[0], cache.length, row, first) for cache, row, first in zip(caches, rows, logits_from)]
         )
@@ -378,4 +401,5 @@ __all__: Sequence[str] = (
     "SequenceKV",
     "llamacpp_available",
     "resolve_backend",
+    "torch_available",
 )

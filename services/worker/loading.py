@@ -9,13 +9,16 @@ tokenizers through ``sources`` and must not import worker code.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
-
-import torch
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..sources import ModelSpec, atomic_save, converted_dir, load_hf_tokenizer
 from ..tokenizer.core import TokenizerCore
-from .packing import pack_linears
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +29,8 @@ def load_hf_model(spec: ModelSpec, device: str, dtype, pack: str = "all"):
     ``pack``: on CPU/float32, which linear weights get a oneDNN-packed copy for multi-row
     products ("all", "head", "none"; ``packing.py``)."""
     from transformers import AutoModelForCausalLM
+
+    from .packing import pack_linears
 
     if spec.is_gguf:
         cached = converted_dir(spec, "model")
@@ -54,8 +59,8 @@ class LoadedModel:
     spec: ModelSpec
     model: object
     tokenizer: TokenizerCore
-    device: torch.device
-    dtype: torch.dtype
+    device: torch.device | str  # llama.cpp: "cpu"
+    dtype: torch.dtype | str  # llama.cpp: "float32", the logits' type (the weights stay as the GGUF has them)
     eos_token_ids: tuple[int, ...]  # tokens that end generation
     eos_set: frozenset  # the same, for membership tests
     eos_token_id: int | None  # the EOS appended to an eos=True candidate
@@ -74,12 +79,38 @@ def load_model(
     pack_weights: str = "all",
     backend: str = "transformers",
     kv_cells: int = 0,
+    threads: int = 0,
 ) -> LoadedModel:
     """Load (or take the given ``model`` / ``hf_tokenizer``) on ``device`` (default: CUDA when
     available) in ``dtype`` (default: bfloat16 on CUDA, float32 on CPU). ``backend`` "llamacpp":
-    the GGUF file in a llama.cpp context of ``kv_cells`` cells (``llamacpp.py``), on the CPU."""
+    the GGUF file in a llama.cpp context of ``kv_cells`` cells (``llamacpp.py``), on the CPU, on
+    ``threads`` threads (0: ``default_threads()``). Only the transformers backend imports torch."""
     if backend == "llamacpp":
-        return _load_llamacpp(name, spec, hf_tokenizer, kv_cells)
+        return _load_llamacpp(name, spec, hf_tokenizer, kv_cells, threads or default_threads())
+    return _load_transformers(name, spec, device, dtype, model, hf_tokenizer, pack_weights)
+
+
+def default_threads() -> int:
+    """Threads a llama.cpp worker computes on unless told (``--threads``), as torch counts its
+    own by default, without torch: $OMP_NUM_THREADS, else one per physical core among the CPUs
+    this process may run on (a core's second hardware thread adds no arithmetic units)."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores: set = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(((topology / "physical_package_id").read_text(), (topology / "core_id").read_text()))
+        except OSError:  # no topology to read: count the CPU itself
+            cores.add(cpu)
+    return max(1, len(cores))
+
+
+def _load_transformers(name: str, spec: ModelSpec, device, dtype, model, hf_tokenizer, pack_weights: str):
+    import torch
+
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -112,11 +143,11 @@ def load_model(
     )
 
 
-def _load_llamacpp(name: str, spec: ModelSpec, hf_tokenizer, kv_cells: int) -> LoadedModel:
+def _load_llamacpp(name: str, spec: ModelSpec, hf_tokenizer, kv_cells: int, threads: int) -> LoadedModel:
     from .llamacpp import DEFAULT_KV_CELLS, LlamaCppModel
 
     # The model first: a file llama.cpp cannot load gets its one-line error before any conversion.
-    model = LlamaCppModel(str(spec.gguf_path), name, torch.get_num_threads(), kv_cells or DEFAULT_KV_CELLS)
+    model = LlamaCppModel(str(spec.gguf_path), name, threads, kv_cells or DEFAULT_KV_CELLS)
     hf_tokenizer = hf_tokenizer if hf_tokenizer is not None else load_hf_tokenizer(spec)
     tokenizer = TokenizerCore(name, hf_tokenizer, spec.describe())
     eos_ids = model.eog_ids  # llama.cpp's end-of-generation tokens (Gemma-3: <eos> and <end_of_turn>)
@@ -127,8 +158,8 @@ def _load_llamacpp(name: str, spec: ModelSpec, hf_tokenizer, kv_cells: int) -> L
         spec=spec,
         model=model,
         tokenizer=tokenizer,
-        device=torch.device("cpu"),
-        dtype=torch.float32,  # the logits' type; the weights stay as the GGUF file has them
+        device="cpu",
+        dtype="float32",
         eos_token_ids=eos_ids,
         eos_set=frozenset(eos_ids),
         eos_token_id=eos_token_id,

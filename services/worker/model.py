@@ -1,8 +1,8 @@
 """Model worker core (paper Table 1: M1-M4 and T1): one causal LM, many sessions with KV caches.
 
-Plain synchronous Python over transformers; ``server.py`` wraps it in gRPC. Every method is
-thread-safe: a lock per session serialises the calls on one session, different sessions run
-concurrently.
+Plain synchronous Python over a backend (transformers, or llama.cpp, which needs no torch);
+``server.py`` wraps it in gRPC. Every method is thread-safe: a lock per session serialises the
+calls on one session, different sessions run concurrently.
 
 ``WorkerCore`` is the façade over the parts, one idea per module:
 
@@ -26,17 +26,17 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..common.errors import InvalidArgument, ResourceExhausted
 from ..sources import ModelSpec
 from ..tokenizer.context import context_ids, render, render_messages
 from ..tokenizer.core import TokenizerRegistry
+from . import logits as ops
 from .api import NextTextOptions
 from .config import MIB, WORKER
 from .distributions import LLAMACPP_CELL_SHARE, Distributions
-from .forward import PREFILL_CHUNK, Cancelled, Fill, TransformersForwards, fill_rows
+from .forward import PREFILL_CHUNK, Cancelled, Fill, fill_rows
 from .generation import (
     DEFAULT_SEGMENT_CAP,
     DRAFT_CALL_FORWARDS,
@@ -67,6 +67,9 @@ from .results import (
 from .scoring import Scorer
 from .sessions import Session, SessionTable, cache_bytes
 from .states import commit
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "BoundaryFn",
@@ -147,6 +150,7 @@ class WorkerCore:
         prefix_cache_bytes: int = int(WORKER.prefix_cache_mb * MIB),
         backend: str | None = WORKER.backend,
         kv_cells: int = WORKER.kv_cells,
+        threads: int = WORKER.threads,
     ):
         """Load the model (or take ``model`` and ``hf_tokenizer``) and set up the parts.
 
@@ -160,9 +164,11 @@ class WorkerCore:
         ``prefix_cache_bytes``: KV kept of prefilled contexts (``prefix_cache.py``; 0: off).
         ``pack_weights``: "all", "head" or "none" linear weights get a oneDNN-packed copy when this
         core loads the model on CPU (``packing.py``). ``backend``: "transformers", "llamacpp" (a context
-        of ``kv_cells`` cells) or "auto" (both ``llamacpp.py``); a given ``model`` is transformers."""
+        of ``kv_cells`` cells on ``threads`` threads, 0: ``loading.default_threads``) or "auto" (both
+        ``llamacpp.py``); a given ``model`` is transformers, which runs on torch's threads. Only the
+        transformers backend imports torch."""
         backend = "transformers" if model is not None else resolve_backend(backend, spec, device)
-        loaded = load_model(name, spec, device, dtype, model, hf_tokenizer, pack_weights, backend, kv_cells)
+        loaded = load_model(name, spec, device, dtype, model, hf_tokenizer, pack_weights, backend, kv_cells, threads)
         self.backend = backend
         self._take(loaded)
         self.boundary = boundary if boundary is not None else TokenizerRegistry([self.tokenizer]).common_boundary
@@ -192,7 +198,7 @@ class WorkerCore:
             "has_chat_template": self.tokenizer.has_chat_template,
             "vocab_size": self.vocab_size,
             "live_sessions": len(self._table.live()),
-            "threads": torch.get_num_threads(),
+            "threads": self._threads(),
             "kv_cells": getattr(self.model, "kv_cells", 0),
             "parameters": self.parameters,
             "context_length": self.max_positions or 0,
@@ -253,16 +259,16 @@ class WorkerCore:
     # ---- M2 ------------------------------------------------------------------------------
     def next_token(self, session_id: str) -> NextTokenResult:
         """Greedy next token after the committed state (no state change)."""
-        with self._table.get(session_id) as s, torch.inference_mode():
+        with self._table.get(session_id) as s, self._forwards.inference():
             logits = self._forwards.ready(s)
-            token = int(torch.argmax(logits))
-            return NextTokenResult(token, float(torch.log_softmax(logits, -1)[token]), token in self._eos_set)
+            token = ops.argmax(logits)
+            return NextTokenResult(token, float(ops.log_softmax(logits)[token]), token in self._eos_set)
 
     # ---- M3 ------------------------------------------------------------------------------
     def feed_tokens(self, session_id: str, token_ids: Sequence[int]) -> FeedResult:
         """Log-probs and PPL of ``token_ids`` after the committed state; a temp state to commit."""
         ids = self._scorer.check_ids(token_ids)
-        with self._table.get(session_id) as s, torch.inference_mode():
+        with self._table.get(session_id) as s, self._forwards.inference():
             ((state_id, logprobs),) = self._scorer.score_rows(s, [ids])
             return FeedResult(state_id, logprobs, perplexity(logprobs))
 
@@ -274,7 +280,7 @@ class WorkerCore:
         forward; ``own_state_id``: this session's current NextText state, whose candidate costs no
         forward (``scoring.Scorer.score``)."""
         rows = self._scorer.encode(candidates)
-        with self._table.get(session_id) as s, torch.inference_mode():
+        with self._table.get(session_id) as s, self._forwards.inference():
             return self._scorer.score(s, rows, own_state_id)
 
     # ---- T1 ------------------------------------------------------------------------------
@@ -282,7 +288,7 @@ class WorkerCore:
         """Greedy-generate from the committed state up to the first word boundary common to the
         tokenizers (``generation.py``), as ``options`` ask."""
         call = self._generator.prepare(options)
-        with self._table.get(session_id) as s, torch.inference_mode(), self.batcher:
+        with self._table.get(session_id) as s, self._forwards.inference(), self.batcher:
             # Looked up at each call: the drafter's forward budget is tuned on this module (tests do).
             return self._generator.run(s, call, DRAFT_CALL_FORWARDS)
 
@@ -295,7 +301,7 @@ class WorkerCore:
         scoring and feeding ignore them (they work on the committed prefix), and any other
         commit or a NextText without reuse crops them away.
         """
-        with self._table.get(session_id) as s, torch.inference_mode():
+        with self._table.get(session_id) as s, self._forwards.inference():
             return commit(s, state_id, self.tokenizer, self.device)
 
     # ---- batch work ----------------------------------------------------------------------
@@ -354,9 +360,9 @@ class WorkerCore:
     def session_bytes(self, session_id: str) -> dict:
         """Memory held by a session: KV cache tensors and kept logits, in bytes."""
         with self._table.get(session_id) as s:
-            logits = sum(t.numel() * t.element_size() for t in s.ahead_logits)
+            logits = sum(ops.nbytes(t) for t in s.ahead_logits)
             if s.next_logits is not None:
-                logits += s.next_logits.numel() * s.next_logits.element_size()
+                logits += ops.nbytes(s.next_logits)
             return {"kv_bytes": s.kv_bytes(), "logits_bytes": logits, "tokens": len(s.ids), "lookahead": s.lookahead}
 
     # ---- internals -----------------------------------------------------------------------
@@ -387,7 +393,17 @@ class WorkerCore:
     def _make_forwards(self, max_batch: int, fill, prefill_chunk: int):
         if self.backend == "llamacpp":
             return LlamaCppForwards(self.model, max_batch, fill=fill, prefill_chunk=LLAMACPP_PREFILL)
+        from .transformers_backend import TransformersForwards  # imports torch: this backend alone needs it
+
         return TransformersForwards(self.model, self.device, max_batch, fill=fill, prefill_chunk=prefill_chunk)
+
+    def _threads(self) -> int:
+        """Threads a forward runs on: the llama.cpp context's, else torch's."""
+        if self.backend == "llamacpp":
+            return self.model.threads
+        import torch
+
+        return torch.get_num_threads()
 
     def _kv_bytes_per_token(self) -> int:
         """KV bytes per context token, measured once on a one-token prefill: every layer holds a
