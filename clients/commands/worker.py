@@ -30,18 +30,24 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import torch
-
+    from ...services.sources import parse_spec
+    from ...services.worker.llamacpp import resolve_backend
     from ...services.worker.memory import limit_arenas
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    c = from_args(WorkerConfig, args)
+    # Before anything starts: a backend this image cannot run (transformers without torch) is one
+    # line and exit status 2 (``cli.main``), not a worker that reports loading and then dies.
+    backend = resolve_backend(c.backend, parse_spec(args.model), c.device)
+    if backend == "transformers" and c.threads:
+        import torch  # its forwards run on torch's threads; llama.cpp's context gets ``threads``
+
+        torch.set_num_threads(c.threads)
     limit_arenas()  # before the server's threads exist: arenas are created on first use
-    asyncio.run(serve_worker(args))
+    asyncio.run(serve_worker(args, backend))
     return 0
 
 
-async def serve_worker(args) -> None:
+async def serve_worker(args, backend: str) -> None:
     """Bind first and report NOT_SERVING while the model loads, then SERVING (and the ready line)."""
     from ...services.common.metrics import start_metrics_server
     from ...services.common.server import host_port
@@ -60,8 +66,9 @@ async def serve_worker(args) -> None:
         max_batch=c.max_batch,
         pack_weights=c.pack_weights,
         fill_ahead=c.fill_ahead,
-        backend=c.backend,
+        backend=backend,
         kv_cells=c.kv_cells,
+        threads=c.threads,
         prefix_cache_bytes=int(c.prefix_cache_mb * MIB),
     )
     core = await asyncio.to_thread(load_core, args.model, args.tokenizer_service, c.device, **limits)
