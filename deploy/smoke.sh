@@ -21,15 +21,9 @@ if [ -z "${BASE_IMAGE:-}" ]; then
 fi
 
 # Wheels the builds take before any index (deploy/wheels/README.md): llama-cpp-python from pip's
-# wheel cache (scripts/install.sh built it once), and the CPU torch the tokenizer image needs when
-# PyTorch's CPU index is not reachable but a local wheel is (pip's configured find-links).
+# wheel cache (scripts/install.sh built it once), so the worker-cpu image does not compile it again.
 cached="$(find "$("$VENV/bin/python" -m pip cache dir)/wheels" -name 'llama_cpp_python-0.3.36-*.whl' 2>/dev/null | head -1)"
 [ -n "$cached" ] && cp -u "$cached" deploy/wheels/
-if ! ls deploy/wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then
-    "$VENV/bin/python" -m pip download -q --no-deps --timeout 20 --retries 1 -d deploy/wheels \
-        --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0+cpu" 2>/dev/null ||
-        echo "no local CPU torch wheel: the tokenizer image installs torch from PyPI's index" >&2
-fi
 
 export PATH="$VENV/bin:$PATH"
 exec nice -n "${SMOKE_NICE:-10}" "$VENV/bin/python" deploy/smoke.py --base-image "$BASE_IMAGE" "$@"
