@@ -97,7 +97,7 @@ def cache_bytes(cache) -> int:
         for name in ("keys", "values"):
             t = getattr(layer, name, None)
             if t is not None:  # a transformers cache layer's tensor (None before its first update)
-                kv += t.numel() * t.element_size()
+                kv += ops.nbytes(t)
     return kv
 
 
