@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+import grpc
 import openai
 import pytest
 import pytest_asyncio
@@ -24,6 +25,7 @@ from coolfusion.orchestrator.request import FusionRequest
 from coolfusion.orchestrator.results import Final, Segment
 from coolfusion.orchestrator.turns import chat_stops, with_stops
 from coolfusion.orchestrator.workers import RemoteWorker
+from coolfusion.services.common.errors import CoolFusionError
 from coolfusion.services.gateway.serve import GatewayThread
 from coolfusion.services.tokenizer.context import fallback_turn_stops, render_messages
 
@@ -36,6 +38,36 @@ STANDARD = ["\nSystem:", "\nUser:", "\nAssistant:"]
 class Untemplated:
     has_chat_template = False
     id = "plain"
+
+
+class FailingTemplate:
+    has_chat_template = True
+    id = "templated"
+
+    def __init__(self, error: Exception):
+        self.hf = self
+        self.error = error
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error, code, words",
+    [
+        (
+            ImportError("apply_chat_template requires jinja2"),
+            grpc.StatusCode.INTERNAL,
+            "cannot be rendered on this server",
+        ),
+        (ValueError("Conversation roles must alternate"), grpc.StatusCode.INVALID_ARGUMENT, "rejected the messages"),
+    ],
+)
+def test_a_template_that_cannot_run_is_the_servers_error_not_the_callers(error, code, words):
+    """A package missing on the server is INTERNAL; a template refusing the messages is the caller's 400."""
+    with pytest.raises(CoolFusionError) as caught:
+        render_messages(FailingTemplate(error), FRANCE, model="m")
+    assert caught.value.code == code and words in str(caught.value) and str(error) in str(caught.value)
 
 
 # ---- the stops (no model) -------------------------------------------------------------------------

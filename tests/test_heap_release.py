@@ -68,7 +68,7 @@ def test_release_gives_freed_arena_memory_back():
 
 
 _COUNT_ARENAS = """
-import ctypes, sys, tempfile, threading
+import ctypes, os, sys, tempfile, threading
 from coolfusion.services.worker import memory
 if sys.argv[1] != "default":
     assert memory.limit_arenas(memory.WORKER_ARENAS) == (sys.argv[1] == "capped")
@@ -88,7 +88,9 @@ path = tempfile.NamedTemporaryFile(suffix=".xml", delete=False).name
 fh = libc.fopen(path.encode(), b"w")
 libc.malloc_info(0, fh)
 libc.fclose(fh)
-print(open(path).read().count("<heap nr="))
+with open(path) as report:
+    print(report.read().count("<heap nr="))
+os.unlink(path)
 """
 
 

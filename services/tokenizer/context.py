@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ..common.errors import InvalidArgument
+from ..common.errors import CoolFusionError, InvalidArgument
 
 # The plain transcript a model without a chat template reads (the bundled Gemma-3-270M GGUF is a
 # base model and has none): one ``"{Label} {content}\n"`` line per message, then the reply's
@@ -57,10 +57,13 @@ def render_messages(tokenizer, messages: list[dict], model: str = "") -> Context
             raise InvalidArgument(f"message {i} needs a non-empty string 'role' and a string 'content'")
         clean.append({"role": role, "content": content})
     if tokenizer.has_chat_template:
+        name = model or tokenizer.id
         try:
             text = tokenizer.hf.apply_chat_template(clean, tokenize=False, add_generation_prompt=True)
+        except ImportError as exc:  # the template engine is missing here: the server's fault, not the messages'
+            raise CoolFusionError(f"chat template of {name!r} cannot be rendered on this server: {exc}") from None
         except Exception as exc:  # templates raise on e.g. unsupported roles
-            raise InvalidArgument(f"chat template of {model or tokenizer.id!r} rejected the messages: {exc}") from None
+            raise InvalidArgument(f"chat template of {name!r} rejected the messages: {exc}") from None
         return Context(text, True)
     lines = "".join(f"{fallback_label(m['role'])} {m['content']}\n" for m in clean)
     return Context(lines + fallback_label(FALLBACK_REPLY_ROLE), False)
