@@ -203,54 +203,50 @@ async def test_a_real_sigint_then_resume_keeps_every_row(cluster, arc_run, tmp_p
         return score_candidates(*args, **kwargs)
 
     monkeypatch.setattr(core, "score_candidates", held_score)
-    for seed in (2,):  # one interruption: each costs two runs of the command
-        out = tmp_path / f"cut{seed}"
-        cmd = [
-            sys.executable,
-            "-c",
-            # A shell's background job starts with SIGINT ignored, and a Python started so keeps it
-            # ignored: the command is run with Python's own Ctrl-C handler, as in a terminal.
-            "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-            "sys.argv[0] = 'coolfusion'; runpy.run_module('coolfusion.clients.cli', run_name='__main__')",
-            "eval",
-            "arc-easy",
-            "--data",
-            str(ARC),
-            "--connect",
-            cluster.address,
-            "--out",
-            str(out),
-            "--models",
-            ",".join(MODELS),
-        ]
-        results = out / "results.jsonl"
-        hold[0] = (results, 1 + seed)
-        release.clear()
-        proc = await asyncio.create_subprocess_exec(
-            *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-        )
-        while not (results.exists() and results.read_text().count("\n") >= 1 + seed):
-            assert proc.returncode is None, (await proc.stderr.read()).decode()
-            await asyncio.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
-        _, err = await asyncio.wait_for(proc.communicate(), HANG_GUARD_S)
-        release.set()
-        hold[0] = None
-        text = results.read_text()
-        # The signal came mid-run: the command says so, and rows are missing for the resume to add.
-        assert proc.returncode == 130, (proc.returncode, err.decode())
-        assert text.count("\n") == 1 + seed, text.count("\n")
-        cut = random.Random(seed).randrange(len(text) - 60, len(text) - 1)
-        results.write_text(text[:cut])  # a hard kill mid-write leaves a cut last line
-        proc = await asyncio.create_subprocess_exec(
-            *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-        )
-        _, err = await proc.communicate()
-        assert proc.returncode == 0, err.decode()
-        lines = results.read_text().splitlines()
-        rows = [json.loads(line) for line in lines]  # every line parses
-        assert sorted(r["index"] for r in rows) == list(range(14))
-        assert json.loads((out / "summary.json").read_text())["configs"] == json.loads(json.dumps(full["configs"]))
+    seed = 2  # where the interruption falls (rows before it) and where the file is cut
+    out = tmp_path / f"cut{seed}"
+    cmd = [
+        sys.executable,
+        "-c",
+        # A shell's background job starts with SIGINT ignored, and a Python started so keeps it
+        # ignored: the command is run with Python's own Ctrl-C handler, as in a terminal.
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv[0] = 'coolfusion'; runpy.run_module('coolfusion.clients.cli', run_name='__main__')",
+        "eval",
+        "arc-easy",
+        "--data",
+        str(ARC),
+        "--connect",
+        cluster.address,
+        "--out",
+        str(out),
+        "--models",
+        ",".join(MODELS),
+    ]
+    results = out / "results.jsonl"
+    hold[0] = (results, 1 + seed)
+    release.clear()
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    while not (results.exists() and results.read_text().count("\n") >= 1 + seed):
+        assert proc.returncode is None, (await proc.stderr.read()).decode()
+        await asyncio.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = await asyncio.wait_for(proc.communicate(), HANG_GUARD_S)
+    release.set()
+    hold[0] = None
+    text = results.read_text()
+    # The signal came mid-run: the command says so, and rows are missing for the resume to add.
+    assert proc.returncode == 130, (proc.returncode, err.decode())
+    assert text.count("\n") == 1 + seed, text.count("\n")
+    cut = random.Random(seed).randrange(len(text) - 60, len(text) - 1)
+    results.write_text(text[:cut])  # a hard kill mid-write leaves a cut last line
+    proc = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    lines = results.read_text().splitlines()
+    rows = [json.loads(line) for line in lines]  # every line parses
+    assert sorted(r["index"] for r in rows) == list(range(14))
+    assert json.loads((out / "summary.json").read_text())["configs"] == json.loads(json.dumps(full["configs"]))
 
 
 def test_eval_cli_bad_input_exits_2(tmp_path):
